@@ -1,0 +1,428 @@
+//! Configuration: `config/default.toml` (embedded) < `--config FILE` < `TOLLGATE_*` env.
+//!
+//! Loading guarantees that every key is known (`deny_unknown_fields`) and that `validate()` has
+//! run, so the rest of the program can trust the values it reads. Errors name the offending key.
+//! Secrets are [`SecretString`]s: their `Debug` is redacted and nothing here logs them.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use crate::money::UsdcAmount;
+
+/// The embedded defaults, also printed by `tollgate print-default-config`.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// Environment variables with this prefix and a `__` section separator override the files.
+pub const ENV_PREFIX: &str = "TOLLGATE_";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub network: NetworkConfig,
+    pub payment: PaymentConfig,
+    pub database: DatabaseConfig,
+    pub log: LogConfig,
+    pub tools: ToolsConfig,
+    pub dev: DevConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub bind: SocketAddr,
+    pub server_id: String,
+    pub allowed_hosts: Vec<String>,
+    pub max_body_bytes: usize,
+    pub request_timeout_secs: u64,
+    pub shutdown_grace_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NetworkPreset {
+    Local,
+    BaseSepolia,
+    Base,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    pub preset: NetworkPreset,
+    pub rpc_url: SecretString,
+    pub chain_id: u64,
+    pub asset: String,
+    pub eip712_name: String,
+    pub eip712_version: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SettlerKind {
+    #[serde(rename = "self")]
+    SelfRelay,
+    Facilitator,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PaymentConfig {
+    pub pay_to: String,
+    pub max_timeout_seconds: u64,
+    pub valid_before_margin_secs: u64,
+    pub settler: SettlerKind,
+    pub relayer_key: SecretString,
+    pub relayer_key_file: String,
+    pub confirmations: u64,
+    pub settle_timeout_secs: u64,
+    pub facilitator: FacilitatorConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FacilitatorConfig {
+    pub url: String,
+    pub auth_header: SecretString,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// May carry a password, hence secret.
+    pub url: SecretString,
+    pub max_connections: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    Auto,
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub filter: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolsConfig {
+    /// Built-in tool name → price in atomic units; "0" is free.
+    pub prices: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DevConfig {
+    pub anvil_port: u16,
+    pub state_dir: PathBuf,
+    pub demo_payer_funding: String,
+}
+
+/// A configuration problem, always naming the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config: {0}")]
+    Parse(Box<figment::Error>),
+    #[error("config key `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+    #[error("config key `{key}`: cannot read {path}: {source}")]
+    File {
+        key: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+impl From<figment::Error> for ConfigError {
+    fn from(e: figment::Error) -> Self {
+        ConfigError::Parse(Box::new(e))
+    }
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        reason: reason.into(),
+    }
+}
+
+/// Returns the secret when it is set (non-empty).
+pub fn secret_opt(s: &SecretString) -> Option<&str> {
+    let v = s.expose_secret().trim();
+    (!v.is_empty()).then_some(v)
+}
+
+impl Config {
+    /// The layered figment: defaults < optional file < environment.
+    pub fn figment(file: Option<&Path>) -> Figment {
+        let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
+        if let Some(file) = file {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        // Only `TOLLGATE_SECTION__KEY` variables are configuration; other TOLLGATE_* variables
+        // (such as the paying client's TOLLGATE_PAYER_KEY) must not trip deny_unknown_fields.
+        figment.merge(
+            Env::prefixed(ENV_PREFIX)
+                .filter(|k| k.as_str().contains("__"))
+                .split("__"),
+        )
+    }
+
+    /// Loads and validates. This is the only way the program obtains a `Config`.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::from_figment(Self::figment(file))
+    }
+
+    pub fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
+        let mut config: Config = figment.extract()?;
+        config.resolve_secret_files()?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// `*_file` keys let orchestrators mount secrets as files (k8s Secrets, Docker secrets).
+    fn resolve_secret_files(&mut self) -> Result<(), ConfigError> {
+        let path = self.payment.relayer_key_file.trim();
+        if !path.is_empty() {
+            let key = std::fs::read_to_string(path).map_err(|source| ConfigError::File {
+                key: "payment.relayer_key_file",
+                path: path.to_owned(),
+                source,
+            })?;
+            self.payment.relayer_key = SecretString::from(key.trim().to_owned());
+        }
+        Ok(())
+    }
+
+    /// Checks what serde cannot: ranges, formats and cross-field rules.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        if s.server_id.trim().is_empty() {
+            return Err(invalid("server.server_id", "must not be empty"));
+        }
+        if s.max_body_bytes < 1024 {
+            return Err(invalid("server.max_body_bytes", "must be at least 1024"));
+        }
+        let p = &self.payment;
+        if !p.pay_to.is_empty() && parse_address(&p.pay_to).is_none() {
+            return Err(invalid(
+                "payment.pay_to",
+                "must be a 0x-prefixed 20-byte hex address",
+            ));
+        }
+        if !(10..=3600).contains(&p.max_timeout_seconds) {
+            return Err(invalid(
+                "payment.max_timeout_seconds",
+                "must be between 10 and 3600",
+            ));
+        }
+        if p.valid_before_margin_secs >= p.max_timeout_seconds {
+            return Err(invalid(
+                "payment.valid_before_margin_secs",
+                "must be smaller than payment.max_timeout_seconds",
+            ));
+        }
+        if p.confirmations == 0 {
+            return Err(invalid("payment.confirmations", "must be at least 1"));
+        }
+        if p.settle_timeout_secs == 0 || p.settle_timeout_secs >= s.request_timeout_secs {
+            return Err(invalid(
+                "payment.settle_timeout_secs",
+                "must be positive and below server.request_timeout_secs",
+            ));
+        }
+        if let Some(key) = secret_opt(&p.relayer_key) {
+            crate::chain::parse_private_key(key)
+                .map_err(|_| invalid("payment.relayer_key", "must be a 32-byte hex private key"))?;
+        }
+        if p.settler == SettlerKind::Facilitator && p.facilitator.url.trim().is_empty() {
+            return Err(invalid(
+                "payment.facilitator.url",
+                "is required when payment.settler = \"facilitator\"",
+            ));
+        }
+        let n = &self.network;
+        if n.preset == NetworkPreset::Local {
+            if !n.asset.is_empty() && parse_address(&n.asset).is_none() {
+                return Err(invalid(
+                    "network.asset",
+                    "must be a 0x-prefixed 20-byte hex address",
+                ));
+            }
+            if n.eip712_name.is_empty() {
+                return Err(invalid("network.eip712_name", "must not be empty"));
+            }
+        }
+        let db = secret_opt(&self.database.url).unwrap_or("");
+        if !(db.starts_with("sqlite:")
+            || db.starts_with("postgres:")
+            || db.starts_with("postgresql:"))
+        {
+            return Err(invalid(
+                "database.url",
+                "must start with sqlite: or postgres://",
+            ));
+        }
+        if self.database.max_connections == 0 {
+            return Err(invalid("database.max_connections", "must be at least 1"));
+        }
+        for (tool, price) in &self.tools.prices {
+            if !crate::tools::builtin::NAMES.contains(&tool.as_str()) {
+                return Err(ConfigError::Invalid {
+                    key: "tools.prices",
+                    reason: format!(
+                        "unknown tool `{tool}` (built-in tools: {})",
+                        crate::tools::builtin::NAMES.join(", ")
+                    ),
+                });
+            }
+            UsdcAmount::parse(price).map_err(|e| ConfigError::Invalid {
+                key: "tools.prices",
+                reason: format!("price of `{tool}`: {e}"),
+            })?;
+        }
+        UsdcAmount::parse(&self.dev.demo_payer_funding)
+            .map_err(|e| invalid("dev.demo_payer_funding", e.to_string()))?;
+        Ok(())
+    }
+
+    /// What `serve` needs beyond `validate()`: a payee, a chain and a way to settle.
+    pub fn validate_for_serving(&self) -> Result<(), ConfigError> {
+        if self.payment.pay_to.is_empty() {
+            return Err(invalid(
+                "payment.pay_to",
+                "is required to serve priced tools",
+            ));
+        }
+        if secret_opt(&self.network.rpc_url).is_none() {
+            return Err(invalid("network.rpc_url", "is required to serve"));
+        }
+        if self.network.preset == NetworkPreset::Local && self.network.asset.is_empty() {
+            return Err(invalid("network.asset", "is required for the local preset"));
+        }
+        if self.payment.settler == SettlerKind::SelfRelay
+            && secret_opt(&self.payment.relayer_key).is_none()
+        {
+            return Err(invalid(
+                "payment.relayer_key",
+                "is required when payment.settler = \"self\" (set TOLLGATE_PAYMENT__RELAYER_KEY)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn parse_address(s: &str) -> Option<alloy::primitives::Address> {
+    s.parse().ok()
+}
+
+#[cfg(test)]
+// figment::Jail's closures must return figment::Error, a large type we do not choose.
+#[allow(clippy::result_large_err)]
+mod tests {
+    use super::*;
+
+    fn load_with(toml: &str) -> Result<Config, ConfigError> {
+        let mut result = None;
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("t.toml", toml)?;
+            result = Some(Config::load(Some(Path::new("t.toml"))));
+            Ok(())
+        });
+        result.unwrap()
+    }
+
+    #[test]
+    fn embedded_defaults_load_and_validate() {
+        let config = load_with("").expect("defaults are valid");
+        assert_eq!(config.server.bind.port(), 8402);
+        assert_eq!(config.network.preset, NetworkPreset::Local);
+        assert_eq!(config.tools.prices["sha256"], "1000");
+    }
+
+    #[test]
+    fn config_errors_name_the_key() {
+        // Arrange: one bad value per case, and the key its error must name.
+        let cases = [
+            ("[payment]\npay_to = \"nope\"", "payment.pay_to"),
+            (
+                "[payment]\nmax_timeout_seconds = 1",
+                "payment.max_timeout_seconds",
+            ),
+            ("[payment]\nconfirmations = 0", "payment.confirmations"),
+            ("[payment]\nrelayer_key = \"0x1234\"", "payment.relayer_key"),
+            (
+                "[payment]\nsettler = \"facilitator\"",
+                "payment.facilitator.url",
+            ),
+            ("[database]\nurl = \"mysql://x\"", "database.url"),
+            ("[tools.prices]\nsha256 = \"1.5\"", "tools.prices"),
+            ("[tools.prices]\nnot_a_tool = \"1\"", "tools.prices"),
+            ("[server]\nmax_body_bytes = 10", "server.max_body_bytes"),
+            // serde-level errors name the key through figment's metadata
+            ("[server]\nbind = \"not an address\"", "bind"),
+            ("[server]\nno_such_key = 1", "no_such_key"),
+            ("[network]\npreset = \"mainnet\"", "preset"),
+        ];
+        for (toml, key) in cases {
+            // Act
+            let err = load_with(toml).expect_err(toml).to_string();
+            // Assert
+            assert!(
+                err.contains(key),
+                "error for {toml:?} should name {key}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn env_overrides_file_and_unrelated_tollgate_vars_are_ignored() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("t.toml", "[payment]\nconfirmations = 2")?;
+            jail.set_env("TOLLGATE_PAYMENT__CONFIRMATIONS", "3");
+            jail.set_env("TOLLGATE_PAYER_KEY", "0xdeadbeef");
+            let config = Config::load(Some(Path::new("t.toml"))).expect("loads");
+            assert_eq!(config.payment.confirmations, 3);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn relayer_key_from_env_is_redacted_in_debug() {
+        figment::Jail::expect_with(|jail| {
+            let key = "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d";
+            jail.set_env("TOLLGATE_PAYMENT__RELAYER_KEY", key);
+            let config = Config::load(None).expect("loads");
+            assert_eq!(secret_opt(&config.payment.relayer_key), Some(key));
+            assert!(
+                !format!("{config:?}").contains("59c6995e"),
+                "key leaked into Debug"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn relayer_key_file_is_read() {
+        figment::Jail::expect_with(|jail| {
+            let key = "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d";
+            jail.create_file("relayer.key", &format!("{key}\n"))?;
+            jail.set_env("TOLLGATE_PAYMENT__RELAYER_KEY_FILE", "relayer.key");
+            let config = Config::load(None).expect("loads");
+            assert_eq!(secret_opt(&config.payment.relayer_key), Some(key));
+            Ok(())
+        });
+    }
+}

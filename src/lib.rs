@@ -1,0 +1,31 @@
+//! tollgate: sell MCP tool calls for USDC on Base, per call, over x402.
+//!
+//! The request path (DESIGN.md §1), visible in two places — `router.rs` for the HTTP layers and
+//! `tools::paid_call::paid_call` for the stages of a priced call:
+//!
+//! 1. ceiling — per-session token bucket, before the body is parsed;
+//! 2. transport — rmcp Streamable HTTP (sessions or sessionless);
+//! 3. arguments — validated against the tool's input schema before any quote;
+//! 4. challenge — no payment: x402 PaymentRequired as an `isError` tool result;
+//! 5. verify — decode, match `accepted`, recover the EIP-712 signer (no network);
+//! 6. wallet limits — keyed on the recovered payer;
+//! 7. claim — atomic insert of (network, asset, payer, nonce);
+//! 8. settle — USDC moves on chain and is confirmed *before* the handler;
+//! 9. handler — the tool runs;
+//! 10. receipt — ed25519-signed, appended to a transparency log.
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod chain;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod dev;
+pub mod money;
+pub mod payment;
+pub mod receipt;
+pub mod router;
+pub mod store;
+pub mod telemetry;
+pub mod tools;
+pub mod transport;

@@ -1,0 +1,188 @@
+//! Persistence: the payment claim, its lifecycle, and stored results.
+//!
+//! Guarantees: `claim` is one atomic insert on the UNIQUE (network, asset, payer, nonce) key,
+//! so across every replica sharing a database exactly one caller wins an authorization. State
+//! changes are compare-and-set (`from` states), so two workers (a request and the reconciler)
+//! cannot both move a payment forward. Does not check: signatures, amounts or chain state —
+//! callers store only what the payment stage verified.
+//!
+//! `SqliteStore` and `PgStore` run the same SQL (see `sql.rs`); only migrations differ.
+
+mod sql;
+
+use std::str::FromStr;
+use std::sync::Arc;
+
+use secrecy::ExposeSecret;
+
+use crate::config::DatabaseConfig;
+
+pub use sql::{PgStore, SqliteStore};
+
+/// Where a payment is in its life. Only `settled` may ever serve a paid result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PaymentState {
+    /// Claimed by one request; nothing has been sent on chain yet.
+    Claimed,
+    /// A settlement transaction is being submitted or awaited.
+    Settling,
+    /// Submitted but not confirmed in time: the reconciler will resolve it from chain state.
+    Pending,
+    /// Confirmed on chain: the money moved.
+    Settled,
+    /// Will never settle (reverted, refused, expired unsubmitted). Nothing was charged.
+    Failed,
+}
+
+impl PaymentState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PaymentState::Claimed => "claimed",
+            PaymentState::Settling => "settling",
+            PaymentState::Pending => "pending",
+            PaymentState::Settled => "settled",
+            PaymentState::Failed => "failed",
+        }
+    }
+
+    /// States the reconciler must eventually resolve.
+    pub const UNRESOLVED: [PaymentState; 3] = [
+        PaymentState::Claimed,
+        PaymentState::Settling,
+        PaymentState::Pending,
+    ];
+}
+
+impl FromStr for PaymentState {
+    type Err = StoreError;
+    fn from_str(s: &str) -> Result<Self, StoreError> {
+        Ok(match s {
+            "claimed" => PaymentState::Claimed,
+            "settling" => PaymentState::Settling,
+            "pending" => PaymentState::Pending,
+            "settled" => PaymentState::Settled,
+            "failed" => PaymentState::Failed,
+            other => {
+                return Err(StoreError::Corrupt(format!(
+                    "unknown payment state {other:?}"
+                )));
+            }
+        })
+    }
+}
+
+/// A verified payment about to be claimed.
+#[derive(Debug, Clone)]
+pub struct NewPayment {
+    pub network: String,
+    /// Lower-case hex addresses, so the key never depends on checksum casing.
+    pub asset: String,
+    pub payer: String,
+    pub nonce: String,
+    pub payload_hash: String,
+    pub payment_id: Option<String>,
+    pub tool: String,
+    pub amount: String,
+    pub valid_before: i64,
+    pub payload_json: String,
+    pub now: i64,
+}
+
+/// A row of `payments`, with its stored result when there is one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PaymentRecord {
+    pub id: i64,
+    pub network: String,
+    pub asset: String,
+    pub payer: String,
+    pub nonce: String,
+    pub payload_hash: String,
+    pub payment_id: Option<String>,
+    pub tool: String,
+    pub amount: String,
+    pub state: PaymentState,
+    pub tx_hash: Option<String>,
+    pub block_number: Option<i64>,
+    pub error: Option<String>,
+    pub valid_before: i64,
+    pub payload_json: String,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub result_json: Option<String>,
+}
+
+/// The outcome of an atomic claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// This caller owns the authorization and must drive it to a final state.
+    Won(PaymentRecord),
+    /// Someone already claimed it; here is what they stored.
+    Taken(PaymentRecord),
+}
+
+/// A state transition with what was learned on the way.
+#[derive(Debug, Clone, Default)]
+pub struct Transition<'a> {
+    pub tx_hash: Option<&'a str>,
+    pub block_number: Option<i64>,
+    pub error: Option<&'a str>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("store migration failed: {0}")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+    #[error("store holds an unexpected value: {0}")]
+    Corrupt(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        StoreError::Unavailable(e)
+    }
+}
+
+/// The one storage interface; every backend passes the same test suite.
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Applies pending migrations (also run by `tollgate migrate`).
+    async fn migrate(&self) -> Result<(), StoreError>;
+    /// Cheap liveness check for `/readyz`.
+    async fn ping(&self) -> Result<(), StoreError>;
+    /// Atomically claims (network, asset, payer, nonce). Exactly one caller ever wins.
+    async fn claim(&self, p: &NewPayment) -> Result<Claim, StoreError>;
+    /// Looks a payment up by its x402 payment-identifier.
+    async fn by_payment_id(&self, payment_id: &str) -> Result<Option<PaymentRecord>, StoreError>;
+    /// Looks a payment up by row id.
+    async fn payment(&self, id: i64) -> Result<Option<PaymentRecord>, StoreError>;
+    /// Compare-and-set: moves `id` to `to` only if it is in one of `from`. Returns whether it moved.
+    async fn transition(
+        &self,
+        id: i64,
+        from: &[PaymentState],
+        to: PaymentState,
+        t: Transition<'_>,
+        now: i64,
+    ) -> Result<bool, StoreError>;
+    /// Deletes a claim that never reached the chain, so the authorization stays usable.
+    /// Only a `claimed` row can be released.
+    async fn release(&self, id: i64) -> Result<bool, StoreError>;
+    /// Stores the result served for a settled payment (first write wins).
+    async fn save_result(&self, id: i64, result_json: &str, now: i64) -> Result<(), StoreError>;
+    /// Unresolved payments (claimed, settling, pending), oldest first.
+    async fn unresolved(&self, limit: i64) -> Result<Vec<PaymentRecord>, StoreError>;
+}
+
+/// Opens the backend named by the URL scheme and applies migrations.
+pub async fn open(config: &DatabaseConfig) -> Result<Arc<dyn Store>, StoreError> {
+    let url = config.url.expose_secret();
+    let store: Arc<dyn Store> = if url.starts_with("sqlite:") {
+        Arc::new(SqliteStore::connect(url, config.max_connections).await?)
+    } else {
+        Arc::new(PgStore::connect(url, config.max_connections).await?)
+    };
+    store.migrate().await?;
+    Ok(store)
+}

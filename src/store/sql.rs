@@ -1,0 +1,309 @@
+//! `SqliteStore` and `PgStore`: the same SQL text over two sqlx pools.
+//!
+//! The statements are written once, in the dialect both engines accept (`$N` parameters,
+//! `on conflict do nothing`, `returning`), and a macro stamps out the `Store` impl for each
+//! pool type. sqlx's `Any` driver would also share the code, but it cannot give `PgStore` the
+//! Postgres-only features later stages need (advisory locks), so the two stay distinct types.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{PgPool, SqlitePool};
+
+use super::{Claim, NewPayment, PaymentRecord, PaymentState, Store, StoreError, Transition};
+
+/// SQLite, for `tollgate dev` and single-node deployments.
+#[derive(Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+/// PostgreSQL, for fleets: every replica shares the claim table.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl SqliteStore {
+    pub async fn connect(url: &str, max_connections: u32) -> Result<SqliteStore, StoreError> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            // WAL lets readers proceed during a write; NORMAL sync is durable across process
+            // crashes (the failure we design for), and busy_timeout queues concurrent claims.
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(max_connections)
+            .connect_with(options)
+            .await?;
+        Ok(SqliteStore { pool })
+    }
+}
+
+impl PgStore {
+    pub async fn connect(url: &str, max_connections: u32) -> Result<PgStore, StoreError> {
+        let options = PgConnectOptions::from_str(url)?;
+        Self::connect_with(options, max_connections).await
+    }
+
+    /// Connects with every session's `search_path` set to `schema` (created if missing), so
+    /// tests and side-by-side deployments can share one database without sharing tables.
+    pub async fn connect_in_schema(
+        url: &str,
+        schema: &str,
+        max_connections: u32,
+    ) -> Result<PgStore, StoreError> {
+        if !schema
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
+            return Err(StoreError::Corrupt(format!(
+                "invalid schema name {schema:?}"
+            )));
+        }
+        let base = PgConnectOptions::from_str(url)?;
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(base.clone())
+            .await?;
+        sqlx::query(&format!("create schema if not exists {schema}"))
+            .execute(&admin)
+            .await?;
+        admin.close().await;
+        Self::connect_with(base.options([("search_path", schema)]), max_connections).await
+    }
+
+    async fn connect_with(
+        options: PgConnectOptions,
+        max_connections: u32,
+    ) -> Result<PgStore, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            // Fail fast when Postgres is down: the caller answers 503, it must not hang.
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await?;
+        Ok(PgStore { pool })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+/// The columns of `payments` plus the stored result, as both drivers decode them.
+#[derive(sqlx::FromRow)]
+struct Row {
+    id: i64,
+    network: String,
+    asset: String,
+    payer: String,
+    nonce: String,
+    payload_hash: String,
+    payment_id: Option<String>,
+    tool: String,
+    amount: String,
+    state: String,
+    tx_hash: Option<String>,
+    block_number: Option<i64>,
+    error: Option<String>,
+    valid_before: i64,
+    payload_json: String,
+    created_at: i64,
+    updated_at: i64,
+    result_json: Option<String>,
+}
+
+impl TryFrom<Row> for PaymentRecord {
+    type Error = StoreError;
+    fn try_from(r: Row) -> Result<Self, StoreError> {
+        Ok(PaymentRecord {
+            id: r.id,
+            network: r.network,
+            asset: r.asset,
+            payer: r.payer,
+            nonce: r.nonce,
+            payload_hash: r.payload_hash,
+            payment_id: r.payment_id,
+            tool: r.tool,
+            amount: r.amount,
+            state: r.state.parse()?,
+            tx_hash: r.tx_hash,
+            block_number: r.block_number,
+            error: r.error,
+            valid_before: r.valid_before,
+            payload_json: r.payload_json,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+            result_json: r.result_json,
+        })
+    }
+}
+
+/// `select <all payment columns and the result> … where <clause>`, as a static string.
+macro_rules! select_where {
+    ($clause:literal) => {
+        concat!(
+            "select p.id, p.network, p.asset, p.payer, p.nonce, p.payload_hash, p.payment_id, ",
+            "p.tool, p.amount, p.state, p.tx_hash, p.block_number, p.error, p.valid_before, ",
+            "p.payload_json, p.created_at, p.updated_at, r.result_json ",
+            "from payments p left join results r on r.payment_row = p.id where ",
+            $clause
+        )
+    };
+}
+
+const INSERT_CLAIM: &str = "insert into payments (network, asset, payer, nonce, payload_hash, \
+     payment_id, tool, amount, state, valid_before, payload_json, created_at, updated_at) \
+     values ($1, $2, $3, $4, $5, $6, $7, $8, 'claimed', $9, $10, $11, $11) \
+     on conflict do nothing returning id";
+
+/// `'a', 'b'` for an IN list. Safe to splice: the values are our own enum names.
+fn state_list(states: &[PaymentState]) -> String {
+    states
+        .iter()
+        .map(|s| format!("'{}'", s.as_str()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+macro_rules! impl_store {
+    ($store:ty, $migrator:expr) => {
+        #[async_trait::async_trait]
+        impl Store for $store {
+            async fn migrate(&self) -> Result<(), StoreError> {
+                $migrator.run(&self.pool).await?;
+                Ok(())
+            }
+
+            async fn ping(&self) -> Result<(), StoreError> {
+                sqlx::query("select 1").execute(&self.pool).await?;
+                Ok(())
+            }
+
+            async fn claim(&self, p: &NewPayment) -> Result<Claim, StoreError> {
+                let inserted: Option<(i64,)> = sqlx::query_as(INSERT_CLAIM)
+                    .bind(&p.network)
+                    .bind(&p.asset)
+                    .bind(&p.payer)
+                    .bind(&p.nonce)
+                    .bind(&p.payload_hash)
+                    .bind(&p.payment_id)
+                    .bind(&p.tool)
+                    .bind(&p.amount)
+                    .bind(p.valid_before)
+                    .bind(&p.payload_json)
+                    .bind(p.now)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                if let Some((id,)) = inserted {
+                    let won = self.payment(id).await?;
+                    return won
+                        .map(Claim::Won)
+                        .ok_or_else(|| StoreError::Corrupt("claimed row vanished".into()));
+                }
+                // Lost: the conflict was on the claim key or on the payment identifier.
+                let by_key = sqlx::query_as::<_, Row>(select_where!(
+                    "p.network = $1 and p.asset = $2 and p.payer = $3 and p.nonce = $4"
+                ))
+                .bind(&p.network)
+                .bind(&p.asset)
+                .bind(&p.payer)
+                .bind(&p.nonce)
+                .fetch_optional(&self.pool)
+                .await?
+                .map(PaymentRecord::try_from)
+                .transpose()?;
+                let existing = match (by_key, &p.payment_id) {
+                    (Some(row), _) => Some(row),
+                    (None, Some(pid)) => self.by_payment_id(pid).await?,
+                    (None, None) => None,
+                };
+                // A row released between our insert and our read: report it as taken by
+                // nobody is impossible to express, so treat it as transient unavailability.
+                existing
+                    .map(Claim::Taken)
+                    .ok_or_else(|| StoreError::Corrupt("claim conflicted but no row found".into()))
+            }
+
+            async fn by_payment_id(&self, payment_id: &str) -> Result<Option<PaymentRecord>, StoreError> {
+                sqlx::query_as::<_, Row>(select_where!("p.payment_id = $1"))
+                    .bind(payment_id)
+                    .fetch_optional(&self.pool)
+                    .await?
+                    .map(PaymentRecord::try_from)
+                    .transpose()
+            }
+
+            async fn payment(&self, id: i64) -> Result<Option<PaymentRecord>, StoreError> {
+                sqlx::query_as::<_, Row>(select_where!("p.id = $1"))
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await?
+                    .map(PaymentRecord::try_from)
+                    .transpose()
+            }
+
+            async fn transition(
+                &self,
+                id: i64,
+                from: &[PaymentState],
+                to: PaymentState,
+                t: Transition<'_>,
+                now: i64,
+            ) -> Result<bool, StoreError> {
+                let sql = format!(
+                    "update payments set state = $1, tx_hash = coalesce($2, tx_hash), \
+                     block_number = coalesce($3, block_number), error = coalesce($4, error), \
+                     updated_at = $5 where id = $6 and state in ({})",
+                    state_list(from)
+                );
+                let done = sqlx::query(&sql)
+                    .bind(to.as_str())
+                    .bind(t.tx_hash)
+                    .bind(t.block_number)
+                    .bind(t.error)
+                    .bind(now)
+                    .bind(id)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(done.rows_affected() == 1)
+            }
+
+            async fn release(&self, id: i64) -> Result<bool, StoreError> {
+                let done = sqlx::query("delete from payments where id = $1 and state = 'claimed'")
+                    .bind(id)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(done.rows_affected() == 1)
+            }
+
+            async fn save_result(&self, id: i64, result_json: &str, now: i64) -> Result<(), StoreError> {
+                sqlx::query(
+                    "insert into results (payment_row, result_json, created_at) values ($1, $2, $3) \
+                     on conflict do nothing",
+                )
+                .bind(id)
+                .bind(result_json)
+                .bind(now)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn unresolved(&self, limit: i64) -> Result<Vec<PaymentRecord>, StoreError> {
+                let sql = select_where!(
+                    "p.state in ('claimed', 'settling', 'pending') order by p.id limit $1"
+                );
+                let rows = sqlx::query_as::<_, Row>(sql).bind(limit).fetch_all(&self.pool).await?;
+                rows.into_iter().map(PaymentRecord::try_from).collect()
+            }
+        }
+    };
+}
+
+impl_store!(SqliteStore, sqlx::migrate!("migrations/sqlite"));
+impl_store!(PgStore, sqlx::migrate!("migrations/postgres"));

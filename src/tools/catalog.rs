@@ -1,0 +1,130 @@
+//! The tool catalog: every tool tollgate serves, its input validator, price and handler.
+//!
+//! Built once at startup from config; read-only afterwards, so `tools/list` and the price
+//! quotes in challenges never disagree.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use rmcp::model::{CallToolResult, JsonObject, MetaObject, Tool};
+use serde_json::Value;
+
+use crate::money::UsdcAmount;
+use crate::payment::requirements::{PayTerms, Quote};
+
+/// Runs a tool. Arguments have already been validated against the tool's input schema.
+#[async_trait::async_trait]
+pub trait ToolHandler: Send + Sync + 'static {
+    async fn call(&self, args: JsonObject) -> CallToolResult;
+}
+
+/// One servable tool.
+pub struct ToolEntry {
+    /// The MCP definition shown in `tools/list`, with the price in `_meta` when priced.
+    pub tool: Tool,
+    /// `None` for a free tool.
+    pub quote: Option<Quote>,
+    validator: jsonschema::Validator,
+    handler: Arc<dyn ToolHandler>,
+}
+
+impl ToolEntry {
+    /// Checks arguments against the input schema; returns readable problems, at most ten.
+    pub fn validate(&self, args: &JsonObject) -> Result<(), Vec<String>> {
+        let instance = Value::Object(args.clone());
+        let problems: Vec<String> = self
+            .validator
+            .iter_errors(&instance)
+            .take(10)
+            .map(|e| {
+                let path = e.instance_path.to_string();
+                if path.is_empty() {
+                    e.to_string()
+                } else {
+                    format!("{path}: {e}")
+                }
+            })
+            .collect();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+
+    pub async fn run(&self, args: JsonObject) -> CallToolResult {
+        self.handler.call(args).await
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("tool `{tool}` has an invalid input schema: {reason}")]
+    BadSchema { tool: String, reason: String },
+    #[error("tool `{tool}` has an invalid price: {reason}")]
+    BadPrice { tool: String, reason: String },
+}
+
+/// All tools, in a stable order.
+#[derive(Default)]
+pub struct Catalog {
+    entries: BTreeMap<String, ToolEntry>,
+}
+
+impl Catalog {
+    /// Adds a tool; `price` of zero (or none) makes it free.
+    pub fn insert(
+        &mut self,
+        name: &str,
+        description: &str,
+        input_schema: Value,
+        price: UsdcAmount,
+        terms: &PayTerms,
+        handler: Arc<dyn ToolHandler>,
+    ) -> Result<(), CatalogError> {
+        let bad_schema = |reason: String| CatalogError::BadSchema {
+            tool: name.to_owned(),
+            reason,
+        };
+        let Value::Object(schema) = input_schema else {
+            return Err(bad_schema("must be a JSON object".into()));
+        };
+        let validator = jsonschema::validator_for(&Value::Object(schema.clone()))
+            .map_err(|e| bad_schema(e.to_string()))?;
+        let quote =
+            (!price.is_zero()).then(|| Quote::new(terms, name, description, &schema, price));
+        let mut tool = Tool::new(name.to_owned(), description.to_owned(), Arc::new(schema));
+        if let Some(quote) = &quote {
+            let (key, value) = quote.price_meta();
+            let mut meta = serde_json::Map::new();
+            meta.insert(key, value);
+            tool = tool.with_meta(MetaObject(meta));
+        }
+        self.entries.insert(
+            name.to_owned(),
+            ToolEntry {
+                tool,
+                quote,
+                validator,
+                handler,
+            },
+        );
+        Ok(())
+    }
+
+    pub fn get(&self, name: &str) -> Option<&ToolEntry> {
+        self.entries.get(name)
+    }
+
+    pub fn tools(&self) -> Vec<Tool> {
+        self.entries.values().map(|e| e.tool.clone()).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}

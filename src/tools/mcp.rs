@@ -1,0 +1,90 @@
+//! The MCP face of tollgate: an rmcp `ServerHandler` that lists the catalog and sends every
+//! `tools/call` through [`paid_call`](super::paid_call::paid_call).
+//!
+//! This adapter only translates: it finds the tool, gathers the call's payment (from
+//! `_meta["x402/payment"]` or the `PAYMENT-SIGNATURE` header) and the caller's identity from
+//! the HTTP request, and renders the outcome. Decisions live in the pipeline.
+
+use std::sync::Arc;
+
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, Implementation, InitializeResult, ListToolsResult,
+    PaginatedRequestParams, ServerCapabilities, ServerConfig, Tool,
+};
+use rmcp::service::RequestContext;
+use rmcp::{ErrorData as McpError, RoleServer, ServerHandler};
+
+use super::paid_call::{PaymentInput, ToolCall, paid_call};
+use crate::app::AppState;
+use crate::payment::wire::META_PAYMENT;
+
+/// HTTP header carrying a base64 PaymentPayload (x402 v2 HTTP transport), also honoured on MCP.
+pub const PAYMENT_SIGNATURE_HEADER: &str = "payment-signature";
+
+#[derive(Clone)]
+pub struct McpServer {
+    app: Arc<AppState>,
+}
+
+impl McpServer {
+    pub fn new(app: Arc<AppState>) -> Self {
+        McpServer { app }
+    }
+}
+
+impl ServerHandler for McpServer {
+    fn get_info(&self) -> ServerConfig {
+        InitializeResult::new(ServerCapabilities::builder().enable_tools().build())
+            .with_server_info(Implementation::new("tollgate", env!("CARGO_PKG_VERSION")))
+            .with_instructions(
+                "Priced tools answer an unpaid call with an x402 PaymentRequired result; \
+                 retry with _meta[\"x402/payment\"]. Prices are in each tool's _meta[\"x402/price\"].",
+            )
+    }
+
+    async fn list_tools(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, McpError> {
+        Ok(ListToolsResult::with_all_items(self.app.catalog.tools()))
+    }
+
+    fn get_tool(&self, name: &str) -> Option<Tool> {
+        self.app.catalog.get(name).map(|e| e.tool.clone())
+    }
+
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, McpError> {
+        let name = request.name.as_ref();
+        let Some(entry) = self.app.catalog.get(name) else {
+            // A protocol error, as the MCP spec prescribes for unknown tools: nothing is quoted.
+            return Err(McpError::invalid_params(
+                format!("unknown tool `{name}`"),
+                None,
+            ));
+        };
+        let headers = context
+            .extensions
+            .get::<http::request::Parts>()
+            .map(|p| &p.headers);
+        let payment = request
+            .meta
+            .as_ref()
+            .and_then(|m| m.get(META_PAYMENT).cloned())
+            .map(PaymentInput::Meta)
+            .or_else(|| {
+                headers
+                    .and_then(|h| h.get(PAYMENT_SIGNATURE_HEADER))
+                    .map(|v| PaymentInput::Header(v.as_bytes().to_vec()))
+            });
+        let call = ToolCall {
+            arguments: request.arguments.clone().unwrap_or_default(),
+            payment,
+        };
+        Ok(paid_call(&self.app, entry, call).await.into())
+    }
+}

@@ -1,0 +1,135 @@
+//! Streamable HTTP transport: serves MCP clients with and without `Mcp-Session-Id` sessions.
+//!
+//! rmcp serves either with sessions (the handshake era, 2025-06-18/2025-11-25) or statelessly
+//! (the 2026-07-28 era, and clients that never initialize). tollgate runs both behind one URL:
+//! a request that carries a session id, or that is an `initialize`, goes to the session-keeping
+//! service (which issues the id); everything else is served statelessly. Either way every
+//! `tools/call` reaches the same handler, so payment behaviour cannot differ between them.
+
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+use crate::app::AppState;
+use crate::tools::mcp::McpServer;
+
+pub const SESSION_HEADER: &str = "mcp-session-id";
+
+type Service = StreamableHttpService<McpServer, LocalSessionManager>;
+
+/// The two rmcp services and the body limit they share.
+#[derive(Clone)]
+pub struct McpTransport {
+    with_sessions: Service,
+    stateless: Service,
+    max_body_bytes: usize,
+}
+
+impl McpTransport {
+    pub fn new(app: Arc<AppState>, cancel: CancellationToken) -> Self {
+        let server = &app.config.server;
+        let base = StreamableHttpServerConfig::default()
+            .with_cancellation_token(cancel)
+            .with_max_request_body_bytes(server.max_body_bytes);
+        let base = if server.allowed_hosts.is_empty() {
+            base.disable_allowed_hosts()
+        } else {
+            base.with_allowed_hosts(server.allowed_hosts.clone())
+        };
+        let factory_app = app.clone();
+        let factory = move || Ok(McpServer::new(factory_app.clone()));
+        let with_sessions = StreamableHttpService::new(
+            factory.clone(),
+            Arc::new(LocalSessionManager::default()),
+            base.clone().with_legacy_session_mode(true),
+        );
+        let stateless = StreamableHttpService::new(
+            factory,
+            Arc::new(LocalSessionManager::default()),
+            base.with_legacy_session_mode(false)
+                .with_json_response(true),
+        );
+        McpTransport {
+            with_sessions,
+            stateless,
+            max_body_bytes: server.max_body_bytes,
+        }
+    }
+}
+
+/// Only the method name is read here; rmcp parses and validates the message itself.
+#[derive(Deserialize)]
+struct MethodPeek<'a> {
+    #[serde(borrow)]
+    method: Option<&'a str>,
+}
+
+fn is_initialize(body: &Bytes) -> bool {
+    serde_json::from_slice::<MethodPeek>(body)
+        .ok()
+        .and_then(|p| p.method)
+        == Some("initialize")
+}
+
+/// `POST|GET|DELETE /mcp`.
+pub async fn mcp_endpoint(State(t): State<McpTransport>, request: Request) -> Response {
+    let has_session = request.headers().contains_key(SESSION_HEADER);
+    if has_session || request.method() != Method::POST {
+        return serve(t.with_sessions, request).await;
+    }
+    let (parts, body) = request.into_parts();
+    let bytes = match axum::body::to_bytes(body, t.max_body_bytes).await {
+        Ok(bytes) => bytes,
+        Err(_) => return body_too_large(t.max_body_bytes),
+    };
+    let service = if is_initialize(&bytes) {
+        t.with_sessions
+    } else {
+        t.stateless
+    };
+    serve(service, Request::from_parts(parts, Body::from(bytes))).await
+}
+
+async fn serve(service: Service, request: Request) -> Response {
+    match service.oneshot(request).await {
+        Ok(response) => response.map(Body::new),
+        Err(never) => match never {},
+    }
+}
+
+/// A JSON-RPC error body for a request we refuse before parsing it.
+pub fn jsonrpc_error(
+    status: StatusCode,
+    code: i64,
+    message: &str,
+    data: serde_json::Value,
+) -> Response {
+    let body = serde_json::json!({
+        "jsonrpc": "2.0",
+        "id": null,
+        "error": { "code": code, "message": message, "data": data },
+    });
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn body_too_large(limit: usize) -> Response {
+    jsonrpc_error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        -32600,
+        "request body too large",
+        serde_json::json!({ "error": "body_too_large", "limit_bytes": limit }),
+    )
+}

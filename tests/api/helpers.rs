@@ -1,0 +1,250 @@
+//! Test harness: a real anvil chain, a real store, and tollgate on port 0 — per test.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+use tempfile::TempDir;
+use tokio::sync::{OnceCell, oneshot};
+use tollgate::app::{App, AppState};
+use tollgate::clock::{Clock, ManualClock, SystemClock};
+use tollgate::config::Config;
+use tollgate::dev::DevChain;
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Installs anvil once per test binary (npm must not run concurrently into one directory).
+pub async fn anvil_ready() {
+    static READY: OnceCell<PathBuf> = OnceCell::const_new();
+    READY
+        .get_or_try_init(|| async {
+            tollgate::chain::anvil::find_or_install(&repo_root().join(".tollgate")).await
+        })
+        .await
+        .expect("anvil available");
+}
+
+/// Postgres for tests: 127.0.0.1:5432, trust auth, database `test`.
+pub const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+/// A fresh, uniquely named schema name.
+pub fn fresh_schema() -> String {
+    format!("t_{}", hex::encode(rand::random::<[u8; 8]>()))
+}
+
+/// Creates a fresh schema and returns a URL whose sessions use it.
+pub async fn fresh_pg_url() -> String {
+    let schema = fresh_schema();
+    tollgate::store::PgStore::connect_in_schema(PG_URL, &schema, 1)
+        .await
+        .expect("postgres reachable");
+    format!("{PG_URL}?options=-c%20search_path%3D{schema}")
+}
+
+#[allow(dead_code)] // state, clock and dir serve the payment tests
+pub struct TestApp {
+    pub addr: std::net::SocketAddr,
+    pub state: Arc<AppState>,
+    pub chain: DevChain,
+    pub clock: ManualClock,
+    pub dir: TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    served: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestApp {
+    pub fn mcp_url(&self) -> String {
+        format!("http://{}/mcp", self.addr)
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn sessionless(&self) -> Mcp {
+        Mcp::sessionless(&self.mcp_url())
+    }
+
+    /// Stops serving and waits for graceful shutdown to finish.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(served) = self.served.take() {
+            served
+                .await
+                .expect("server task")
+                .expect("server ran cleanly");
+        }
+    }
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+/// tollgate on port 0 with its own anvil chain and SQLite file; `tweak` edits the config.
+pub async fn spawn_app_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
+    anvil_ready().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::load(None).expect("default config");
+    config.server.bind = "127.0.0.1:0".parse().unwrap();
+    config.dev.state_dir = repo_root().join(".tollgate");
+    config.database.url = format!("sqlite://{}", dir.path().join("tollgate.db").display()).into();
+    let chain = DevChain::start(&config, &dir.path().join("payer.key"))
+        .await
+        .expect("dev chain");
+    chain.apply(&mut config);
+    tweak(&mut config);
+    config.validate().expect("test config valid");
+    let clock = ManualClock::new(SystemClock.now_unix());
+    let app = App::build_with_clock(config, Arc::new(clock.clone()))
+        .await
+        .expect("app builds");
+    let addr = app.local_addr();
+    let state = app.state();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let served = tokio::spawn(app.run_until(async move {
+        let _ = stopped.await;
+    }));
+    TestApp {
+        addr,
+        state,
+        chain,
+        clock,
+        dir,
+        stop: Some(stop),
+        served: Some(served),
+    }
+}
+
+/// A minimal MCP Streamable HTTP client speaking raw JSON-RPC, so tests see the exact wire.
+#[derive(Clone)]
+pub struct Mcp {
+    pub http: reqwest::Client,
+    pub url: String,
+    pub session: Option<String>,
+    next_id: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Mcp {
+    pub fn sessionless(url: &str) -> Mcp {
+        Mcp {
+            http: reqwest::Client::new(),
+            url: url.to_owned(),
+            session: None,
+            next_id: Arc::new(1.into()),
+        }
+    }
+
+    /// Performs the 2025-era handshake and keeps the session id the server issues.
+    pub async fn with_session(url: &str) -> Mcp {
+        let mut mcp = Mcp::sessionless(url);
+        let init = json!({
+            "protocolVersion": "2025-06-18",
+            "capabilities": {},
+            "clientInfo": { "name": "tollgate-tests", "version": "0" }
+        });
+        let response = mcp.post(&mcp.envelope("initialize", init)).await;
+        let session = response
+            .headers()
+            .get("mcp-session-id")
+            .expect("initialize issues a session id")
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let body = read_jsonrpc(response).await;
+        assert!(
+            body["result"]["protocolVersion"].is_string(),
+            "initialize failed: {body}"
+        );
+        mcp.session = Some(session);
+        let note = json!({ "jsonrpc": "2.0", "method": "notifications/initialized" });
+        let ack = mcp.post(&note).await;
+        assert!(
+            ack.status().is_success(),
+            "initialized notification: {}",
+            ack.status()
+        );
+        mcp
+    }
+
+    fn envelope(&self, method: &str, params: Value) -> Value {
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        json!({ "jsonrpc": "2.0", "id": id, "method": method, "params": params })
+    }
+
+    /// POSTs any body (valid or not) with the headers a Streamable HTTP client sends.
+    pub async fn post_bytes(&self, body: Vec<u8>) -> reqwest::Response {
+        let mut request = self
+            .http
+            .post(&self.url)
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .body(body);
+        if let Some(session) = &self.session {
+            request = request
+                .header("mcp-session-id", session)
+                .header("mcp-protocol-version", "2025-06-18");
+        }
+        request.send().await.expect("request sent")
+    }
+
+    pub async fn post(&self, body: &Value) -> reqwest::Response {
+        self.post_bytes(serde_json::to_vec(body).unwrap()).await
+    }
+
+    /// Sends a request and returns the whole JSON-RPC response object.
+    pub async fn rpc(&self, method: &str, params: Value) -> Value {
+        read_jsonrpc(self.post(&self.envelope(method, params)).await).await
+    }
+
+    pub async fn list_tools(&self) -> Vec<Value> {
+        let response = self.rpc("tools/list", json!({})).await;
+        response["result"]["tools"]
+            .as_array()
+            .cloned()
+            .unwrap_or_else(|| panic!("tools/list: {response}"))
+    }
+
+    /// `tools/call`, returning the `result` (panics on a JSON-RPC error).
+    pub async fn call_tool(&self, name: &str, args: Value, meta: Option<Value>) -> Value {
+        let response = self.call_tool_raw(name, args, meta).await;
+        response
+            .get("result")
+            .cloned()
+            .unwrap_or_else(|| panic!("tools/call {name} failed: {response}"))
+    }
+
+    pub async fn call_tool_raw(&self, name: &str, args: Value, meta: Option<Value>) -> Value {
+        let mut params = json!({ "name": name, "arguments": args });
+        if let Some(meta) = meta {
+            params["_meta"] = meta;
+        }
+        self.rpc("tools/call", params).await
+    }
+}
+
+/// Reads a JSON-RPC response sent as JSON or as an SSE stream.
+pub async fn read_jsonrpc(response: reqwest::Response) -> Value {
+    let status = response.status();
+    let is_sse = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let text = response.text().await.expect("body");
+    if !is_sse {
+        return serde_json::from_str(&text)
+            .unwrap_or_else(|_| panic!("HTTP {status}, not JSON: {text}"));
+    }
+    text.lines()
+        .filter_map(|line| line.strip_prefix("data:"))
+        .filter_map(|data| serde_json::from_str::<Value>(data.trim()).ok())
+        .find(|message| message.get("id").is_some())
+        .unwrap_or_else(|| panic!("HTTP {status}: no JSON-RPC response in SSE stream: {text}"))
+}

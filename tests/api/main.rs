@@ -1,0 +1,7 @@
+//! Integration tests: real anvil, real SQLite and Postgres, tollgate on port 0.
+
+mod helpers;
+
+mod config_cli;
+mod mcp_surface;
+mod store;
