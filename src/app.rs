@@ -10,13 +10,19 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::chain::Network;
+use secrecy::SecretString;
+
+use crate::chain::client::ChainClient;
+use crate::chain::{Network, parse_private_key};
 use crate::clock::{SharedClock, SystemClock};
-use crate::config::Config;
+use crate::config::{Config, SettlerKind, secret_opt};
 use crate::money::UsdcAmount;
+use crate::payment::gate::PaymentGate;
+use crate::payment::reconcile::Reconciler;
 use crate::payment::requirements::PayTerms;
+use crate::payment::settle::{FacilitatorSettler, SelfSettler, Settler};
 use crate::store::{self, Store};
-use crate::tools::builtin;
+use crate::tools::builtin::{self, Builtin};
 use crate::tools::catalog::Catalog;
 
 /// Everything a request needs, shared read-only across the server.
@@ -26,6 +32,20 @@ pub struct AppState {
     pub catalog: Catalog,
     pub store: Arc<dyn Store>,
     pub clock: SharedClock,
+    pub gate: Arc<PaymentGate>,
+}
+
+/// What tests and embedders may inject; production uses the defaults.
+pub struct Deps {
+    pub clock: SharedClock,
+    /// Tools added beside the built-ins, each with its price.
+    pub extra_tools: Vec<(Builtin, UsdcAmount)>,
+}
+
+impl Default for Deps {
+    fn default() -> Self {
+        Deps { clock: Arc::new(SystemClock), extra_tools: Vec::new() }
+    }
 }
 
 /// A bound, not yet serving, tollgate.
@@ -36,32 +56,29 @@ pub struct App {
 
 impl App {
     pub async fn build(config: Config) -> anyhow::Result<App> {
-        Self::build_with_clock(config, Arc::new(SystemClock)).await
+        Self::build_with(config, Deps::default()).await
     }
 
-    /// As `build`, with an injected clock (tests move time instead of sleeping).
-    pub async fn build_with_clock(config: Config, clock: SharedClock) -> anyhow::Result<App> {
+    /// As `build`, with injected dependencies (tests move a clock instead of sleeping).
+    pub async fn build_with(config: Config, deps: Deps) -> anyhow::Result<App> {
         config.validate_for_serving()?;
+        let clock = deps.clock;
         let network = Network::from_config(&config.network)?;
-        let store = store::open(&config.database)
-            .await
-            .context("opening the store")?;
+        let store = store::open(&config.database).await.context("opening the store")?;
         let terms = PayTerms {
             network: network.clone(),
             pay_to: config.payment.pay_to.parse().context("payment.pay_to")?,
             max_timeout_seconds: config.payment.max_timeout_seconds,
         };
-        let catalog = builtin_catalog(&config, &terms, clock.clone())?;
+        let mut catalog = builtin_catalog(&config, &terms, clock.clone())?;
+        for (tool, price) in deps.extra_tools {
+            catalog.insert(tool.name, tool.description, tool.input_schema, price, &terms, tool.handler)?;
+        }
+        let gate = Arc::new(payment_gate(&config, &network, store.clone(), clock.clone())?);
         let listener = TcpListener::bind(config.server.bind)
             .await
             .with_context(|| format!("binding {}", config.server.bind))?;
-        let state = Arc::new(AppState {
-            config,
-            network,
-            catalog,
-            store,
-            clock,
-        });
+        let state = Arc::new(AppState { config, network, catalog, store, clock, gate });
         Ok(App { listener, state })
     }
 
@@ -70,9 +87,7 @@ impl App {
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .expect("bound listener has an address")
+        self.listener.local_addr().expect("bound listener has an address")
     }
 
     pub fn state(&self) -> Arc<AppState> {
@@ -81,23 +96,19 @@ impl App {
 
     /// Serves until `shutdown` resolves, then gives in-flight requests (and the settlements
     /// inside them) `server.shutdown_grace_secs` to finish before returning.
-    pub async fn run_until(
-        self,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> anyhow::Result<()> {
+    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let cancel = CancellationToken::new();
         let grace = Duration::from_secs(self.state.config.server.shutdown_grace_secs);
         let router = crate::router::router(self.state.clone(), cancel.child_token());
+        let reconciler = Reconciler::new(self.state.gate.clone(), self.stale_after());
+        tokio::spawn(reconciler.run(RECONCILE_INTERVAL, cancel.child_token()));
         let stop = cancel.clone();
-        let serve = axum::serve(
-            self.listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!("shutting down: finishing in-flight requests");
-            stop.cancel();
-        });
+        let serve = axum::serve(self.listener, router.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(async move {
+                shutdown.await;
+                tracing::info!("shutting down: finishing in-flight requests");
+                stop.cancel();
+            });
         tokio::select! {
             served = serve => served.context("serving")?,
             () = async { cancel.cancelled().await; tokio::time::sleep(grace).await } => {
@@ -108,25 +119,55 @@ impl App {
     }
 }
 
-fn builtin_catalog(
+/// How often unresolved payments are re-examined.
+const RECONCILE_INTERVAL: Duration = Duration::from_secs(2);
+
+impl App {
+    /// A claimed or settling payment untouched this long has lost its request.
+    fn stale_after(&self) -> Duration {
+        Duration::from_secs(self.state.config.server.request_timeout_secs)
+    }
+}
+
+fn payment_gate(
     config: &Config,
-    terms: &PayTerms,
+    network: &Network,
+    store: Arc<dyn Store>,
     clock: SharedClock,
-) -> anyhow::Result<Catalog> {
+) -> anyhow::Result<PaymentGate> {
+    let rpc_url = secret_opt(&config.network.rpc_url).context("network.rpc_url")?;
+    let p = &config.payment;
+    let settle_timeout = Duration::from_secs(p.settle_timeout_secs);
+    let settler: Arc<dyn Settler> = match p.settler {
+        SettlerKind::SelfRelay => {
+            let key = secret_opt(&p.relayer_key).context("payment.relayer_key")?;
+            Arc::new(SelfSettler::new(rpc_url, parse_private_key(key)?, network.asset)?)
+        }
+        SettlerKind::Facilitator => Arc::new(FacilitatorSettler::new(
+            &p.facilitator.url,
+            secret_opt(&p.facilitator.auth_header).map(|h| SecretString::from(h.to_owned())),
+            settle_timeout,
+        )?),
+    };
+    Ok(PaymentGate {
+        store,
+        chain: ChainClient::connect(rpc_url, network.asset)?,
+        settler,
+        network: network.clone(),
+        clock,
+        confirmations: p.confirmations,
+        settle_timeout,
+    })
+}
+
+fn builtin_catalog(config: &Config, terms: &PayTerms, clock: SharedClock) -> anyhow::Result<Catalog> {
     let mut catalog = Catalog::default();
     for tool in builtin::all(clock) {
         let price = match config.tools.prices.get(tool.name) {
             Some(p) => UsdcAmount::parse(p)?,
             None => UsdcAmount::ZERO,
         };
-        catalog.insert(
-            tool.name,
-            tool.description,
-            tool.input_schema,
-            price,
-            terms,
-            tool.handler,
-        )?;
+        catalog.insert(tool.name, tool.description, tool.input_schema, price, terms, tool.handler)?;
     }
     Ok(catalog)
 }

@@ -10,11 +10,7 @@ use crate::app::App;
 use crate::config::{Config, DEFAULT_TOML};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "tollgate",
-    version,
-    about = "Sell MCP tool calls for USDC on Base, per call, over x402"
-)]
+#[command(name = "tollgate", version, about = "Sell MCP tool calls for USDC on Base, per call, over x402")]
 pub struct Cli {
     /// Config file layered over the embedded defaults (env TOLLGATE_* overrides both).
     #[arg(long, global = true, value_name = "FILE")]
@@ -58,9 +54,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Migrate => {
             let config = Config::load(cli.config.as_deref())?;
             crate::telemetry::init(&config.log, false);
-            crate::store::open(&config.database)
-                .await
-                .context("migrating")?;
+            crate::store::open(&config.database).await.context("migrating")?;
             println!("migrations applied");
         }
         Command::Serve => {

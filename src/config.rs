@@ -138,11 +138,7 @@ pub enum ConfigError {
     #[error("config key `{key}`: {reason}")]
     Invalid { key: &'static str, reason: String },
     #[error("config key `{key}`: cannot read {path}: {source}")]
-    File {
-        key: &'static str,
-        path: String,
-        source: std::io::Error,
-    },
+    File { key: &'static str, path: String, source: std::io::Error },
 }
 
 impl From<figment::Error> for ConfigError {
@@ -152,10 +148,7 @@ impl From<figment::Error> for ConfigError {
 }
 
 fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key,
-        reason: reason.into(),
-    }
+    ConfigError::Invalid { key, reason: reason.into() }
 }
 
 /// Returns the secret when it is set (non-empty).
@@ -173,11 +166,7 @@ impl Config {
         }
         // Only `TOLLGATE_SECTION__KEY` variables are configuration; other TOLLGATE_* variables
         // (such as the paying client's TOLLGATE_PAYER_KEY) must not trip deny_unknown_fields.
-        figment.merge(
-            Env::prefixed(ENV_PREFIX)
-                .filter(|k| k.as_str().contains("__"))
-                .split("__"),
-        )
+        figment.merge(Env::prefixed(ENV_PREFIX).filter(|k| k.as_str().contains("__")).split("__"))
     }
 
     /// Loads and validates. This is the only way the program obtains a `Config`.
@@ -217,16 +206,10 @@ impl Config {
         }
         let p = &self.payment;
         if !p.pay_to.is_empty() && parse_address(&p.pay_to).is_none() {
-            return Err(invalid(
-                "payment.pay_to",
-                "must be a 0x-prefixed 20-byte hex address",
-            ));
+            return Err(invalid("payment.pay_to", "must be a 0x-prefixed 20-byte hex address"));
         }
         if !(10..=3600).contains(&p.max_timeout_seconds) {
-            return Err(invalid(
-                "payment.max_timeout_seconds",
-                "must be between 10 and 3600",
-            ));
+            return Err(invalid("payment.max_timeout_seconds", "must be between 10 and 3600"));
         }
         if p.valid_before_margin_secs >= p.max_timeout_seconds {
             return Err(invalid(
@@ -256,24 +239,15 @@ impl Config {
         let n = &self.network;
         if n.preset == NetworkPreset::Local {
             if !n.asset.is_empty() && parse_address(&n.asset).is_none() {
-                return Err(invalid(
-                    "network.asset",
-                    "must be a 0x-prefixed 20-byte hex address",
-                ));
+                return Err(invalid("network.asset", "must be a 0x-prefixed 20-byte hex address"));
             }
             if n.eip712_name.is_empty() {
                 return Err(invalid("network.eip712_name", "must not be empty"));
             }
         }
         let db = secret_opt(&self.database.url).unwrap_or("");
-        if !(db.starts_with("sqlite:")
-            || db.starts_with("postgres:")
-            || db.starts_with("postgresql:"))
-        {
-            return Err(invalid(
-                "database.url",
-                "must start with sqlite: or postgres://",
-            ));
+        if !(db.starts_with("sqlite:") || db.starts_with("postgres:") || db.starts_with("postgresql:")) {
+            return Err(invalid("database.url", "must start with sqlite: or postgres://"));
         }
         if self.database.max_connections == 0 {
             return Err(invalid("database.max_connections", "must be at least 1"));
@@ -301,10 +275,7 @@ impl Config {
     /// What `serve` needs beyond `validate()`: a payee, a chain and a way to settle.
     pub fn validate_for_serving(&self) -> Result<(), ConfigError> {
         if self.payment.pay_to.is_empty() {
-            return Err(invalid(
-                "payment.pay_to",
-                "is required to serve priced tools",
-            ));
+            return Err(invalid("payment.pay_to", "is required to serve priced tools"));
         }
         if secret_opt(&self.network.rpc_url).is_none() {
             return Err(invalid("network.rpc_url", "is required to serve"));
@@ -312,9 +283,7 @@ impl Config {
         if self.network.preset == NetworkPreset::Local && self.network.asset.is_empty() {
             return Err(invalid("network.asset", "is required for the local preset"));
         }
-        if self.payment.settler == SettlerKind::SelfRelay
-            && secret_opt(&self.payment.relayer_key).is_none()
-        {
+        if self.payment.settler == SettlerKind::SelfRelay && secret_opt(&self.payment.relayer_key).is_none() {
             return Err(invalid(
                 "payment.relayer_key",
                 "is required when payment.settler = \"self\" (set TOLLGATE_PAYMENT__RELAYER_KEY)",
@@ -357,16 +326,10 @@ mod tests {
         // Arrange: one bad value per case, and the key its error must name.
         let cases = [
             ("[payment]\npay_to = \"nope\"", "payment.pay_to"),
-            (
-                "[payment]\nmax_timeout_seconds = 1",
-                "payment.max_timeout_seconds",
-            ),
+            ("[payment]\nmax_timeout_seconds = 1", "payment.max_timeout_seconds"),
             ("[payment]\nconfirmations = 0", "payment.confirmations"),
             ("[payment]\nrelayer_key = \"0x1234\"", "payment.relayer_key"),
-            (
-                "[payment]\nsettler = \"facilitator\"",
-                "payment.facilitator.url",
-            ),
+            ("[payment]\nsettler = \"facilitator\"", "payment.facilitator.url"),
             ("[database]\nurl = \"mysql://x\"", "database.url"),
             ("[tools.prices]\nsha256 = \"1.5\"", "tools.prices"),
             ("[tools.prices]\nnot_a_tool = \"1\"", "tools.prices"),
@@ -380,10 +343,7 @@ mod tests {
             // Act
             let err = load_with(toml).expect_err(toml).to_string();
             // Assert
-            assert!(
-                err.contains(key),
-                "error for {toml:?} should name {key}: {err}"
-            );
+            assert!(err.contains(key), "error for {toml:?} should name {key}: {err}");
         }
     }
 
@@ -406,10 +366,7 @@ mod tests {
             jail.set_env("TOLLGATE_PAYMENT__RELAYER_KEY", key);
             let config = Config::load(None).expect("loads");
             assert_eq!(secret_opt(&config.payment.relayer_key), Some(key));
-            assert!(
-                !format!("{config:?}").contains("59c6995e"),
-                "key leaked into Debug"
-            );
+            assert!(!format!("{config:?}").contains("59c6995e"), "key leaked into Debug");
             Ok(())
         });
     }

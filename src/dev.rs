@@ -76,9 +76,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let payer_key_file = config.dev.state_dir.join("dev/payer.key");
-    let chain = DevChain::start(&config, &payer_key_file)
-        .await
-        .context("starting the local chain")?;
+    let chain = DevChain::start(&config, &payer_key_file).await.context("starting the local chain")?;
     chain.apply(&mut config);
     if crate::config::secret_opt(&config.database.url) == Some("sqlite://tollgate.db") {
         // The chain is new on every run, so the payments of an old run would not match it.
@@ -91,10 +89,7 @@ pub async fn run(
     let url = format!("http://{}/mcp", app.local_addr());
     let state = app.state();
     println!("tollgate dev: serving {url}");
-    println!(
-        "  chain       anvil at {} (chain id {ANVIL_CHAIN_ID})",
-        chain.anvil.endpoint()
-    );
+    println!("  chain       anvil at {} (chain id {ANVIL_CHAIN_ID})", chain.anvil.endpoint());
     println!(
         "  USDC        {} (EIP-712 \"{}\" v{})",
         chain.token, state.network.eip712_name, state.network.eip712_version
@@ -107,11 +102,7 @@ pub async fn run(
         chain.payer_key_file.display()
     );
     for tool in state.catalog.tools() {
-        let price = state
-            .catalog
-            .get(&tool.name)
-            .and_then(|e| e.quote.as_ref())
-            .map(|q| q.amount);
+        let price = state.catalog.get(&tool.name).and_then(|e| e.quote.as_ref()).map(|q| q.amount);
         let price = price.map_or("free".to_owned(), |p| p.display_usdc());
         println!("  tool        {:<18} {price}", tool.name);
     }
@@ -130,8 +121,7 @@ fn remove_sqlite(db: &Path) {
 /// The demo payer keeps its key across runs so the printed command stays the same.
 fn load_or_create_key(path: &Path) -> anyhow::Result<PrivateKeySigner> {
     if let Ok(text) = std::fs::read_to_string(path) {
-        return parse_private_key(&text)
-            .with_context(|| format!("{} is not a private key", path.display()));
+        return parse_private_key(&text).with_context(|| format!("{} is not a private key", path.display()));
     }
     let signer = PrivateKeySigner::random();
     if let Some(dir) = path.parent() {
@@ -145,9 +135,7 @@ fn load_or_create_key(path: &Path) -> anyhow::Result<PrivateKeySigner> {
         options.mode(0o600);
     }
     use std::io::Write;
-    let mut file = options
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
+    let mut file = options.open(path).with_context(|| format!("creating {}", path.display()))?;
     writeln!(file, "0x{}", hex::encode(signer.to_bytes()))?;
     Ok(signer)
 }

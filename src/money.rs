@@ -29,9 +29,7 @@ impl UsdcAmount {
         if s.is_empty() || s.len() > 39 || !s.bytes().all(|b| b.is_ascii_digit()) {
             return Err(AmountError::NotAnInteger(s.chars().take(40).collect()));
         }
-        s.parse::<u64>()
-            .map(UsdcAmount)
-            .map_err(|_| AmountError::TooLarge(s.to_owned()))
+        s.parse::<u64>().map(UsdcAmount).map_err(|_| AmountError::TooLarge(s.to_owned()))
     }
 
     pub const fn atomic(self) -> u64 {
@@ -78,22 +76,13 @@ mod tests {
         for bad in ["", "1.5", "-1", "+1", "1e6", " 1", "0x10"] {
             assert!(UsdcAmount::parse(bad).is_err(), "{bad:?} must be rejected");
         }
-        assert!(matches!(
-            UsdcAmount::parse("18446744073709551616"),
-            Err(AmountError::TooLarge(_))
-        ));
+        assert!(matches!(UsdcAmount::parse("18446744073709551616"), Err(AmountError::TooLarge(_))));
     }
 
     #[test]
     fn displays_exact_decimal_usdc() {
         assert_eq!(UsdcAmount::from_atomic(2500).display_usdc(), "0.0025 USDC");
-        assert_eq!(
-            UsdcAmount::from_atomic(100_000_000).display_usdc(),
-            "100 USDC"
-        );
-        assert_eq!(
-            UsdcAmount::from_atomic(1_000_001).display_usdc(),
-            "1.000001 USDC"
-        );
+        assert_eq!(UsdcAmount::from_atomic(100_000_000).display_usdc(), "100 USDC");
+        assert_eq!(UsdcAmount::from_atomic(1_000_001).display_usdc(), "1.000001 USDC");
     }
 }

@@ -46,11 +46,7 @@ pub fn router(app: Arc<AppState>, cancel: CancellationToken) -> Router {
 }
 
 fn request_span<B>(request: &Request<B>) -> tracing::Span {
-    let request_id = request
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
+    let request_id = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default();
     tracing::info_span!(
         "request",
         http.method = %request.method(),

@@ -8,19 +8,12 @@ use crate::config::{LogConfig, LogFormat};
 
 /// Installs the global subscriber once; later calls (tests) are no-ops.
 pub fn init(config: &LogConfig, interactive: bool) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.filter));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.filter));
     let json = match config.format {
         LogFormat::Json => true,
         LogFormat::Pretty => false,
         LogFormat::Auto => !(interactive && std::io::stderr().is_terminal()),
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = if json {
-        builder.json().flatten_event(true).try_init()
-    } else {
-        builder.compact().try_init()
-    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if json { builder.json().flatten_event(true).try_init() } else { builder.compact().try_init() };
 }

@@ -54,14 +54,9 @@ impl McpTransport {
         let stateless = StreamableHttpService::new(
             factory,
             Arc::new(LocalSessionManager::default()),
-            base.with_legacy_session_mode(false)
-                .with_json_response(true),
+            base.with_legacy_session_mode(false).with_json_response(true),
         );
-        McpTransport {
-            with_sessions,
-            stateless,
-            max_body_bytes: server.max_body_bytes,
-        }
+        McpTransport { with_sessions, stateless, max_body_bytes: server.max_body_bytes }
     }
 }
 
@@ -73,10 +68,7 @@ struct MethodPeek<'a> {
 }
 
 fn is_initialize(body: &Bytes) -> bool {
-    serde_json::from_slice::<MethodPeek>(body)
-        .ok()
-        .and_then(|p| p.method)
-        == Some("initialize")
+    serde_json::from_slice::<MethodPeek>(body).ok().and_then(|p| p.method) == Some("initialize")
 }
 
 /// `POST|GET|DELETE /mcp`.
@@ -90,11 +82,7 @@ pub async fn mcp_endpoint(State(t): State<McpTransport>, request: Request) -> Re
         Ok(bytes) => bytes,
         Err(_) => return body_too_large(t.max_body_bytes),
     };
-    let service = if is_initialize(&bytes) {
-        t.with_sessions
-    } else {
-        t.stateless
-    };
+    let service = if is_initialize(&bytes) { t.with_sessions } else { t.stateless };
     serve(service, Request::from_parts(parts, Body::from(bytes))).await
 }
 
@@ -106,23 +94,13 @@ async fn serve(service: Service, request: Request) -> Response {
 }
 
 /// A JSON-RPC error body for a request we refuse before parsing it.
-pub fn jsonrpc_error(
-    status: StatusCode,
-    code: i64,
-    message: &str,
-    data: serde_json::Value,
-) -> Response {
+pub fn jsonrpc_error(status: StatusCode, code: i64, message: &str, data: serde_json::Value) -> Response {
     let body = serde_json::json!({
         "jsonrpc": "2.0",
         "id": null,
         "error": { "code": code, "message": message, "data": data },
     });
-    (
-        status,
-        [(header::CONTENT_TYPE, "application/json")],
-        body.to_string(),
-    )
-        .into_response()
+    (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
 }
 
 fn body_too_large(limit: usize) -> Response {

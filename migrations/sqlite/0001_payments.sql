@@ -23,6 +23,9 @@ create table payments (
     block_number bigint,
     -- why a payment failed (reason code), for the client and the receipt
     error text,
+    -- when a request started the handler for this settled payment: a lease, so the handler
+    -- runs at most once, yet a crashed run can be taken over after it expires
+    handler_started_at bigint,
     -- authorization expiry: after it, an unsettled authorization can never settle
     valid_before bigint not null,
     -- the full payment payload, needed to resume settlement after a crash or timeout

@@ -90,10 +90,7 @@ pub async fn find_or_install(state_dir: &Path) -> anyhow::Result<PathBuf> {
         .status()
         .await
         .context("running npm (is Node.js installed?)")?;
-    anyhow::ensure!(
-        status.success(),
-        "npm install {ANVIL_NPM_PACKAGE} failed: {status}"
-    );
+    anyhow::ensure!(status.success(), "npm install {ANVIL_NPM_PACKAGE} failed: {status}");
     find(state_dir).context("anvil still not found after npm install")
 }
 
@@ -102,9 +99,6 @@ fn find(state_dir: &Path) -> Option<PathBuf> {
     if local.is_file() {
         return Some(local);
     }
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join("anvil"))
-            .find(|p| p.is_file())
-    })
+    std::env::var_os("PATH")
+        .and_then(|paths| std::env::split_paths(&paths).map(|dir| dir.join("anvil")).find(|p| p.is_file()))
 }

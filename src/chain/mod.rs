@@ -5,6 +5,7 @@
 //! overridden piecemeal: a mismatched domain name is the classic cause of "invalid signature".
 
 pub mod anvil;
+pub mod client;
 pub mod usdc;
 
 use alloy::primitives::{Address, B256};
@@ -14,8 +15,7 @@ use alloy::sol_types::Eip712Domain;
 use crate::config::{NetworkConfig, NetworkPreset};
 
 /// Base mainnet USDC (FiatToken v2.2).
-pub const BASE_USDC: Address =
-    alloy::primitives::address!("833589fCD6eDb6E08f4c7C32D4f71b54bdA02913");
+pub const BASE_USDC: Address = alloy::primitives::address!("833589fCD6eDb6E08f4c7C32D4f71b54bdA02913");
 /// Base Sepolia USDC.
 pub const BASE_SEPOLIA_USDC: Address =
     alloy::primitives::address!("036CbD53842c5426634e7929541eC2318f3dCF7e");
@@ -44,20 +44,13 @@ impl Network {
     pub fn from_config(c: &NetworkConfig) -> Result<Network, NetworkError> {
         let (chain_id, asset, name, version) = match c.preset {
             NetworkPreset::Base => (8453, BASE_USDC, "USD Coin".to_owned(), "2".to_owned()),
-            NetworkPreset::BaseSepolia => {
-                (84532, BASE_SEPOLIA_USDC, "USDC".to_owned(), "2".to_owned())
-            }
+            NetworkPreset::BaseSepolia => (84532, BASE_SEPOLIA_USDC, "USDC".to_owned(), "2".to_owned()),
             NetworkPreset::Local => {
                 if c.asset.is_empty() {
                     return Err(NetworkError::MissingAsset);
                 }
                 let asset = c.asset.parse().map_err(|_| NetworkError::BadAsset)?;
-                (
-                    c.chain_id,
-                    asset,
-                    c.eip712_name.clone(),
-                    c.eip712_version.clone(),
-                )
+                (c.chain_id, asset, c.eip712_name.clone(), c.eip712_version.clone())
             }
         };
         Ok(Network {
@@ -105,10 +98,7 @@ mod tests {
     fn base_domain_separators_match_the_reference_vectors() {
         // Vectors from reference/x402.md §2.1 (FiatToken's domain on Base and Base Sepolia).
         let cases = [
-            (
-                NetworkPreset::Base,
-                "0x02fa7265e7c5d81118673727957699e4d68f74cd74b7db77da710fe8a2c7834f",
-            ),
+            (NetworkPreset::Base, "0x02fa7265e7c5d81118673727957699e4d68f74cd74b7db77da710fe8a2c7834f"),
             (
                 NetworkPreset::BaseSepolia,
                 "0x71f17a3b2ff373b803d70a5a07c046c1a2bc8e89c09ef722fcb047abe94c9818",
@@ -124,11 +114,7 @@ mod tests {
                 eip712_version: "ignored".into(),
             };
             let network = Network::from_config(&config).unwrap();
-            assert_eq!(
-                network.domain().separator().to_string(),
-                expected,
-                "{preset:?}"
-            );
+            assert_eq!(network.domain().separator().to_string(), expected, "{preset:?}");
         }
     }
 

@@ -55,18 +55,12 @@ pub async fn deploy_test_usdc<P: Provider>(
 ) -> anyhow::Result<Address> {
     let mut code = hex::decode(TEST_USDC_BIN.trim())?;
     code.extend(
-        TestUsdc::constructorCall {
-            name_: name.to_owned(),
-            version_: version.to_owned(),
-        }
-        .abi_encode(),
+        TestUsdc::constructorCall { name_: name.to_owned(), version_: version.to_owned() }.abi_encode(),
     );
     let tx = TransactionRequest::default().with_deploy_code(Bytes::from(code));
     let receipt = provider.send_transaction(tx).await?.get_receipt().await?;
     anyhow::ensure!(receipt.status(), "TestUSDC deployment reverted");
-    receipt
-        .contract_address
-        .ok_or_else(|| anyhow::anyhow!("deployment receipt has no contract address"))
+    receipt.contract_address.ok_or_else(|| anyhow::anyhow!("deployment receipt has no contract address"))
 }
 
 /// Mints test USDC (only the deployer may) and waits for inclusion.
@@ -76,12 +70,7 @@ pub async fn mint<P: Provider>(
     to: Address,
     amount: U256,
 ) -> anyhow::Result<()> {
-    let receipt = TestUsdc::new(token, provider)
-        .mint(to, amount)
-        .send()
-        .await?
-        .get_receipt()
-        .await?;
+    let receipt = TestUsdc::new(token, provider).mint(to, amount).send().await?.get_receipt().await?;
     anyhow::ensure!(receipt.status(), "mint reverted");
     Ok(())
 }

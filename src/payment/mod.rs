@@ -1,5 +1,13 @@
-//! The x402 payment stage: requirements (price → `accepts`), wire types, and — in order —
-//! local verification, the atomic claim and settlement.
+//! The x402 payment stage, in pipeline order: decode and verify (local), claim, settle,
+//! reconcile. `requirements` turns prices into `accepts`; `wire` holds the x402 v2 types.
 
+pub mod decode;
+pub mod error;
+pub mod gate;
+pub mod reconcile;
 pub mod requirements;
+pub mod settle;
+pub mod verify;
 pub mod wire;
+
+pub use error::PaymentError;

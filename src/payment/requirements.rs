@@ -75,6 +75,7 @@ impl Quote {
         PaymentRequired {
             x402_version: X402_VERSION,
             error: error.into(),
+            message: None,
             resource: self.resource.clone(),
             accepts: vec![self.requirements.clone()],
             extensions,

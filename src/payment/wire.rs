@@ -57,7 +57,11 @@ pub struct ResourceInfo {
 #[serde(rename_all = "camelCase")]
 pub struct PaymentRequired {
     pub x402_version: u64,
+    /// The x402 reason code (or the first-challenge text).
     pub error: String,
+    /// A readable explanation of `error`, on re-challenges only. Clients ignore unknown fields.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
     pub resource: ResourceInfo,
     pub accepts: Vec<PaymentRequirements>,
     pub extensions: serde_json::Map<String, Value>,

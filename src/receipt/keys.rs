@@ -14,15 +14,9 @@ pub enum KeyFileError {
     #[error("{path} already exists (pass --force to replace it)")]
     Exists { path: String },
     #[error("cannot write {path}: {source}")]
-    Write {
-        path: String,
-        source: std::io::Error,
-    },
+    Write { path: String, source: std::io::Error },
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("{path} does not hold a 32-byte hex ed25519 seed")]
     Malformed { path: String },
 }
@@ -47,10 +41,7 @@ pub fn generate_to(path: &Path, force: bool) -> Result<VerifyingKey, KeyFileErro
         use std::os::unix::fs::OpenOptionsExt;
         options.mode(0o600);
     }
-    let write = |source| KeyFileError::Write {
-        path: shown.clone(),
-        source,
-    };
+    let write = |source| KeyFileError::Write { path: shown.clone(), source };
     let mut file = options.open(path).map_err(write)?;
     writeln!(file, "{}", hex::encode(key.to_bytes())).map_err(write)?;
     Ok(key.verifying_key())
@@ -59,10 +50,8 @@ pub fn generate_to(path: &Path, force: bool) -> Result<VerifyingKey, KeyFileErro
 /// Reads a seed written by [`generate_to`].
 pub fn read_from(path: &Path) -> Result<SigningKey, KeyFileError> {
     let shown = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| KeyFileError::Read {
-        path: shown.clone(),
-        source,
-    })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|source| KeyFileError::Read { path: shown.clone(), source })?;
     parse_seed(&text).ok_or(KeyFileError::Malformed { path: shown })
 }
 
@@ -90,10 +79,7 @@ mod tests {
             let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "key file must not be readable by others");
         }
-        assert!(matches!(
-            generate_to(&path, false),
-            Err(KeyFileError::Exists { .. })
-        ));
+        assert!(matches!(generate_to(&path, false), Err(KeyFileError::Exists { .. })));
         let replaced = generate_to(&path, true).unwrap();
         assert_ne!(replaced, public);
         assert!(key_id(&replaced).starts_with("ed25519:"));

@@ -46,11 +46,8 @@ impl PaymentState {
     }
 
     /// States the reconciler must eventually resolve.
-    pub const UNRESOLVED: [PaymentState; 3] = [
-        PaymentState::Claimed,
-        PaymentState::Settling,
-        PaymentState::Pending,
-    ];
+    pub const UNRESOLVED: [PaymentState; 3] =
+        [PaymentState::Claimed, PaymentState::Settling, PaymentState::Pending];
 }
 
 impl FromStr for PaymentState {
@@ -63,9 +60,7 @@ impl FromStr for PaymentState {
             "settled" => PaymentState::Settled,
             "failed" => PaymentState::Failed,
             other => {
-                return Err(StoreError::Corrupt(format!(
-                    "unknown payment state {other:?}"
-                )));
+                return Err(StoreError::Corrupt(format!("unknown payment state {other:?}")));
             }
         })
     }
@@ -104,6 +99,7 @@ pub struct PaymentRecord {
     pub tx_hash: Option<String>,
     pub block_number: Option<i64>,
     pub error: Option<String>,
+    pub handler_started_at: Option<i64>,
     pub valid_before: i64,
     pub payload_json: String,
     pub created_at: i64,
@@ -167,8 +163,12 @@ pub trait Store: Send + Sync + 'static {
         now: i64,
     ) -> Result<bool, StoreError>;
     /// Deletes a claim that never reached the chain, so the authorization stays usable.
-    /// Only a `claimed` row can be released.
+    /// Only a `claimed` or `settling` row can be released; callers release only when they know
+    /// nothing was broadcast.
     async fn release(&self, id: i64) -> Result<bool, StoreError>;
+    /// Takes the lease to run the handler of a settled payment. `seen` is the lease the caller
+    /// observed (None for a fresh settlement); exactly one caller with a given `seen` wins.
+    async fn start_handler(&self, id: i64, seen: Option<i64>, now: i64) -> Result<bool, StoreError>;
     /// Stores the result served for a settled payment (first write wins).
     async fn save_result(&self, id: i64, result_json: &str, now: i64) -> Result<(), StoreError>;
     /// Unresolved payments (claimed, settling, pending), oldest first.

@@ -35,10 +35,7 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(max_connections)
-            .connect_with(options)
-            .await?;
+        let pool = SqlitePoolOptions::new().max_connections(max_connections).connect_with(options).await?;
         Ok(SqliteStore { pool })
     }
 }
@@ -56,30 +53,17 @@ impl PgStore {
         schema: &str,
         max_connections: u32,
     ) -> Result<PgStore, StoreError> {
-        if !schema
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
-        {
-            return Err(StoreError::Corrupt(format!(
-                "invalid schema name {schema:?}"
-            )));
+        if !schema.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return Err(StoreError::Corrupt(format!("invalid schema name {schema:?}")));
         }
         let base = PgConnectOptions::from_str(url)?;
-        let admin = PgPoolOptions::new()
-            .max_connections(1)
-            .connect_with(base.clone())
-            .await?;
-        sqlx::query(&format!("create schema if not exists {schema}"))
-            .execute(&admin)
-            .await?;
+        let admin = PgPoolOptions::new().max_connections(1).connect_with(base.clone()).await?;
+        sqlx::query(&format!("create schema if not exists {schema}")).execute(&admin).await?;
         admin.close().await;
         Self::connect_with(base.options([("search_path", schema)]), max_connections).await
     }
 
-    async fn connect_with(
-        options: PgConnectOptions,
-        max_connections: u32,
-    ) -> Result<PgStore, StoreError> {
+    async fn connect_with(options: PgConnectOptions, max_connections: u32) -> Result<PgStore, StoreError> {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             // Fail fast when Postgres is down: the caller answers 503, it must not hang.
@@ -110,6 +94,7 @@ struct Row {
     tx_hash: Option<String>,
     block_number: Option<i64>,
     error: Option<String>,
+    handler_started_at: Option<i64>,
     valid_before: i64,
     payload_json: String,
     created_at: i64,
@@ -134,6 +119,7 @@ impl TryFrom<Row> for PaymentRecord {
             tx_hash: r.tx_hash,
             block_number: r.block_number,
             error: r.error,
+            handler_started_at: r.handler_started_at,
             valid_before: r.valid_before,
             payload_json: r.payload_json,
             created_at: r.created_at,
@@ -148,7 +134,8 @@ macro_rules! select_where {
     ($clause:literal) => {
         concat!(
             "select p.id, p.network, p.asset, p.payer, p.nonce, p.payload_hash, p.payment_id, ",
-            "p.tool, p.amount, p.state, p.tx_hash, p.block_number, p.error, p.valid_before, ",
+            "p.tool, p.amount, p.state, p.tx_hash, p.block_number, p.error, p.handler_started_at, ",
+            "p.valid_before, ",
             "p.payload_json, p.created_at, p.updated_at, r.result_json ",
             "from payments p left join results r on r.payment_row = p.id where ",
             $clause
@@ -163,11 +150,7 @@ const INSERT_CLAIM: &str = "insert into payments (network, asset, payer, nonce, 
 
 /// `'a', 'b'` for an IN list. Safe to splice: the values are our own enum names.
 fn state_list(states: &[PaymentState]) -> String {
-    states
-        .iter()
-        .map(|s| format!("'{}'", s.as_str()))
-        .collect::<Vec<_>>()
-        .join(", ")
+    states.iter().map(|s| format!("'{}'", s.as_str())).collect::<Vec<_>>().join(", ")
 }
 
 macro_rules! impl_store {
@@ -274,11 +257,31 @@ macro_rules! impl_store {
             }
 
             async fn release(&self, id: i64) -> Result<bool, StoreError> {
-                let done = sqlx::query("delete from payments where id = $1 and state = 'claimed'")
-                    .bind(id)
-                    .execute(&self.pool)
-                    .await?;
+                let done =
+                    sqlx::query("delete from payments where id = $1 and state in ('claimed', 'settling')")
+                        .bind(id)
+                        .execute(&self.pool)
+                        .await?;
                 Ok(done.rows_affected() == 1)
+            }
+
+            async fn start_handler(&self, id: i64, seen: Option<i64>, now: i64) -> Result<bool, StoreError> {
+                let query = match seen {
+                    None => sqlx::query(
+                        "update payments set handler_started_at = $1 \
+                         where id = $2 and state = 'settled' and handler_started_at is null",
+                    )
+                    .bind(now)
+                    .bind(id),
+                    Some(seen) => sqlx::query(
+                        "update payments set handler_started_at = $1 \
+                         where id = $2 and state = 'settled' and handler_started_at = $3",
+                    )
+                    .bind(now)
+                    .bind(id)
+                    .bind(seen),
+                };
+                Ok(query.execute(&self.pool).await?.rows_affected() == 1)
             }
 
             async fn save_result(&self, id: i64, result_json: &str, now: i64) -> Result<(), StoreError> {
@@ -295,9 +298,8 @@ macro_rules! impl_store {
             }
 
             async fn unresolved(&self, limit: i64) -> Result<Vec<PaymentRecord>, StoreError> {
-                let sql = select_where!(
-                    "p.state in ('claimed', 'settling', 'pending') order by p.id limit $1"
-                );
+                let sql =
+                    select_where!("p.state in ('claimed', 'settling', 'pending') order by p.id limit $1");
                 let rows = sqlx::query_as::<_, Row>(sql).bind(limit).fetch_all(&self.pool).await?;
                 rows.into_iter().map(PaymentRecord::try_from).collect()
             }

@@ -90,10 +90,7 @@ const QUOTES: [(&str, &str); 5] = [
     ),
     ("A penny saved is a penny earned.", "Benjamin Franklin"),
     ("Trust, but verify.", "Russian proverb"),
-    (
-        "Any sufficiently advanced technology is indistinguishable from magic.",
-        "Arthur C. Clarke",
-    ),
+    ("Any sufficiently advanced technology is indistinguishable from magic.", "Arthur C. Clarke"),
 ];
 
 struct QuoteOfTheDay {

@@ -38,18 +38,10 @@ impl ToolEntry {
             .take(10)
             .map(|e| {
                 let path = e.instance_path.to_string();
-                if path.is_empty() {
-                    e.to_string()
-                } else {
-                    format!("{path}: {e}")
-                }
+                if path.is_empty() { e.to_string() } else { format!("{path}: {e}") }
             })
             .collect();
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(problems)
-        }
+        if problems.is_empty() { Ok(()) } else { Err(problems) }
     }
 
     pub async fn run(&self, args: JsonObject) -> CallToolResult {
@@ -82,17 +74,13 @@ impl Catalog {
         terms: &PayTerms,
         handler: Arc<dyn ToolHandler>,
     ) -> Result<(), CatalogError> {
-        let bad_schema = |reason: String| CatalogError::BadSchema {
-            tool: name.to_owned(),
-            reason,
-        };
+        let bad_schema = |reason: String| CatalogError::BadSchema { tool: name.to_owned(), reason };
         let Value::Object(schema) = input_schema else {
             return Err(bad_schema("must be a JSON object".into()));
         };
         let validator = jsonschema::validator_for(&Value::Object(schema.clone()))
             .map_err(|e| bad_schema(e.to_string()))?;
-        let quote =
-            (!price.is_zero()).then(|| Quote::new(terms, name, description, &schema, price));
+        let quote = (!price.is_zero()).then(|| Quote::new(terms, name, description, &schema, price));
         let mut tool = Tool::new(name.to_owned(), description.to_owned(), Arc::new(schema));
         if let Some(quote) = &quote {
             let (key, value) = quote.price_meta();
@@ -100,15 +88,7 @@ impl Catalog {
             meta.insert(key, value);
             tool = tool.with_meta(MetaObject(meta));
         }
-        self.entries.insert(
-            name.to_owned(),
-            ToolEntry {
-                tool,
-                quote,
-                validator,
-                handler,
-            },
-        );
+        self.entries.insert(name.to_owned(), ToolEntry { tool, quote, validator, handler });
         Ok(())
     }
 

@@ -14,8 +14,9 @@ use rmcp::model::{
 use rmcp::service::RequestContext;
 use rmcp::{ErrorData as McpError, RoleServer, ServerHandler};
 
-use super::paid_call::{PaymentInput, ToolCall, paid_call};
+use super::paid_call::{ToolCall, paid_call};
 use crate::app::AppState;
+use crate::payment::decode::PaymentInput;
 use crate::payment::wire::META_PAYMENT;
 
 /// HTTP header carrying a base64 PaymentPayload (x402 v2 HTTP transport), also honoured on MCP.
@@ -62,29 +63,21 @@ impl ServerHandler for McpServer {
         let name = request.name.as_ref();
         let Some(entry) = self.app.catalog.get(name) else {
             // A protocol error, as the MCP spec prescribes for unknown tools: nothing is quoted.
-            return Err(McpError::invalid_params(
-                format!("unknown tool `{name}`"),
-                None,
-            ));
+            return Err(McpError::invalid_params(format!("unknown tool `{name}`"), None));
         };
-        let headers = context
-            .extensions
-            .get::<http::request::Parts>()
-            .map(|p| &p.headers);
-        let payment = request
+        let headers = context.extensions.get::<http::request::Parts>().map(|p| &p.headers);
+        // rmcp moves a request's `_meta` into the context; read both places to be robust.
+        let payment = context
             .meta
-            .as_ref()
-            .and_then(|m| m.get(META_PAYMENT).cloned())
+            .get(META_PAYMENT)
+            .or_else(|| request.meta.as_ref().and_then(|m| m.get(META_PAYMENT)))
+            .cloned()
             .map(PaymentInput::Meta)
             .or_else(|| {
-                headers
-                    .and_then(|h| h.get(PAYMENT_SIGNATURE_HEADER))
-                    .map(|v| PaymentInput::Header(v.as_bytes().to_vec()))
+                let header = headers.and_then(|h| h.get(PAYMENT_SIGNATURE_HEADER))?;
+                Some(PaymentInput::Header(header.as_bytes().to_vec()))
             });
-        let call = ToolCall {
-            arguments: request.arguments.clone().unwrap_or_default(),
-            payment,
-        };
+        let call = ToolCall { arguments: request.arguments.clone().unwrap_or_default(), payment };
         Ok(paid_call(&self.app, entry, call).await.into())
     }
 }

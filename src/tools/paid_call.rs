@@ -1,21 +1,17 @@
 //! `paid_call`: the stages of one `tools/call`, in order. This function is the one place that
 //! shows the pipeline after the HTTP layers (DESIGN.md §1, steps 3–10).
 
+use std::sync::Arc;
+
 use rmcp::model::{CallToolResult, JsonObject};
-use serde_json::Value;
 
 use super::catalog::ToolEntry;
 use super::results;
 use crate::app::AppState;
-
-/// The payment as the client sent it, not yet decoded.
-#[derive(Debug, Clone)]
-pub enum PaymentInput {
-    /// `params._meta["x402/payment"]`: a JSON object, or a base64 string of one.
-    Meta(Value),
-    /// The `PAYMENT-SIGNATURE` HTTP header (base64 JSON).
-    Header(Vec<u8>),
-}
+use crate::payment::PaymentError;
+use crate::payment::decode::PaymentInput;
+use crate::payment::gate::{Claimed, Settlement};
+use crate::payment::verify::{VerifiedPayment, verify};
 
 /// One `tools/call` for a known tool.
 #[derive(Debug, Clone)]
@@ -27,7 +23,7 @@ pub struct ToolCall {
 /// The `error` text of a first challenge.
 pub const PAYMENT_REQUIRED: &str = "Payment required to access this resource";
 
-pub async fn paid_call(_app: &AppState, entry: &ToolEntry, call: ToolCall) -> CallToolResult {
+pub async fn paid_call(app: &Arc<AppState>, entry: &ToolEntry, call: ToolCall) -> CallToolResult {
     // 3. Arguments are checked before anything is quoted or charged.
     if let Err(problems) = entry.validate(&call.arguments) {
         return results::invalid_arguments(&entry.tool.name, problems);
@@ -36,8 +32,73 @@ pub async fn paid_call(_app: &AppState, entry: &ToolEntry, call: ToolCall) -> Ca
         return entry.run(call.arguments).await;
     };
     // 4. No payment: the challenge.
-    let Some(_payment) = call.payment else {
+    let Some(payment) = call.payment else {
         return results::payment_required(&quote.payment_required(PAYMENT_REQUIRED));
     };
-    results::payment_required(&quote.payment_required("payment verification is not enabled"))
+    // 5. Local verification; from here on the payer is the recovered signer.
+    let now = app.clock.now_unix();
+    let margin = app.config.payment.valid_before_margin_secs;
+    let verified = match verify(&payment, quote, &app.network.domain(), now, margin) {
+        Ok(verified) => verified,
+        Err(e) => return results::payment_error(quote, &e),
+    };
+    tracing::info!(payment.payer = %verified.payer, tool = %quote.tool, "payment verified");
+    // 6. Wallet limits (keyed on verified.payer) slot in here.
+    // 7–10 run in their own task: once a claim exists, a dropped connection must not abandon
+    // the settlement halfway; the outcome is stored and a retry of the same payment gets it.
+    let task = tokio::spawn(claim_settle_run(app.clone(), quote.tool.clone(), verified, call.arguments));
+    task.await.unwrap_or_else(|e| {
+        tracing::error!(error = %e, "payment task failed");
+        results::internal_error()
+    })
+}
+
+async fn claim_settle_run(
+    app: Arc<AppState>,
+    tool: String,
+    v: VerifiedPayment,
+    args: JsonObject,
+) -> CallToolResult {
+    let entry = app.catalog.get(&tool).expect("tool exists: looked up by the caller");
+    let quote = entry.quote.as_ref().expect("priced: checked by the caller");
+    // 7. The atomic claim.
+    let (settled, lease) = match app.gate.claim(&v, quote).await {
+        // 8. Settlement, confirmed on chain, before the handler.
+        Ok(Claimed::Fresh(row)) => match app.gate.settle(&row, &v, quote).await {
+            Ok(settlement) => (settlement, None),
+            Err(e) => return results::payment_error(quote, &e),
+        },
+        Ok(Claimed::AlreadySettled(row, settlement)) => match row.result_json {
+            Some(stored) => return results::stored(&stored),
+            None => (settlement, row.handler_started_at),
+        },
+        Err(e) => return results::payment_error(quote, &e),
+    };
+    // 9. The handler, at most once per settlement.
+    run_once(&app, entry, &settled, lease, args).await
+}
+
+/// Runs the handler under the payment's lease and stores its result for replays.
+async fn run_once(
+    app: &AppState,
+    entry: &ToolEntry,
+    settled: &Settlement,
+    seen: Option<i64>,
+    args: JsonObject,
+) -> CallToolResult {
+    let quote = entry.quote.as_ref().expect("priced");
+    let now = app.clock.now_unix() as i64;
+    // A lease younger than the request timeout belongs to a request that may still be running.
+    let expired = seen.is_none_or(|t| now - t > app.config.server.request_timeout_secs as i64);
+    let leased = expired && app.gate.store.start_handler(settled.row_id, seen, now).await.unwrap_or(false);
+    if !leased {
+        return results::payment_error(quote, &PaymentError::InProgress);
+    }
+    let result = results::with_payment_response(entry.run(args).await, settled);
+    let json = serde_json::to_string(&result).expect("CallToolResult serialises");
+    if let Err(e) = app.gate.store.save_result(settled.row_id, &json, now).await {
+        // The result is still served; a replay will re-run under an expired lease.
+        tracing::error!(error = %e, payment.row = settled.row_id, "could not store the paid result");
+    }
+    result
 }

@@ -7,7 +7,10 @@
 use rmcp::model::{CallToolResult, ContentBlock};
 use serde_json::{Value, json};
 
-use crate::payment::wire::PaymentRequired;
+use crate::payment::PaymentError;
+use crate::payment::gate::Settlement;
+use crate::payment::requirements::Quote;
+use crate::payment::wire::{META_PAYMENT_RESPONSE, PaymentRequired};
 
 /// The x402 MCP-transport PaymentRequired (reference/x402.md §4.1): `isError: true`,
 /// `structuredContent` = the object, `content[0].text` = the same JSON, from one serialisation.
@@ -36,4 +39,59 @@ pub fn refusal(error: &str, message: &str, charged: bool, extra: Value) -> CallT
         body.extend(extra);
     }
     CallToolResult::structured_error(body)
+}
+
+/// A payment that did not buy a result: a re-challenge carrying the reason code when the
+/// payment was not accepted, a status otherwise (never a price: the client must not pay again).
+pub fn payment_error(quote: &Quote, error: &PaymentError) -> CallToolResult {
+    if error.is_challenge() {
+        let mut required = quote.payment_required(error.code());
+        required.message = Some(error.to_string());
+        return payment_required(&required);
+    }
+    let extra = match error {
+        PaymentError::Pending { transaction } => {
+            json!({ "settlement": "pending", "transaction": transaction })
+        }
+        _ => json!({}),
+    };
+    let charged = !matches!(error, PaymentError::Pending { .. });
+    let mut result = refusal(error.code(), &error.to_string(), false, extra);
+    if !charged {
+        // Pending: money may have moved; say so instead of "charged: false".
+        if let Some(Value::Object(body)) = result.structured_content.as_mut() {
+            body.remove("charged");
+        }
+        result.content = vec![ContentBlock::text(
+            result.structured_content.as_ref().map(Value::to_string).unwrap_or_default(),
+        )];
+    }
+    result
+}
+
+/// A paid result: the handler's answer plus the standard settlement response.
+pub fn with_payment_response(mut result: CallToolResult, settlement: &Settlement) -> CallToolResult {
+    let mut meta = result.meta.take().unwrap_or_default();
+    let response = serde_json::to_value(settlement.response()).expect("serialises");
+    meta.0.insert(META_PAYMENT_RESPONSE.to_owned(), response);
+    result.meta = Some(meta);
+    result
+}
+
+/// Something failed on our side after the payment was verified; nothing more is known.
+pub fn internal_error() -> CallToolResult {
+    refusal(
+        "internal_error",
+        "the server failed while processing this payment; resend the same payment to get its outcome",
+        false,
+        json!({}),
+    )
+}
+
+/// The result stored for a completed payment, served again to a replay.
+pub fn stored(json: &str) -> CallToolResult {
+    serde_json::from_str(json).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "stored result does not parse");
+        internal_error()
+    })
 }

@@ -17,11 +17,7 @@ fn tollgate() -> Command {
 
 #[tokio::test]
 async fn print_default_config_prints_every_section() {
-    let out = tollgate()
-        .arg("print-default-config")
-        .output()
-        .await
-        .unwrap();
+    let out = tollgate().arg("print-default-config").output().await.unwrap();
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     for section in [
@@ -42,60 +38,33 @@ async fn a_bad_config_value_fails_at_start_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("bad.toml");
     std::fs::write(&file, "[payment]\nmax_timeout_seconds = 5\n").unwrap();
-    let out = tollgate()
-        .arg("--config")
-        .arg(&file)
-        .arg("serve")
-        .output()
-        .await
-        .unwrap();
+    let out = tollgate().arg("--config").arg(&file).arg("serve").output().await.unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("payment.max_timeout_seconds"), "{err}");
     // From the environment too.
-    let out = tollgate()
-        .env("TOLLGATE_SERVER__BIND", "nope")
-        .arg("serve")
-        .output()
-        .await
-        .unwrap();
+    let out = tollgate().env("TOLLGATE_SERVER__BIND", "nope").arg("serve").output().await.unwrap();
     let err = String::from_utf8(out.stderr).unwrap();
-    assert!(
-        !out.status.success() && err.to_lowercase().contains("server.bind"),
-        "{err}"
-    );
+    assert!(!out.status.success() && err.to_lowercase().contains("server.bind"), "{err}");
 }
 
 #[tokio::test]
 async fn serve_without_a_payee_says_which_key_is_missing() {
     let out = tollgate().arg("serve").output().await.unwrap();
     assert!(!out.status.success());
-    assert!(
-        String::from_utf8(out.stderr)
-            .unwrap()
-            .contains("payment.pay_to")
-    );
+    assert!(String::from_utf8(out.stderr).unwrap().contains("payment.pay_to"));
 }
 
 #[tokio::test]
 async fn keygen_prints_the_public_key_but_never_the_private_one() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("r.key");
-    let out = tollgate()
-        .arg("keygen")
-        .arg("--out")
-        .arg(&path)
-        .output()
-        .await
-        .unwrap();
+    let out = tollgate().arg("keygen").arg("--out").arg(&path).output().await.unwrap();
     assert!(out.status.success());
     let stdout = String::from_utf8(out.stdout).unwrap();
     let seed = std::fs::read_to_string(&path).unwrap();
     assert!(stdout.contains("key id:     ed25519:"));
-    assert!(
-        !stdout.contains(seed.trim()),
-        "the private key must not be printed"
-    );
+    assert!(!stdout.contains(seed.trim()), "the private key must not be printed");
 }
 
 #[tokio::test]
@@ -104,11 +73,7 @@ async fn tollgate_dev_serves_tools_and_challenges_then_stops_anvil_on_signal() {
     anvil_ready().await;
     let dir = tempfile::tempdir().unwrap();
     let anvil_bin = repo_root().join(".tollgate/tools/node_modules/.bin");
-    let path = format!(
-        "{}:{}",
-        anvil_bin.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
+    let path = format!("{}:{}", anvil_bin.display(), std::env::var("PATH").unwrap_or_default());
     let mut child = tollgate()
         .arg("dev")
         .env("PATH", path)
@@ -140,40 +105,22 @@ async fn tollgate_dev_serves_tools_and_challenges_then_stops_anvil_on_signal() {
     let challenge = mcp.call_tool("quote_of_the_day", json!({}), None).await;
     // Assert
     assert_eq!(tools.len(), 3);
-    assert_eq!(
-        challenge["structuredContent"]["accepts"][0]["amount"],
-        "2500"
-    );
+    assert_eq!(challenge["structuredContent"]["accepts"][0]["amount"], "2500");
     let banner = banner.join("\n");
     assert!(banner.contains("demo payer"), "{banner}");
     let key = std::fs::read_to_string(dir.path().join("dev/payer.key")).unwrap();
-    assert!(
-        !banner.contains(key.trim().trim_start_matches("0x")),
-        "the payer key is never printed"
-    );
+    assert!(!banner.contains(key.trim().trim_start_matches("0x")), "the payer key is never printed");
     let chain_port: u16 = banner
         .lines()
-        .find_map(|l| {
-            l.trim()
-                .strip_prefix("chain       anvil at http://127.0.0.1:")
-        })
+        .find_map(|l| l.trim().strip_prefix("chain       anvil at http://127.0.0.1:"))
         .and_then(|rest| rest.split(' ').next())
         .and_then(|p| p.parse().ok())
         .expect("banner names the chain");
     // Ctrl-C (SIGINT) stops the server and the chain with it.
     let pid = child.id().unwrap().to_string();
-    Command::new("kill")
-        .args(["-INT", &pid])
-        .status()
-        .await
-        .unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    Command::new("kill").args(["-INT", &pid]).status().await.unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await.unwrap().unwrap();
     assert!(status.success(), "dev exits cleanly: {status}");
-    let chain_alive = tokio::net::TcpStream::connect(("127.0.0.1", chain_port))
-        .await
-        .is_ok();
+    let chain_alive = tokio::net::TcpStream::connect(("127.0.0.1", chain_port)).await.is_ok();
     assert!(!chain_alive, "anvil must stop with tollgate dev");
 }

@@ -3,13 +3,24 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use alloy::primitives::{Address, U256};
+use alloy::signers::local::PrivateKeySigner;
+use rmcp::model::{CallToolResult, JsonObject};
 use serde_json::{Value, json};
 use tempfile::TempDir;
 use tokio::sync::{OnceCell, oneshot};
-use tollgate::app::{App, AppState};
+use tollgate::app::{App, AppState, Deps};
+use tollgate::chain::client::ChainClient;
+use tollgate::client::sign::{SignParams, sign_payment};
 use tollgate::clock::{Clock, ManualClock, SystemClock};
 use tollgate::config::Config;
 use tollgate::dev::DevChain;
+use tollgate::money::UsdcAmount;
+use tollgate::payment::wire::PaymentRequirements;
+use tollgate::tools::builtin::Builtin;
+use tollgate::tools::catalog::ToolHandler;
 
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -37,14 +48,13 @@ pub fn fresh_schema() -> String {
 /// Creates a fresh schema and returns a URL whose sessions use it.
 pub async fn fresh_pg_url() -> String {
     let schema = fresh_schema();
-    tollgate::store::PgStore::connect_in_schema(PG_URL, &schema, 1)
-        .await
-        .expect("postgres reachable");
+    tollgate::store::PgStore::connect_in_schema(PG_URL, &schema, 1).await.expect("postgres reachable");
     format!("{PG_URL}?options=-c%20search_path%3D{schema}")
 }
 
-#[allow(dead_code)] // state, clock and dir serve the payment tests
 pub struct TestApp {
+    /// How many times the priced `counted` test tool's handler ran.
+    pub runs: Arc<AtomicUsize>,
     pub addr: std::net::SocketAddr,
     pub state: Arc<AppState>,
     pub chain: DevChain,
@@ -67,16 +77,57 @@ impl TestApp {
         Mcp::sessionless(&self.mcp_url())
     }
 
+    pub fn runs(&self) -> usize {
+        self.runs.load(Ordering::SeqCst)
+    }
+
+    /// The funded demo payer.
+    pub fn payer(&self) -> PrivateKeySigner {
+        let key = std::fs::read_to_string(self.dir.path().join("payer.key")).unwrap();
+        tollgate::chain::parse_private_key(&key).unwrap()
+    }
+
+    pub fn chain(&self) -> ChainClient {
+        ChainClient::connect(&self.chain.anvil.endpoint(), self.chain.token).unwrap()
+    }
+
+    pub async fn balance(&self, who: Address) -> U256 {
+        self.chain().balance_of(who).await.unwrap()
+    }
+
+    /// The requirements a client would read from the challenge for `tool`.
+    pub async fn requirements(&self, tool: &str, args: Value) -> PaymentRequirements {
+        let challenge = self.sessionless().call_tool(tool, args, None).await;
+        serde_json::from_value(challenge["structuredContent"]["accepts"][0].clone()).expect("a challenge")
+    }
+
+    /// A payload signed by `signer` for the tool's requirements, valid from now.
+    pub fn sign(&self, signer: &PrivateKeySigner, requirements: &PaymentRequirements) -> Value {
+        let params = SignParams::standard(self.clock.now_unix(), requirements.max_timeout_seconds);
+        sign_payment(signer, requirements, None, &params).unwrap()
+    }
+
+    /// Calls `tool` paying with `payload` in `_meta["x402/payment"]`.
+    pub async fn pay(&self, tool: &str, args: Value, payload: &Value) -> Value {
+        let meta = json!({ "x402/payment": payload });
+        self.sessionless().call_tool(tool, args, Some(meta)).await
+    }
+
+    /// Sends a raw JSON-RPC call to anvil (mining control and the like).
+    pub async fn anvil_rpc(&self, method: &str, params: Value) -> Value {
+        let body = json!({ "jsonrpc": "2.0", "id": 1, "method": method, "params": params });
+        let response =
+            reqwest::Client::new().post(self.chain.anvil.endpoint()).json(&body).send().await.unwrap();
+        response.json::<Value>().await.unwrap()
+    }
+
     /// Stops serving and waits for graceful shutdown to finish.
     pub async fn shutdown(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
         if let Some(served) = self.served.take() {
-            served
-                .await
-                .expect("server task")
-                .expect("server ran cleanly");
+            served.await.expect("server task").expect("server ran cleanly");
         }
     }
 }
@@ -93,30 +144,57 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
     config.server.bind = "127.0.0.1:0".parse().unwrap();
     config.dev.state_dir = repo_root().join(".tollgate");
     config.database.url = format!("sqlite://{}", dir.path().join("tollgate.db").display()).into();
-    let chain = DevChain::start(&config, &dir.path().join("payer.key"))
-        .await
-        .expect("dev chain");
+    let chain = DevChain::start(&config, &dir.path().join("payer.key")).await.expect("dev chain");
     chain.apply(&mut config);
     tweak(&mut config);
     config.validate().expect("test config valid");
     let clock = ManualClock::new(SystemClock.now_unix());
-    let app = App::build_with_clock(config, Arc::new(clock.clone()))
-        .await
-        .expect("app builds");
-    let addr = app.local_addr();
-    let state = app.state();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let served = tokio::spawn(app.run_until(async move {
-        let _ = stopped.await;
-    }));
-    TestApp {
-        addr,
-        state,
-        chain,
-        clock,
-        dir,
-        stop: Some(stop),
-        served: Some(served),
+    let runs = Arc::new(AtomicUsize::new(0));
+    let server = Server::start(config, clock.clone(), runs.clone()).await;
+    let (addr, state) = (server.addr, server.state.clone());
+    TestApp { runs, addr, state, chain, clock, dir, stop: server.stop, served: server.served }
+}
+
+/// A running tollgate without a chain of its own (a sibling replica, or the inside of TestApp).
+pub struct Server {
+    pub addr: std::net::SocketAddr,
+    pub state: Arc<AppState>,
+    stop: Option<oneshot::Sender<()>>,
+    served: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Server {
+    pub async fn start(mut config: Config, clock: ManualClock, runs: Arc<AtomicUsize>) -> Server {
+        config.server.bind = "127.0.0.1:0".parse().unwrap();
+        let deps = Deps { clock: Arc::new(clock), extra_tools: vec![counted_tool(runs)] };
+        let app = App::build_with(config, deps).await.expect("app builds");
+        let addr = app.local_addr();
+        let state = app.state();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let served = tokio::spawn(app.run_until(async move {
+            let _ = stopped.await;
+        }));
+        Server { addr, state, stop: Some(stop), served: Some(served) }
+    }
+
+    pub fn mcp_url(&self) -> String {
+        format!("http://{}/mcp", self.addr)
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(served) = self.served.take() {
+            served.await.expect("server task").expect("server ran cleanly");
+        }
+    }
+}
+
+impl TestApp {
+    /// Another replica on the same chain, config and database, sharing the run counter.
+    pub async fn sibling(&self) -> Server {
+        Server::start(self.state.config.clone(), self.clock.clone(), self.runs.clone()).await
     }
 }
 
@@ -131,12 +209,7 @@ pub struct Mcp {
 
 impl Mcp {
     pub fn sessionless(url: &str) -> Mcp {
-        Mcp {
-            http: reqwest::Client::new(),
-            url: url.to_owned(),
-            session: None,
-            next_id: Arc::new(1.into()),
-        }
+        Mcp { http: reqwest::Client::new(), url: url.to_owned(), session: None, next_id: Arc::new(1.into()) }
     }
 
     /// Performs the 2025-era handshake and keeps the session id the server issues.
@@ -156,25 +229,16 @@ impl Mcp {
             .unwrap()
             .to_owned();
         let body = read_jsonrpc(response).await;
-        assert!(
-            body["result"]["protocolVersion"].is_string(),
-            "initialize failed: {body}"
-        );
+        assert!(body["result"]["protocolVersion"].is_string(), "initialize failed: {body}");
         mcp.session = Some(session);
         let note = json!({ "jsonrpc": "2.0", "method": "notifications/initialized" });
         let ack = mcp.post(&note).await;
-        assert!(
-            ack.status().is_success(),
-            "initialized notification: {}",
-            ack.status()
-        );
+        assert!(ack.status().is_success(), "initialized notification: {}", ack.status());
         mcp
     }
 
     fn envelope(&self, method: &str, params: Value) -> Value {
-        let id = self
-            .next_id
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         json!({ "jsonrpc": "2.0", "id": id, "method": method, "params": params })
     }
 
@@ -187,9 +251,7 @@ impl Mcp {
             .header("accept", "application/json, text/event-stream")
             .body(body);
         if let Some(session) = &self.session {
-            request = request
-                .header("mcp-session-id", session)
-                .header("mcp-protocol-version", "2025-06-18");
+            request = request.header("mcp-session-id", session).header("mcp-protocol-version", "2025-06-18");
         }
         request.send().await.expect("request sent")
     }
@@ -205,19 +267,13 @@ impl Mcp {
 
     pub async fn list_tools(&self) -> Vec<Value> {
         let response = self.rpc("tools/list", json!({})).await;
-        response["result"]["tools"]
-            .as_array()
-            .cloned()
-            .unwrap_or_else(|| panic!("tools/list: {response}"))
+        response["result"]["tools"].as_array().cloned().unwrap_or_else(|| panic!("tools/list: {response}"))
     }
 
     /// `tools/call`, returning the `result` (panics on a JSON-RPC error).
     pub async fn call_tool(&self, name: &str, args: Value, meta: Option<Value>) -> Value {
         let response = self.call_tool_raw(name, args, meta).await;
-        response
-            .get("result")
-            .cloned()
-            .unwrap_or_else(|| panic!("tools/call {name} failed: {response}"))
+        response.get("result").cloned().unwrap_or_else(|| panic!("tools/call {name} failed: {response}"))
     }
 
     pub async fn call_tool_raw(&self, name: &str, args: Value, meta: Option<Value>) -> Value {
@@ -239,12 +295,33 @@ pub async fn read_jsonrpc(response: reqwest::Response) -> Value {
         .is_some_and(|v| v.starts_with("text/event-stream"));
     let text = response.text().await.expect("body");
     if !is_sse {
-        return serde_json::from_str(&text)
-            .unwrap_or_else(|_| panic!("HTTP {status}, not JSON: {text}"));
+        return serde_json::from_str(&text).unwrap_or_else(|_| panic!("HTTP {status}, not JSON: {text}"));
     }
     text.lines()
         .filter_map(|line| line.strip_prefix("data:"))
         .filter_map(|data| serde_json::from_str::<Value>(data.trim()).ok())
         .find(|message| message.get("id").is_some())
         .unwrap_or_else(|| panic!("HTTP {status}: no JSON-RPC response in SSE stream: {text}"))
+}
+
+/// Price of the `counted` test tool.
+pub const COUNTED_PRICE: u64 = 1234;
+
+/// A priced tool that counts its runs: "the handler ran once" is observable.
+fn counted_tool(runs: Arc<AtomicUsize>) -> (Builtin, UsdcAmount) {
+    struct Counted(Arc<AtomicUsize>);
+    #[async_trait::async_trait]
+    impl ToolHandler for Counted {
+        async fn call(&self, args: JsonObject) -> CallToolResult {
+            let n = self.0.fetch_add(1, Ordering::SeqCst) + 1;
+            CallToolResult::structured(json!({ "run": n, "echo": args.get("text") }))
+        }
+    }
+    let tool = Builtin {
+        name: "counted",
+        description: "Counts its runs (tests only).",
+        input_schema: json!({ "type": "object", "properties": { "text": { "type": "string" } } }),
+        handler: Arc::new(Counted(runs)),
+    };
+    (tool, UsdcAmount::from_atomic(COUNTED_PRICE))
 }

@@ -2,6 +2,8 @@
 
 mod helpers;
 
+mod concurrency;
 mod config_cli;
 mod mcp_surface;
+mod payments;
 mod store;

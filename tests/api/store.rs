@@ -11,19 +11,12 @@ async fn backends() -> Vec<(&'static str, Arc<dyn Store>, tempfile::TempDir)> {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("s.db").display());
     let sqlite: Arc<dyn Store> = Arc::new(SqliteStore::connect(&url, 8).await.unwrap());
-    let pg: Arc<dyn Store> = Arc::new(
-        PgStore::connect_in_schema(PG_URL, &fresh_schema(), 8)
-            .await
-            .unwrap(),
-    );
+    let pg: Arc<dyn Store> = Arc::new(PgStore::connect_in_schema(PG_URL, &fresh_schema(), 8).await.unwrap());
     for store in [&sqlite, &pg] {
         store.migrate().await.unwrap();
         store.migrate().await.expect("migrations are idempotent");
     }
-    vec![
-        ("sqlite", sqlite, tempfile::tempdir().unwrap()),
-        ("postgres", pg, dir),
-    ]
+    vec![("sqlite", sqlite, tempfile::tempdir().unwrap()), ("postgres", pg, dir)]
 }
 
 fn payment(nonce: &str) -> NewPayment {
@@ -51,20 +44,12 @@ async fn an_authorization_is_claimed_exactly_once_even_under_concurrency() {
             tokio::spawn(async move { store.claim(&payment("0x01")).await })
         });
         // Act
-        let outcomes: Vec<Claim> = futures_join(attempts)
-            .await
-            .into_iter()
-            .map(|r| r.unwrap().unwrap())
-            .collect();
+        let outcomes: Vec<Claim> =
+            futures_join(attempts).await.into_iter().map(|r| r.unwrap().unwrap()).collect();
         // Assert
-        let won: Vec<_> = outcomes
-            .iter()
-            .filter(|c| matches!(c, Claim::Won(_)))
-            .collect();
+        let won: Vec<_> = outcomes.iter().filter(|c| matches!(c, Claim::Won(_))).collect();
         assert_eq!(won.len(), 1, "{backend}: exactly one winner");
-        let Claim::Won(row) = won[0] else {
-            unreachable!()
-        };
+        let Claim::Won(row) = won[0] else { unreachable!() };
         assert_eq!(row.state, PaymentState::Claimed, "{backend}");
         for outcome in &outcomes {
             if let Claim::Taken(taken) = outcome {
@@ -72,10 +57,7 @@ async fn an_authorization_is_claimed_exactly_once_even_under_concurrency() {
             }
         }
         // A different nonce of the same payer is a different claim.
-        assert!(
-            matches!(store.claim(&payment("0x02")).await.unwrap(), Claim::Won(_)),
-            "{backend}"
-        );
+        assert!(matches!(store.claim(&payment("0x02")).await.unwrap(), Claim::Won(_)), "{backend}");
     }
 }
 
@@ -92,48 +74,21 @@ async fn futures_join<T>(
 #[tokio::test]
 async fn transitions_are_compare_and_set() {
     for (backend, store, _dir) in backends().await {
-        let Claim::Won(row) = store.claim(&payment("0x03")).await.unwrap() else {
-            panic!("{backend}")
-        };
+        let Claim::Won(row) = store.claim(&payment("0x03")).await.unwrap() else { panic!("{backend}") };
         let settling = [PaymentState::Claimed];
         // Act: two workers race to move claimed → settling; only one may.
         let first = store
-            .transition(
-                row.id,
-                &settling,
-                PaymentState::Settling,
-                Transition::default(),
-                1,
-            )
+            .transition(row.id, &settling, PaymentState::Settling, Transition::default(), 1)
             .await
             .unwrap();
         let second = store
-            .transition(
-                row.id,
-                &settling,
-                PaymentState::Settling,
-                Transition::default(),
-                1,
-            )
+            .transition(row.id, &settling, PaymentState::Settling, Transition::default(), 1)
             .await
             .unwrap();
         assert!(first && !second, "{backend}: CAS lets exactly one through");
-        let t = Transition {
-            tx_hash: Some("0xtx"),
-            block_number: Some(12),
-            error: None,
-        };
+        let t = Transition { tx_hash: Some("0xtx"), block_number: Some(12), error: None };
         assert!(
-            store
-                .transition(
-                    row.id,
-                    &[PaymentState::Settling],
-                    PaymentState::Settled,
-                    t,
-                    2
-                )
-                .await
-                .unwrap()
+            store.transition(row.id, &[PaymentState::Settling], PaymentState::Settled, t, 2).await.unwrap()
         );
         let stored = store.payment(row.id).await.unwrap().unwrap();
         assert_eq!(stored.state, PaymentState::Settled, "{backend}");
@@ -148,43 +103,21 @@ async fn transitions_are_compare_and_set() {
 #[tokio::test]
 async fn a_released_claim_can_be_claimed_again() {
     for (backend, store, _dir) in backends().await {
-        let Claim::Won(row) = store.claim(&payment("0x04")).await.unwrap() else {
-            panic!("{backend}")
-        };
-        assert!(
-            store.release(row.id).await.unwrap(),
-            "{backend}: claimed rows release"
-        );
+        let Claim::Won(row) = store.claim(&payment("0x04")).await.unwrap() else { panic!("{backend}") };
+        assert!(store.release(row.id).await.unwrap(), "{backend}: claimed rows release");
         assert!(store.payment(row.id).await.unwrap().is_none(), "{backend}");
-        assert!(
-            matches!(store.claim(&payment("0x04")).await.unwrap(), Claim::Won(_)),
-            "{backend}"
-        );
+        assert!(matches!(store.claim(&payment("0x04")).await.unwrap(), Claim::Won(_)), "{backend}");
     }
 }
 
 #[tokio::test]
 async fn results_are_stored_once_and_returned_with_the_payment() {
     for (backend, store, _dir) in backends().await {
-        let Claim::Won(row) = store.claim(&payment("0x05")).await.unwrap() else {
-            panic!("{backend}")
-        };
-        store
-            .save_result(row.id, r#"{"first":true}"#, 5)
-            .await
-            .unwrap();
-        store
-            .save_result(row.id, r#"{"second":true}"#, 6)
-            .await
-            .unwrap();
-        let Claim::Taken(again) = store.claim(&payment("0x05")).await.unwrap() else {
-            panic!("{backend}")
-        };
-        assert_eq!(
-            again.result_json.as_deref(),
-            Some(r#"{"first":true}"#),
-            "{backend}: first write wins"
-        );
+        let Claim::Won(row) = store.claim(&payment("0x05")).await.unwrap() else { panic!("{backend}") };
+        store.save_result(row.id, r#"{"first":true}"#, 5).await.unwrap();
+        store.save_result(row.id, r#"{"second":true}"#, 6).await.unwrap();
+        let Claim::Taken(again) = store.claim(&payment("0x05")).await.unwrap() else { panic!("{backend}") };
+        assert_eq!(again.result_json.as_deref(), Some(r#"{"first":true}"#), "{backend}: first write wins");
     }
 }
 
@@ -193,30 +126,15 @@ async fn payment_identifier_finds_the_payment_and_is_unique() {
     for (backend, store, _dir) in backends().await {
         let mut first = payment("0x06");
         first.payment_id = Some("pay_abcdefghijklmnop".into());
-        let Claim::Won(row) = store.claim(&first).await.unwrap() else {
-            panic!("{backend}")
-        };
-        let found = store
-            .by_payment_id("pay_abcdefghijklmnop")
-            .await
-            .unwrap()
-            .unwrap();
+        let Claim::Won(row) = store.claim(&first).await.unwrap() else { panic!("{backend}") };
+        let found = store.by_payment_id("pay_abcdefghijklmnop").await.unwrap().unwrap();
         assert_eq!(found.id, row.id, "{backend}");
         // Another nonce under the same payment id conflicts on the id: it is taken.
         let mut reuse = payment("0x07");
         reuse.payment_id = first.payment_id.clone();
-        let Claim::Taken(taken) = store.claim(&reuse).await.unwrap() else {
-            panic!("{backend}")
-        };
+        let Claim::Taken(taken) = store.claim(&reuse).await.unwrap() else { panic!("{backend}") };
         assert_eq!(taken.id, row.id, "{backend}");
-        assert!(
-            store
-                .by_payment_id("pay_unknown_unknown")
-                .await
-                .unwrap()
-                .is_none(),
-            "{backend}"
-        );
+        assert!(store.by_payment_id("pay_unknown_unknown").await.unwrap().is_none(), "{backend}");
     }
 }
 
@@ -231,32 +149,17 @@ async fn unresolved_lists_only_payments_still_in_flight() {
             ("0x13", PaymentState::Settled),
             ("0x14", PaymentState::Failed),
         ] {
-            let Claim::Won(row) = store.claim(&payment(nonce)).await.unwrap() else {
-                panic!("{backend}")
-            };
+            let Claim::Won(row) = store.claim(&payment(nonce)).await.unwrap() else { panic!("{backend}") };
             if state != PaymentState::Claimed {
                 let any = [PaymentState::Claimed];
-                store
-                    .transition(row.id, &any, state, Transition::default(), 3)
-                    .await
-                    .unwrap();
+                store.transition(row.id, &any, state, Transition::default(), 3).await.unwrap();
             }
             ids.push((row.id, state));
         }
-        let unresolved: Vec<_> = store
-            .unresolved(100)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|p| p.state)
-            .collect();
+        let unresolved: Vec<_> = store.unresolved(100).await.unwrap().into_iter().map(|p| p.state).collect();
         assert_eq!(
             unresolved,
-            vec![
-                PaymentState::Claimed,
-                PaymentState::Settling,
-                PaymentState::Pending
-            ],
+            vec![PaymentState::Claimed, PaymentState::Settling, PaymentState::Pending],
             "{backend}"
         );
     }

@@ -1,0 +1,97 @@
+//! `PaymentError`: every way a payment can be refused, named by its reason.
+//!
+//! Each variant knows its x402 reason code and whether it is a *challenge* (the payment was not
+//! accepted: pay again, properly — answered with PaymentRequired) or a *status* (the payment
+//! was accepted or is being processed — never answered with a fresh price, so a client does
+//! not sign a second authorization and pay twice).
+
+/// Why a payment did not (yet) buy a result.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PaymentError {
+    // ---- decoding: nothing was charged ----
+    #[error("payment payload is malformed: {0}")]
+    Malformed(String),
+    #[error("payment payload exceeds {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("x402Version {0} is not supported (expected 2)")]
+    UnsupportedVersion(u64),
+
+    // ---- local verification: nothing was charged ----
+    #[error("accepted.{field} does not match this tool's payment requirements")]
+    RequirementsMismatch { field: &'static str },
+    #[error("the EIP-712 signature does not recover to authorization.from")]
+    BadSignature,
+    #[error("authorization.to is not this server's payTo address")]
+    RecipientMismatch,
+    #[error("authorization expires too soon (validBefore must be at least {margin_secs}s in the future)")]
+    Expired { margin_secs: u64 },
+    #[error("authorization is not valid yet (validAfter is in the future)")]
+    NotYetValid,
+    #[error("authorization.value must equal the price exactly")]
+    WrongAmount,
+    #[error("the payment-identifier is malformed (16-128 characters of [A-Za-z0-9_-])")]
+    BadPaymentIdentifier,
+
+    // ---- claim and chain state: nothing was charged ----
+    #[error("this authorization's nonce was already used")]
+    NonceReused,
+    #[error("this payment-identifier was already used with a different payment")]
+    IdentifierConflict,
+    #[error("the payer's USDC balance is below the price")]
+    InsufficientBalance,
+    #[error("the settlement was refused: {reason}")]
+    SettlementFailed { reason: String },
+
+    // ---- statuses: the payment is accepted or in flight; do not pay again ----
+    #[error(
+        "the settlement was submitted but is not confirmed yet; resend the same payment to get the result"
+    )]
+    Pending { transaction: Option<String> },
+    #[error("this payment is being processed by another request; resend the same payment to get the result")]
+    InProgress,
+
+    // ---- our side is down: nothing was charged, the authorization stays usable ----
+    #[error("the chain is unreachable; nothing was charged, retry later with the same payment")]
+    ChainUnavailable,
+    #[error("the payment store is unavailable; nothing was charged, retry later with the same payment")]
+    StoreUnavailable,
+}
+
+impl PaymentError {
+    /// The x402 reason code (reference/x402.md §2.3), or tollgate's own for statuses.
+    pub fn code(&self) -> &str {
+        match self {
+            PaymentError::Malformed(_) | PaymentError::TooLarge { .. } => "invalid_payload",
+            PaymentError::UnsupportedVersion(_) => "invalid_x402_version",
+            PaymentError::RequirementsMismatch { field: "scheme" } => "invalid_exact_evm_scheme",
+            PaymentError::RequirementsMismatch { field: "network" } => "invalid_exact_evm_network_mismatch",
+            PaymentError::RequirementsMismatch { .. } => "invalid_payment_requirements",
+            PaymentError::BadSignature => "invalid_exact_evm_signature",
+            PaymentError::RecipientMismatch => "invalid_exact_evm_recipient_mismatch",
+            PaymentError::Expired { .. } => "invalid_exact_evm_payload_authorization_valid_before",
+            PaymentError::NotYetValid => "invalid_exact_evm_payload_authorization_valid_after",
+            PaymentError::WrongAmount => "invalid_exact_evm_authorization_value",
+            PaymentError::BadPaymentIdentifier => "invalid_payment_identifier",
+            PaymentError::NonceReused => "invalid_exact_evm_nonce_already_used",
+            PaymentError::IdentifierConflict => "payment_identifier_conflict",
+            PaymentError::InsufficientBalance => "invalid_exact_evm_insufficient_balance",
+            PaymentError::SettlementFailed { reason } => reason,
+            PaymentError::Pending { .. } => "payment_confirmation_pending",
+            PaymentError::InProgress => "payment_in_progress",
+            PaymentError::ChainUnavailable => "chain_unavailable",
+            PaymentError::StoreUnavailable => "store_unavailable",
+        }
+    }
+
+    /// Whether the right answer is a fresh PaymentRequired (the payment was not accepted).
+    pub fn is_challenge(&self) -> bool {
+        !matches!(
+            self,
+            PaymentError::Pending { .. }
+                | PaymentError::InProgress
+                | PaymentError::IdentifierConflict
+                | PaymentError::ChainUnavailable
+                | PaymentError::StoreUnavailable
+        )
+    }
+}

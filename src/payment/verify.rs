@@ -1,0 +1,208 @@
+//! Local verification: everything about a payment that can be checked without the network.
+//!
+//! Guarantees, in this order (reference/x402.md §2.3): x402 v2; `accepted` equals this tool's
+//! requirements; the EIP-712 TransferWithAuthorization signature recovers to
+//! `authorization.from` (that address becomes the [`Payer`]); recipient is our payTo; the
+//! validity window holds with a safety margin; the value is the price exactly.
+//! Does NOT check: chain state (nonce unused, balance) — the settle stage does, after the claim.
+
+use std::fmt;
+
+use alloy::primitives::{Address, B256, Signature, U256};
+use alloy::sol_types::{Eip712Domain, SolStruct};
+use serde_json::Value;
+
+use super::decode::{DecodedPayment, PaymentInput, decode};
+use super::error::PaymentError;
+use super::requirements::Quote;
+use super::wire::{Authorization, X402_VERSION};
+use crate::chain::usdc::TransferWithAuthorization;
+
+/// A wallet address proven by a signature. Limits, claims and receipts key on this only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Payer(Address);
+
+impl Payer {
+    pub fn address(self) -> Address {
+        self.0
+    }
+
+    /// The store key form: lower-case hex, independent of checksum casing.
+    pub fn key(self) -> String {
+        format!("{:#x}", self.0)
+    }
+}
+
+impl fmt::Display for Payer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0.to_checksum(None))
+    }
+}
+
+/// A payment that passed every local check.
+#[derive(Debug, Clone)]
+pub struct VerifiedPayment {
+    pub payer: Payer,
+    pub authorization: TransferWithAuthorization,
+    /// 65-byte r‖s‖v; never logged.
+    pub signature: Signature,
+    /// SHA-256 of the RFC 8785 canonical payload: tells a replay from a different payload.
+    pub payload_hash: String,
+    /// The x402 `payment-identifier` extension id, when the client sent one.
+    pub payment_id: Option<String>,
+    /// The canonical payload, stored so settlement can resume after a crash.
+    pub payload_json: String,
+    /// The payload as received, forwarded as-is to a facilitator.
+    pub raw: Value,
+}
+
+impl VerifiedPayment {
+    pub fn nonce_hex(&self) -> String {
+        format!("{:#x}", self.authorization.nonce)
+    }
+
+    pub fn valid_before(&self) -> u64 {
+        self.authorization.validBefore.saturating_to()
+    }
+}
+
+/// Verifies a payment for `quote` at unix time `now`.
+pub fn verify(
+    input: &PaymentInput,
+    quote: &Quote,
+    domain: &Eip712Domain,
+    now: u64,
+    margin_secs: u64,
+) -> Result<VerifiedPayment, PaymentError> {
+    let DecodedPayment { payload, raw } = decode(input)?;
+    if payload.x402_version != X402_VERSION {
+        return Err(PaymentError::UnsupportedVersion(payload.x402_version));
+    }
+    assert_accepted_matches(&payload.accepted, quote)?;
+    let authorization = parse_authorization(&payload.payload.authorization)?;
+    let signature = parse_signature(&payload.payload.signature)?;
+    let payer = assert_signed_by_from(&authorization, &signature, domain)?;
+    let pay_to: Address = quote.requirements.pay_to.parse().expect("quote holds a valid payTo");
+    if authorization.to != pay_to {
+        return Err(PaymentError::RecipientMismatch);
+    }
+    assert_time_window(&authorization, now, margin_secs)?;
+    if authorization.value != U256::from(quote.amount.atomic()) {
+        return Err(PaymentError::WrongAmount);
+    }
+    let payment_id = payment_identifier(payload.extensions.as_ref())?;
+    let payload_json = serde_json_canonicalizer::to_string(&raw)
+        .map_err(|e| PaymentError::Malformed(format!("cannot canonicalise payload: {e}")))?;
+    let payload_hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(payload_json.as_bytes()));
+    Ok(VerifiedPayment { payer, authorization, signature, payload_hash, payment_id, payload_json, raw })
+}
+
+/// `accepted` must be our requirements (deep equality, key order and address case aside).
+fn assert_accepted_matches(accepted: &Value, quote: &Quote) -> Result<(), PaymentError> {
+    let ours = serde_json::to_value(&quote.requirements).expect("requirements serialise");
+    let mismatch = |field| Err(PaymentError::RequirementsMismatch { field });
+    let Value::Object(theirs) = accepted else {
+        return mismatch("scheme");
+    };
+    for field in ["scheme", "network", "asset", "payTo", "amount", "maxTimeoutSeconds"] {
+        let same = match (theirs.get(field), ours.get(field)) {
+            (Some(Value::String(a)), Some(Value::String(b))) if matches!(field, "asset" | "payTo") => {
+                a.eq_ignore_ascii_case(b)
+            }
+            (a, b) => a == b,
+        };
+        if !same {
+            return mismatch(field);
+        }
+    }
+    // The EIP-712 domain must be ours; other `extra` keys (e.g. assetTransferMethod) are allowed.
+    let extra = theirs.get("extra");
+    for key in ["name", "version"] {
+        if extra.and_then(|e| e.get(key)) != ours["extra"].get(key) {
+            return mismatch("extra");
+        }
+    }
+    Ok(())
+}
+
+fn parse_authorization(a: &Authorization) -> Result<TransferWithAuthorization, PaymentError> {
+    let bad =
+        |field: &str, what: &str| PaymentError::Malformed(format!("authorization.{field} is not {what}"));
+    let address = |field, s: &str| s.parse::<Address>().map_err(|_| bad(field, "an address"));
+    let uint = |field, s: &str| {
+        if s.is_empty() || s.len() > 78 || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad(field, "a decimal integer string"));
+        }
+        U256::from_str_radix(s, 10).map_err(|_| bad(field, "a uint256"))
+    };
+    let nonce = a
+        .nonce
+        .strip_prefix("0x")
+        .filter(|h| h.len() == 64)
+        .ok_or_else(|| bad("nonce", "32 bytes of 0x-hex"))?;
+    Ok(TransferWithAuthorization {
+        from: address("from", &a.from)?,
+        to: address("to", &a.to)?,
+        value: uint("value", &a.value)?,
+        validAfter: uint("validAfter", &a.valid_after)?,
+        validBefore: uint("validBefore", &a.valid_before)?,
+        nonce: nonce.parse::<B256>().map_err(|_| bad("nonce", "32 bytes of 0x-hex"))?,
+    })
+}
+
+/// Only 65-byte EOA signatures: the payer must be *recovered*, which a smart-wallet
+/// (ERC-1271) signature does not allow without a chain call.
+fn parse_signature(s: &str) -> Result<Signature, PaymentError> {
+    let bytes = s
+        .strip_prefix("0x")
+        .and_then(|h| hex::decode(h).ok())
+        .ok_or_else(|| PaymentError::Malformed("payload.signature is not 0x-hex".into()))?;
+    if bytes.len() != 65 {
+        return Err(PaymentError::BadSignature);
+    }
+    Signature::from_raw(&bytes).map_err(|_| PaymentError::BadSignature)
+}
+
+fn assert_signed_by_from(
+    authorization: &TransferWithAuthorization,
+    signature: &Signature,
+    domain: &Eip712Domain,
+) -> Result<Payer, PaymentError> {
+    // USDC rejects high-s (malleable) signatures on chain; refusing them here means a payment
+    // we accept is one the token will accept.
+    if signature.normalize_s().is_some() {
+        return Err(PaymentError::BadSignature);
+    }
+    let digest = authorization.eip712_signing_hash(domain);
+    let recovered =
+        signature.recover_address_from_prehash(&digest).map_err(|_| PaymentError::BadSignature)?;
+    if recovered != authorization.from {
+        return Err(PaymentError::BadSignature);
+    }
+    Ok(Payer(recovered))
+}
+
+fn assert_time_window(a: &TransferWithAuthorization, now: u64, margin_secs: u64) -> Result<(), PaymentError> {
+    if a.validBefore < U256::from(now.saturating_add(margin_secs)) {
+        return Err(PaymentError::Expired { margin_secs });
+    }
+    // The token requires block.timestamp > validAfter; a block mined now has timestamp ≥ now.
+    if a.validAfter > U256::from(now) {
+        return Err(PaymentError::NotYetValid);
+    }
+    Ok(())
+}
+
+/// The `payment-identifier` extension: `extensions["payment-identifier"].info.id`.
+fn payment_identifier(extensions: Option<&Value>) -> Result<Option<String>, PaymentError> {
+    let Some(id) = extensions.and_then(|e| e.pointer("/payment-identifier/info/id")) else {
+        return Ok(None);
+    };
+    let id = id.as_str().ok_or(PaymentError::BadPaymentIdentifier)?;
+    let valid = (16..=128).contains(&id.len())
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if !valid {
+        return Err(PaymentError::BadPaymentIdentifier);
+    }
+    Ok(Some(id.to_owned()))
+}
