@@ -103,11 +103,11 @@ impl PaymentGate {
         };
         match self.store.claim(&new).await.map_err(store_down)? {
             Claim::Won(row) => Ok(Claimed::Fresh(row)),
-            Claim::Taken(row) => self.classify_taken(row, v),
+            Claim::Taken(row) => self.classify_taken(row, v).await,
         }
     }
 
-    fn classify_taken(&self, row: PaymentRecord, v: &VerifiedPayment) -> Result<Claimed, PaymentError> {
+    async fn classify_taken(&self, row: PaymentRecord, v: &VerifiedPayment) -> Result<Claimed, PaymentError> {
         if row.payload_hash != v.payload_hash {
             let same_id = v.payment_id.is_some() && row.payment_id == v.payment_id;
             let same_key = row.payer == v.payer.key() && row.nonce == v.nonce_hex();
@@ -123,8 +123,17 @@ impl PaymentGate {
                     .ok_or_else(|| PaymentError::Malformed("settled payment lacks its transaction".into()))?;
                 Ok(Claimed::AlreadySettled(row, settlement))
             }
-            PaymentState::Claimed | PaymentState::Settling => Err(PaymentError::InProgress),
-            PaymentState::Pending => Err(PaymentError::Pending { transaction: row.tx_hash }),
+            // A retry of a payment whose transaction is out: ask the chain now rather than make
+            // the client wait for the reconciler (this is how a pending payment is collected).
+            PaymentState::Pending | PaymentState::Settling
+                if row.tx_hash.is_some() || row.state == PaymentState::Pending =>
+            {
+                let settlement = self.resolve(&row, v.payer.to_string()).await?;
+                Ok(Claimed::AlreadySettled(row, settlement))
+            }
+            PaymentState::Claimed | PaymentState::Settling | PaymentState::Pending => {
+                Err(PaymentError::InProgress)
+            }
             PaymentState::Failed => Err(PaymentError::SettlementFailed {
                 reason: row.error.unwrap_or_else(|| "invalid_exact_evm_transaction_failed".into()),
             }),

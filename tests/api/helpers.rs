@@ -192,6 +192,21 @@ impl Server {
 }
 
 impl TestApp {
+    /// Restarts the server (same chain, clock and counter) with a new config.
+    pub async fn replace_server(&mut self, config: Config) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(served) = self.served.take() {
+            served.await.expect("server task").expect("server ran cleanly");
+        }
+        let server = Server::start(config, self.clock.clone(), self.runs.clone()).await;
+        self.addr = server.addr;
+        self.state = server.state.clone();
+        self.stop = server.stop;
+        self.served = server.served;
+    }
+
     /// Another replica on the same chain, config and database, sharing the run counter.
     pub async fn sibling(&self) -> Server {
         Server::start(self.state.config.clone(), self.clock.clone(), self.runs.clone()).await

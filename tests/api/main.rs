@@ -4,6 +4,8 @@ mod helpers;
 
 mod concurrency;
 mod config_cli;
+mod facilitator;
 mod mcp_surface;
 mod payments;
+mod pending;
 mod store;
