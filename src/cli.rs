@@ -34,14 +34,52 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Call a tool on any x402 MCP server, paying if asked (within spend caps).
+    Call(CallArgs),
     /// Apply database migrations and exit.
     Migrate,
     /// Print the embedded default configuration, with every key documented.
     PrintDefaultConfig,
 }
 
+#[derive(Debug, clap::Args)]
+pub struct CallArgs {
+    /// The server's MCP endpoint, e.g. http://127.0.0.1:8402/mcp
+    #[arg(long)]
+    pub url: String,
+    /// Tool name.
+    #[arg(long)]
+    pub tool: String,
+    /// Tool arguments as a JSON object.
+    #[arg(long, default_value = "{}")]
+    pub args: String,
+    /// File with the payer's hex private key (else env TOLLGATE_PAYER_KEY).
+    #[arg(long, value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+    /// Largest price to pay for this call, in USDC atomic units (default 0.10 USDC).
+    #[arg(long, default_value = "100000")]
+    pub max_amount: String,
+    /// Optional cap on the total spent across calls, in atomic units, tracked in --spend-file.
+    #[arg(long)]
+    pub total_cap: Option<String>,
+    /// Where the running total for --total-cap is kept.
+    #[arg(long, default_value = ".tollgate/spend.json")]
+    pub spend_file: PathBuf,
+    /// Also pay with this token (NETWORK:ADDRESS, e.g. eip155:31337:0x…). USDC on Base and
+    /// Base Sepolia is always allowed.
+    #[arg(long = "allow-asset", value_name = "NETWORK:ADDRESS")]
+    pub allow_asset: Vec<String>,
+    /// How long to keep resending the same payment while its settlement is pending.
+    #[arg(long, default_value = "60")]
+    pub pending_patience_secs: u64,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Call(args) => return call(args).await,
         Command::PrintDefaultConfig => {
             print!("{DEFAULT_TOML}");
         }
@@ -93,4 +131,63 @@ pub async fn shutdown_signal() {
         () = ctrl_c => {},
         () = terminate => {},
     }
+}
+
+/// `tollgate call`: exit 0 on a result, 1 on a tool error or refusal, 3 while still pending.
+async fn call(a: CallArgs) -> anyhow::Result<ExitCode> {
+    use crate::client::caps::{AllowedAsset, SpendCaps};
+    use crate::money::UsdcAmount;
+
+    let key = match &a.key_file {
+        Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+        None => std::env::var("TOLLGATE_PAYER_KEY").context("pass --key-file or set TOLLGATE_PAYER_KEY")?,
+    };
+    let signer = crate::chain::parse_private_key(&key)?;
+    let mut allowed_assets = AllowedAsset::defaults();
+    for asset in &a.allow_asset {
+        allowed_assets.push(AllowedAsset::parse(asset).map_err(anyhow::Error::msg)?);
+    }
+    let total_cap = match &a.total_cap {
+        Some(cap) => Some((UsdcAmount::parse(cap).context("--total-cap")?, a.spend_file.clone())),
+        None => None,
+    };
+    let caps = SpendCaps {
+        allowed_assets,
+        max_per_call: UsdcAmount::parse(&a.max_amount).context("--max-amount")?,
+        total_cap,
+    };
+    let args: serde_json::Value = serde_json::from_str(&a.args).context("--args must be a JSON object")?;
+    let outcome = crate::client::call(crate::client::CallRequest {
+        url: &a.url,
+        tool: &a.tool,
+        args,
+        signer: &signer,
+        caps: &caps,
+        pending_patience: std::time::Duration::from_secs(a.pending_patience_secs),
+    })
+    .await?;
+    let result = &outcome.result;
+    let status = result.pointer("/structuredContent/error").and_then(|e| e.as_str()).unwrap_or_default();
+    let code = match (result.get("isError").and_then(|e| e.as_bool()), status) {
+        (_, "payment_confirmation_pending" | "payment_in_progress") => 3,
+        (Some(true), _) => 1,
+        _ => 0,
+    };
+    if a.json {
+        let paid = outcome.paid.as_ref().map(|(amount, r)| {
+            serde_json::json!({ "amount": amount.to_string(), "asset": r.asset, "network": r.network, "payTo": r.pay_to })
+        });
+        let out = serde_json::json!({ "result": result, "paymentResponse": outcome.payment_response, "paid": paid });
+        println!("{out}");
+    } else {
+        let shown = result.get("structuredContent").cloned().unwrap_or_else(|| result["content"].clone());
+        println!("result: {}", serde_json::to_string_pretty(&shown)?);
+        if let Some((amount, r)) = &outcome.paid {
+            println!("offered: {} ({amount} atomic) to {} on {}", amount.display_usdc(), r.pay_to, r.network);
+        }
+        if let Some(response) = &outcome.payment_response {
+            println!("payment-response: {response}");
+        }
+    }
+    Ok(ExitCode::from(code))
 }

@@ -106,6 +106,14 @@ pub async fn run(
         let price = price.map_or("free".to_owned(), |p| p.display_usdc());
         println!("  tool        {:<18} {price}", tool.name);
     }
+    let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "tollgate".into());
+    println!("Make a paid call (the demo payer signs; USDC moves on the local chain):");
+    println!(
+        "  {exe} call --url {url} --tool sha256 --args '{{\"text\":\"hello\"}}' --key-file {} --allow-asset {}:{}",
+        chain.payer_key_file.display(),
+        state.network.caip2,
+        chain.token
+    );
     println!("Ctrl-C stops the server and the chain.");
     app.run_until(shutdown).await?;
     chain.anvil.stop().await;

@@ -97,8 +97,12 @@ async fn tollgate_dev_serves_tools_and_challenges_then_stops_anvil_on_signal() {
     })
     .await
     .expect("dev reaches serving");
-    for _ in 0..8 {
-        banner.push(lines.next_line().await.unwrap().unwrap_or_default());
+    loop {
+        let line = lines.next_line().await.unwrap().expect("banner");
+        banner.push(line.clone());
+        if line.starts_with("Ctrl-C") {
+            break;
+        }
     }
     let mcp = Mcp::sessionless(&url);
     let tools = mcp.list_tools().await;
@@ -116,6 +120,13 @@ async fn tollgate_dev_serves_tools_and_challenges_then_stops_anvil_on_signal() {
         .and_then(|rest| rest.split(' ').next())
         .and_then(|p| p.parse().ok())
         .expect("banner names the chain");
+    // The printed paid-call command works as printed.
+    let command =
+        banner.lines().find(|l| l.contains(" call --url ")).expect("a call command").trim().to_owned();
+    let paid = Command::new("sh").arg("-c").arg(&command).current_dir(dir.path()).output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&paid.stdout);
+    assert!(paid.status.success(), "{command}\n{stdout}\n{}", String::from_utf8_lossy(&paid.stderr));
+    assert!(stdout.contains("\"success\":true") && stdout.contains("\"sha256\""), "{stdout}");
     // Ctrl-C (SIGINT) stops the server and the chain with it.
     let pid = child.id().unwrap().to_string();
     Command::new("kill").args(["-INT", &pid]).status().await.unwrap();

@@ -2,6 +2,7 @@
 
 mod helpers;
 
+mod client;
 mod concurrency;
 mod config_cli;
 mod facilitator;
