@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The README's test command: installs what the suite needs, then runs every test.
 #  - anvil (npm package @foundry-rs/anvil-linux-amd64) into .tollgate/tools when not on PATH;
+#  - the official x402 Python package (PyPI) into .tollgate/py, for the interop tests;
 #  - PostgreSQL (127.0.0.1:5432, database `test`) and Redis (127.0.0.1:6379) must be running;
 #    this script starts the machine's own services if they are installed but stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/install-anvil.sh
+scripts/install-python-interop.sh
 
 if ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
   if command -v pg_ctlcluster >/dev/null; then

@@ -6,6 +6,7 @@ mod client;
 mod concurrency;
 mod config_cli;
 mod facilitator;
+mod interop;
 mod mcp_surface;
 mod payments;
 mod pending;
