@@ -10,4 +10,5 @@ mod interop;
 mod mcp_surface;
 mod payments;
 mod pending;
+mod restart;
 mod store;

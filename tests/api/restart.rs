@@ -1,0 +1,95 @@
+//! `kill -9` of tollgate in the middle of a settlement loses nothing: after a restart, the same
+//! payment collects its result and the money moved exactly once.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use alloy::primitives::U256;
+use serde_json::json;
+use tokio::process::{Child, Command};
+use tollgate::chain::anvil::DEV_KEYS;
+use tollgate::store::{PaymentState, SqliteStore, Store};
+
+use crate::helpers::{Mcp, TestApp, spawn_app};
+
+/// `tollgate serve` as a separate process on `port`, on the test app's chain, with its own DB.
+fn serve(app: &TestApp, port: u16, db: &std::path::Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .arg("serve")
+        .env("TOLLGATE_SERVER__BIND", format!("127.0.0.1:{port}"))
+        .env("TOLLGATE_NETWORK__RPC_URL", app.chain.anvil.endpoint())
+        .env("TOLLGATE_NETWORK__ASSET", app.chain.token.to_checksum(None))
+        .env("TOLLGATE_PAYMENT__PAY_TO", app.chain.pay_to.to_checksum(None))
+        .env("TOLLGATE_PAYMENT__RELAYER_KEY", DEV_KEYS[1])
+        .env("TOLLGATE_DATABASE__URL", format!("sqlite://{}", db.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+async fn wait_listening(port: u16) {
+    let up = async {
+        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), up).await.expect("tollgate serve listens");
+}
+
+#[tokio::test]
+async fn kill_9_during_settlement_then_restart_resolves_the_payment_and_charges_once() {
+    // Arrange: a server process, and a chain that holds the settlement in its mempool.
+    let app = spawn_app().await;
+    let payer = app.payer();
+    let before = app.balance(payer.address()).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let db = app.dir.path().join("victim.db");
+    let mut victim = serve(&app, port, &db);
+    wait_listening(port).await;
+    let url = format!("http://127.0.0.1:{port}/mcp");
+    let mcp = Mcp::sessionless(&url);
+    let challenge = mcp.call_tool("sha256", json!({ "text": "x" }), None).await;
+    let requirements = serde_json::from_value(challenge["structuredContent"]["accepts"][0].clone()).unwrap();
+    let payload = app.sign(&payer, &requirements);
+    let meta = json!({ "x402/payment": payload });
+    app.anvil_rpc("evm_setAutomine", json!([false])).await;
+    let in_flight = tokio::spawn({
+        let (mcp, meta) = (mcp.clone(), meta.clone());
+        async move { mcp.call_tool_raw("sha256", json!({ "text": "x" }), Some(meta)).await }
+    });
+    // Act 1: kill -9 once the transaction is out and recorded.
+    let store = SqliteStore::connect(&format!("sqlite://{}", db.display()), 1).await.unwrap();
+    let settling = async {
+        loop {
+            let rows = store.unresolved(10).await.unwrap();
+            if let Some(row) = rows.iter().find(|r| r.state == PaymentState::Settling && r.tx_hash.is_some())
+            {
+                return row.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let row = tokio::time::timeout(Duration::from_secs(30), settling).await.expect("settlement starts");
+    victim.start_kill().unwrap();
+    victim.wait().await.unwrap();
+    in_flight.abort();
+    // Act 2: the block arrives while tollgate is down; then tollgate restarts.
+    app.anvil_rpc("evm_mine", json!([])).await;
+    let _restarted = serve(&app, port, &db);
+    wait_listening(port).await;
+    let retry = mcp.call_tool("sha256", json!({ "text": "x" }), Some(meta)).await;
+    // Assert: the result, for the transaction sent before the crash; charged exactly once.
+    assert_eq!(retry["isError"], false, "{retry}");
+    let response = &retry["_meta"]["x402/payment-response"];
+    assert_eq!(response["transaction"], row.tx_hash.clone().unwrap().as_str());
+    let digest = retry["structuredContent"]["sha256"].as_str().unwrap();
+    assert_eq!(digest, "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881");
+    assert_eq!(before - app.balance(payer.address()).await, U256::from(1000));
+    let stored = store.payment(row.id).await.unwrap().unwrap();
+    assert_eq!(stored.state, PaymentState::Settled);
+    assert!(stored.result_json.is_some(), "the result is stored for later replays");
+    app.shutdown().await;
+}
