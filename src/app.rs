@@ -10,7 +10,12 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use metrics_exporter_prometheus::PrometheusHandle;
 use secrecy::SecretString;
+
+use crate::ceiling::Ceiling;
+use crate::limits::WalletLimits;
+use crate::limits::redis::RedisBuckets;
 
 use crate::chain::client::ChainClient;
 use crate::chain::{Network, parse_private_key};
@@ -33,6 +38,9 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub clock: SharedClock,
     pub gate: Arc<PaymentGate>,
+    pub limits: WalletLimits,
+    pub ceiling: Arc<Ceiling>,
+    pub metrics: PrometheusHandle,
 }
 
 /// What tests and embedders may inject; production uses the defaults.
@@ -78,7 +86,18 @@ impl App {
         let listener = TcpListener::bind(config.server.bind)
             .await
             .with_context(|| format!("binding {}", config.server.bind))?;
-        let state = Arc::new(AppState { config, network, catalog, store, clock, gate });
+        let limits = WalletLimits::from_config(&config.limits).await.context("wallet limits")?;
+        let shared = match config.ceiling.shared {
+            true => {
+                let url = secret_opt(&config.limits.redis_url).context("limits.redis_url")?;
+                Some((RedisBuckets::connect(url, &config.limits.key_prefix).await?, clock.clone()))
+            }
+            false => None,
+        };
+        let ceiling = Arc::new(Ceiling::from_config(&config.ceiling, shared));
+        let metrics = crate::telemetry::metrics();
+        let state =
+            Arc::new(AppState { config, network, catalog, store, clock, gate, limits, ceiling, metrics });
         Ok(App { listener, state })
     }
 
@@ -102,6 +121,7 @@ impl App {
         let router = crate::router::router(self.state.clone(), cancel.child_token());
         let reconciler = Reconciler::new(self.state.gate.clone(), self.stale_after());
         tokio::spawn(reconciler.run(RECONCILE_INTERVAL, cancel.child_token()));
+        crate::ceiling::spawn_sweeper(self.state.ceiling.clone(), SWEEP_INTERVAL, cancel.child_token());
         let stop = cancel.clone();
         let serve = axum::serve(self.listener, router.into_make_service_with_connect_info::<SocketAddr>())
             .with_graceful_shutdown(async move {
@@ -118,6 +138,9 @@ impl App {
         Ok(())
     }
 }
+
+/// How often idle rate-limit keys are forgotten.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 
 /// How often unresolved payments are re-examined.
 const RECONCILE_INTERVAL: Duration = Duration::from_secs(2);

@@ -4,9 +4,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// Unix time in whole seconds, the unit of EIP-3009 validity windows.
+/// Wall-clock time. Seconds are the unit of EIP-3009 validity windows; rate limits need
+/// milliseconds.
 pub trait Clock: Send + Sync + 'static {
-    fn now_unix(&self) -> u64;
+    fn now_millis(&self) -> u64;
+
+    fn now_unix(&self) -> u64 {
+        self.now_millis() / 1000
+    }
 }
 
 /// The real wall clock.
@@ -14,8 +19,8 @@ pub trait Clock: Send + Sync + 'static {
 pub struct SystemClock;
 
 impl Clock for SystemClock {
-    fn now_unix(&self) -> u64 {
-        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    fn now_millis(&self) -> u64 {
+        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
     }
 }
 
@@ -24,21 +29,22 @@ impl Clock for SystemClock {
 pub struct ManualClock(Arc<AtomicU64>);
 
 impl ManualClock {
+    /// Starts at `now_unix` seconds.
     pub fn new(now_unix: u64) -> Self {
-        ManualClock(Arc::new(AtomicU64::new(now_unix)))
+        ManualClock(Arc::new(AtomicU64::new(now_unix * 1000)))
     }
 
     pub fn advance(&self, secs: u64) {
-        self.0.fetch_add(secs, Ordering::SeqCst);
+        self.advance_millis(secs * 1000);
     }
 
-    pub fn set(&self, now_unix: u64) {
-        self.0.store(now_unix, Ordering::SeqCst);
+    pub fn advance_millis(&self, millis: u64) {
+        self.0.fetch_add(millis, Ordering::SeqCst);
     }
 }
 
 impl Clock for ManualClock {
-    fn now_unix(&self) -> u64 {
+    fn now_millis(&self) -> u64 {
         self.0.load(Ordering::SeqCst)
     }
 }

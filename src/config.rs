@@ -30,7 +30,78 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub log: LogConfig,
     pub tools: ToolsConfig,
+    pub ceiling: CeilingConfig,
+    pub limits: LimitsConfig,
     pub dev: DevConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CeilingConfig {
+    pub burst: u32,
+    pub per_second: u32,
+    pub max_tracked_keys: usize,
+    pub api_key_header: String,
+    pub trusted_proxies: Vec<String>,
+    /// Share the ceiling through limits.redis_url (fleet) instead of per process.
+    pub shared: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LimitBackend {
+    Memory,
+    Redis,
+}
+
+/// What a wallet limit is keyed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Axis {
+    Wallet,
+    Tool,
+    WalletTool,
+    Agent,
+}
+
+impl Axis {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Axis::Wallet => "wallet",
+            Axis::Tool => "tool",
+            Axis::WalletTool => "wallet_tool",
+            Axis::Agent => "agent",
+        }
+    }
+}
+
+impl std::fmt::Display for Axis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub backend: LimitBackend,
+    pub redis_url: SecretString,
+    pub key_prefix: String,
+    pub max_tracked_keys: usize,
+    pub rules: Vec<LimitRule>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitRule {
+    pub axis: Axis,
+    pub window_secs: u64,
+    #[serde(default)]
+    pub requests: u64,
+    #[serde(default)]
+    pub spend: String,
+    #[serde(default)]
+    pub tool: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -267,8 +338,41 @@ impl Config {
                 reason: format!("price of `{tool}`: {e}"),
             })?;
         }
+        self.validate_limits()?;
         UsdcAmount::parse(&self.dev.demo_payer_funding)
             .map_err(|e| invalid("dev.demo_payer_funding", e.to_string()))?;
+        Ok(())
+    }
+
+    fn validate_limits(&self) -> Result<(), ConfigError> {
+        let c = &self.ceiling;
+        if c.burst == 0 || c.per_second == 0 {
+            return Err(invalid("ceiling.burst", "burst and per_second must be positive"));
+        }
+        if c.max_tracked_keys < 16 {
+            return Err(invalid("ceiling.max_tracked_keys", "must be at least 16"));
+        }
+        for proxy in &c.trusted_proxies {
+            if proxy.parse::<ipnet::IpNet>().is_err() && proxy.parse::<std::net::IpAddr>().is_err() {
+                return Err(invalid("ceiling.trusted_proxies", format!("{proxy:?} is not an IP or CIDR")));
+            }
+        }
+        let l = &self.limits;
+        let needs_redis = l.backend == LimitBackend::Redis || c.shared;
+        if needs_redis && secret_opt(&l.redis_url).is_none() {
+            return Err(invalid("limits.redis_url", "is required for the redis backend or a shared ceiling"));
+        }
+        for rule in &l.rules {
+            if rule.window_secs == 0 || rule.window_secs > 86_400 * 31 {
+                return Err(invalid("limits.rules", "window_secs must be between 1 and 2678400"));
+            }
+            if rule.requests == 0 && rule.spend.is_empty() {
+                return Err(invalid("limits.rules", "each rule needs requests and/or spend"));
+            }
+            if !rule.spend.is_empty() {
+                UsdcAmount::parse(&rule.spend).map_err(|e| invalid("limits.rules", format!("spend: {e}")))?;
+            }
+        }
         Ok(())
     }
 

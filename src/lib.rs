@@ -16,12 +16,14 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod ceiling;
 pub mod chain;
 pub mod cli;
 pub mod client;
 pub mod clock;
 pub mod config;
 pub mod dev;
+pub mod limits;
 pub mod money;
 pub mod payment;
 pub mod receipt;

@@ -16,6 +16,7 @@ use rmcp::{ErrorData as McpError, RoleServer, ServerHandler};
 
 use super::paid_call::{ToolCall, paid_call};
 use crate::app::AppState;
+use crate::ceiling::ClientKey;
 use crate::payment::decode::PaymentInput;
 use crate::payment::wire::META_PAYMENT;
 
@@ -65,7 +66,10 @@ impl ServerHandler for McpServer {
             // A protocol error, as the MCP spec prescribes for unknown tools: nothing is quoted.
             return Err(McpError::invalid_params(format!("unknown tool `{name}`"), None));
         };
-        let headers = context.extensions.get::<http::request::Parts>().map(|p| &p.headers);
+        let parts = context.extensions.get::<http::request::Parts>();
+        let headers = parts.map(|p| &p.headers);
+        let agent =
+            parts.and_then(|p| p.extensions.get::<ClientKey>()).map(ToString::to_string).unwrap_or_default();
         // rmcp moves a request's `_meta` into the context; read both places to be robust.
         let payment = context
             .meta
@@ -77,7 +81,7 @@ impl ServerHandler for McpServer {
                 let header = headers.and_then(|h| h.get(PAYMENT_SIGNATURE_HEADER))?;
                 Some(PaymentInput::Header(header.as_bytes().to_vec()))
             });
-        let call = ToolCall { arguments: request.arguments.clone().unwrap_or_default(), payment };
+        let call = ToolCall { arguments: request.arguments.clone().unwrap_or_default(), payment, agent };
         Ok(paid_call(&self.app, entry, call).await.into())
     }
 }

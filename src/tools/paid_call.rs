@@ -8,6 +8,7 @@ use rmcp::model::{CallToolResult, JsonObject};
 use super::catalog::ToolEntry;
 use super::results;
 use crate::app::AppState;
+use crate::limits::LimitRequest;
 use crate::payment::PaymentError;
 use crate::payment::decode::PaymentInput;
 use crate::payment::gate::{Claimed, Settlement};
@@ -18,6 +19,8 @@ use crate::payment::verify::{VerifiedPayment, verify};
 pub struct ToolCall {
     pub arguments: JsonObject,
     pub payment: Option<PaymentInput>,
+    /// The caller's client key (from the ceiling), for the `agent` limit axis.
+    pub agent: String,
 }
 
 /// The `error` text of a first challenge.
@@ -43,7 +46,12 @@ pub async fn paid_call(app: &Arc<AppState>, entry: &ToolEntry, call: ToolCall) -
         Err(e) => return results::payment_error(quote, &e),
     };
     tracing::info!(payment.payer = %verified.payer, tool = %quote.tool, "payment verified");
-    // 6. Wallet limits (keyed on verified.payer) slot in here.
+    // 6. Wallet limits, on the recovered payer, before anything is claimed or charged.
+    let limit =
+        LimitRequest { payer: verified.payer, tool: &quote.tool, agent: &call.agent, amount: quote.amount };
+    if let Err(e) = app.limits.check(&limit, app.clock.now_millis()).await {
+        return results::limited(&e);
+    }
     // 7–10 run in their own task: once a claim exists, a dropped connection must not abandon
     // the settlement halfway; the outcome is stored and a retry of the same payment gets it.
     let task = tokio::spawn(claim_settle_run(app.clone(), quote.tool.clone(), verified, call.arguments));

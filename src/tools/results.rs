@@ -7,6 +7,7 @@
 use rmcp::model::{CallToolResult, ContentBlock};
 use serde_json::{Value, json};
 
+use crate::limits::LimitError;
 use crate::payment::PaymentError;
 use crate::payment::gate::Settlement;
 use crate::payment::requirements::Quote;
@@ -94,4 +95,34 @@ pub fn stored(json: &str) -> CallToolResult {
         tracing::error!(error = %e, "stored result does not parse");
         internal_error()
     })
+}
+
+/// A wallet-limit refusal: never a price, and nothing was charged or claimed.
+pub fn limited(error: &LimitError) -> CallToolResult {
+    let body = match error {
+        LimitError::Exceeded { axis, unit, limit, window_seconds, remaining, retry_after_seconds } => json!({
+            "error": "rate_limited",
+            "message": error.to_string(),
+            "axis": axis.as_str(),
+            "unit": unit.to_string(),
+            "limit": limit,
+            "window_seconds": window_seconds,
+            "remaining": remaining,
+            "retry_after_seconds": retry_after_seconds,
+            "charged": false,
+        }),
+        LimitError::Unavailable => json!({
+            "error": "limiter_unavailable",
+            "message": error.to_string(),
+            "retry_after_seconds": 5,
+            "charged": false,
+        }),
+        LimitError::Saturated => json!({
+            "error": "limiter_saturated",
+            "message": error.to_string(),
+            "retry_after_seconds": 1,
+            "charged": false,
+        }),
+    };
+    CallToolResult::structured_error(body)
 }

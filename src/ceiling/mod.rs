@@ -1,0 +1,316 @@
+//! The ceiling: a generous token bucket per MCP session or client key, checked before the
+//! request body is read, so floods are refused for the price of a hash lookup.
+//!
+//! Guarantees: a key gets at most `burst` requests at once and `per_second` sustained; memory is
+//! bounded by `max_tracked_keys` (idle keys are swept; when every slot is busy, unknown keys
+//! share one overflow bucket); `X-Forwarded-For` is believed only from configured trusted
+//! proxies; API keys are tracked by hash, never verbatim. Does not check: who pays (wallet
+//! limits do that on the recovered payer), nor whether a session id was issued by us.
+
+mod store;
+
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use governor::clock::{Clock as GovernorClock, DefaultClock};
+use governor::middleware::StateInformationMiddleware;
+use governor::{Quota, RateLimiter};
+use http::HeaderMap;
+use sha2::{Digest, Sha256};
+
+use crate::clock::SharedClock;
+use crate::config::CeilingConfig;
+use crate::limits::gcra::{Charge, Rate, Verdict};
+use crate::limits::redis::RedisBuckets;
+pub use store::BoundedStore;
+
+/// Who a request is, for the ceiling (and for the `agent` wallet-limit axis).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ClientKey {
+    Session(String),
+    /// First 16 bytes of SHA-256 of the API key, hex: the key itself is a secret.
+    ApiKey(String),
+    Ip(IpAddr),
+}
+
+impl ClientKey {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ClientKey::Session(_) => "session",
+            ClientKey::ApiKey(_) => "api_key",
+            ClientKey::Ip(_) => "ip",
+        }
+    }
+}
+
+impl std::fmt::Display for ClientKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientKey::Session(s) => write!(f, "session:{s}"),
+            ClientKey::ApiKey(h) => write!(f, "api_key:{h}"),
+            ClientKey::Ip(ip) => write!(f, "ip:{ip}"),
+        }
+    }
+}
+
+/// Admitted, with what is left for the `RateLimit` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admitted {
+    pub remaining: u32,
+    /// Seconds until the bucket is full again.
+    pub reset_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CeilingError {
+    #[error("too many requests for this {key_kind}; retry in {retry_after_secs}s")]
+    Exceeded { key_kind: &'static str, retry_after_secs: u64 },
+}
+
+type Limiter<C> = RateLimiter<ClientKey, BoundedStore, C, StateInformationMiddleware>;
+
+pub struct Ceiling<C: GovernorClock = DefaultClock> {
+    limiter: Limiter<C>,
+    clock: C,
+    pub burst: u32,
+    pub per_second: u32,
+    api_key_header: Option<http::HeaderName>,
+    trusted: Vec<ipnet::IpNet>,
+    /// Fleet mode: the shared bucket in Redis, and the clock it is measured with.
+    shared: Option<(RedisBuckets, SharedClock)>,
+}
+
+impl Ceiling<DefaultClock> {
+    pub fn from_config(c: &CeilingConfig, shared: Option<(RedisBuckets, SharedClock)>) -> Self {
+        Ceiling::with_clock(c, DefaultClock::default(), shared)
+    }
+}
+
+impl<C: GovernorClock + Clone> Ceiling<C> {
+    pub fn with_clock(c: &CeilingConfig, clock: C, shared: Option<(RedisBuckets, SharedClock)>) -> Self {
+        let per_second = NonZeroU32::new(c.per_second).expect("validated positive");
+        let burst = NonZeroU32::new(c.burst).expect("validated positive");
+        let quota = Quota::per_second(per_second).allow_burst(burst);
+        let limiter: RateLimiter<_, _, _, governor::middleware::NoOpMiddleware<C::Instant>> =
+            RateLimiter::new(quota, BoundedStore::new(c.max_tracked_keys), clock.clone());
+        let limiter = limiter.with_middleware::<StateInformationMiddleware>();
+        let trusted = c
+            .trusted_proxies
+            .iter()
+            .filter_map(|p| {
+                p.parse::<ipnet::IpNet>().ok().or_else(|| p.parse::<IpAddr>().ok().map(ipnet::IpNet::from))
+            })
+            .collect();
+        let api_key_header =
+            Some(c.api_key_header.trim()).filter(|h| !h.is_empty()).and_then(|h| h.parse().ok());
+        Ceiling { limiter, clock, burst: c.burst, per_second: c.per_second, api_key_header, trusted, shared }
+    }
+
+    /// The key a request is counted under: its MCP session, else its API key, else its IP.
+    pub fn client_key(&self, headers: &HeaderMap, peer: IpAddr) -> ClientKey {
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty());
+        if let Some(session) = header("mcp-session-id").filter(|s| s.len() <= 128) {
+            return ClientKey::Session(session.to_owned());
+        }
+        if let Some(key) = self.api_key_header.as_ref().and_then(|h| headers.get(h)) {
+            let digest = Sha256::digest(key.as_bytes());
+            return ClientKey::ApiKey(hex::encode(&digest[..16]));
+        }
+        ClientKey::Ip(self.real_ip(headers, peer))
+    }
+
+    fn is_trusted(&self, ip: IpAddr) -> bool {
+        self.trusted.iter().any(|net| net.contains(&ip))
+    }
+
+    /// The client's address: the peer, unless the peer is a trusted proxy, in which case the
+    /// right-most untrusted hop of `X-Forwarded-For` (anything left of it could be forged).
+    fn real_ip(&self, headers: &HeaderMap, peer: IpAddr) -> IpAddr {
+        if !self.is_trusted(peer) {
+            return peer;
+        }
+        let hops: Vec<IpAddr> = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|hop| hop.trim().parse().ok())
+            .collect();
+        hops.iter().rev().copied().find(|ip| !self.is_trusted(*ip)).unwrap_or(peer)
+    }
+
+    /// Counts one request against `key`.
+    pub async fn check(&self, key: &ClientKey) -> Result<Admitted, CeilingError> {
+        if let Some((redis, clock)) = &self.shared {
+            match self.check_shared(redis, clock, key).await {
+                Ok(decision) => return decision,
+                Err(e) => {
+                    // A fleet without Redis still has each replica's own ceiling.
+                    metrics::counter!("tollgate_limiter_unavailable_total").increment(1);
+                    tracing::warn!(error = %e, "shared ceiling unavailable; using the local one");
+                }
+            }
+        }
+        self.check_local(key)
+    }
+
+    fn check_local(&self, key: &ClientKey) -> Result<Admitted, CeilingError> {
+        match self.limiter.check_key(key) {
+            Ok(snapshot) => {
+                let remaining = snapshot.remaining_burst_capacity();
+                let missing = u64::from(self.burst.saturating_sub(remaining));
+                Ok(Admitted { remaining, reset_secs: missing.div_ceil(u64::from(self.per_second)) })
+            }
+            Err(not_until) => Err(self.refused(key, not_until.wait_time_from(self.clock.now()))),
+        }
+    }
+
+    async fn check_shared(
+        &self,
+        redis: &RedisBuckets,
+        clock: &SharedClock,
+        key: &ClientKey,
+    ) -> redis::RedisResult<Result<Admitted, CeilingError>> {
+        let rate = Rate {
+            limit: u64::from(self.burst),
+            window_us: u64::from(self.burst) * 1_000_000 / u64::from(self.per_second),
+        };
+        let charge = Charge { key: format!("ceiling:{key}"), rate, cost: 1 };
+        let now = clock.now_millis() * 1000;
+        Ok(match redis.check(std::slice::from_ref(&charge), now).await? {
+            Verdict::Allowed { tats } => {
+                let remaining = rate.remaining(tats[0], now) as u32;
+                let missing = u64::from(self.burst.saturating_sub(remaining));
+                Ok(Admitted { remaining, reset_secs: missing.div_ceil(u64::from(self.per_second)) })
+            }
+            Verdict::Denied { tat, .. } => {
+                Err(self.refused(key, Duration::from_micros(Verdict::retry_after_us(&charge, tat, now))))
+            }
+        })
+    }
+
+    fn refused(&self, key: &ClientKey, wait: Duration) -> CeilingError {
+        metrics::counter!("tollgate_ceiling_refusals_total", "key_kind" => key.kind()).increment(1);
+        // Round up: a client that waits exactly Retry-After must get through.
+        let retry_after_secs = wait.as_millis().div_ceil(1000).max(1) as u64;
+        CeilingError::Exceeded { key_kind: key.kind(), retry_after_secs }
+    }
+
+    /// Keys currently tracked (the memory bound).
+    pub fn tracked_keys(&self) -> usize {
+        self.limiter.len()
+    }
+
+    /// Forgets keys whose buckets are full again; run periodically.
+    pub fn sweep(&self) {
+        self.limiter.retain_recent();
+        metrics::gauge!("tollgate_ceiling_tracked_keys").set(self.tracked_keys() as f64);
+    }
+}
+
+/// Runs `sweep` every `every` until the process ends.
+pub fn spawn_sweeper(ceiling: Arc<Ceiling>, every: Duration, cancel: tokio_util::sync::CancellationToken) {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(every) => ceiling.sweep(),
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use governor::clock::FakeRelativeClock;
+
+    fn config(burst: u32, per_second: u32, max_keys: usize) -> CeilingConfig {
+        CeilingConfig {
+            burst,
+            per_second,
+            max_tracked_keys: max_keys,
+            api_key_header: "x-api-key".into(),
+            trusted_proxies: vec!["10.0.0.0/8".into()],
+            shared: false,
+        }
+    }
+
+    fn ip(s: &str) -> ClientKey {
+        ClientKey::Ip(s.parse().unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_burst_passes_the_next_is_refused_with_retry_after_then_passes_after_it() {
+        // Arrange: burst 3, 1 per second, on a clock we move by hand.
+        let clock = FakeRelativeClock::default();
+        let ceiling = Ceiling::with_clock(&config(3, 1, 100), clock.clone(), None);
+        let key = ip("192.0.2.1");
+        // Act + Assert
+        for i in 0..3 {
+            assert!(ceiling.check(&key).await.is_ok(), "burst request {i}");
+        }
+        let refused = ceiling.check(&key).await.unwrap_err();
+        assert_eq!(refused, CeilingError::Exceeded { key_kind: "ip", retry_after_secs: 1 });
+        clock.advance(Duration::from_millis(999));
+        assert!(ceiling.check(&key).await.is_err(), "not before Retry-After");
+        clock.advance(Duration::from_millis(1));
+        assert!(ceiling.check(&key).await.is_ok(), "after Retry-After");
+        // Other keys were never affected.
+        assert!(ceiling.check(&ip("192.0.2.2")).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_distinct_keys_stays_within_the_cap_and_shares_one_overflow_bucket() {
+        let clock = FakeRelativeClock::default();
+        let ceiling = Ceiling::with_clock(&config(2, 1, 100), clock.clone(), None);
+        let mut admitted = 0;
+        for i in 0..10_000u32 {
+            let key = ClientKey::Session(format!("flood-{i}"));
+            admitted += usize::from(ceiling.check(&key).await.is_ok());
+        }
+        assert!(ceiling.tracked_keys() <= 100, "tracked {}", ceiling.tracked_keys());
+        // The first 100 keys got their own buckets (one request each); the other 9,900 shared
+        // the overflow bucket, which admitted its burst of 2 and refused the rest.
+        assert_eq!(admitted, 100 + 2);
+        // Once idle, the table empties and new keys get their own buckets again.
+        clock.advance(Duration::from_secs(10));
+        ceiling.sweep();
+        assert_eq!(ceiling.tracked_keys(), 0);
+        assert!(ceiling.check(&ClientKey::Session("late".into())).await.is_ok());
+    }
+
+    #[test]
+    fn keys_prefer_session_then_api_key_then_ip() {
+        let ceiling = Ceiling::from_config(&config(1, 1, 100), None);
+        let peer: IpAddr = "192.0.2.9".parse().unwrap();
+        let mut headers = HeaderMap::new();
+        assert_eq!(ceiling.client_key(&headers, peer), ClientKey::Ip(peer));
+        headers.insert("x-api-key", "secret-key".parse().unwrap());
+        let ClientKey::ApiKey(hash) = ceiling.client_key(&headers, peer) else { panic!("api key") };
+        assert!(!hash.contains("secret"), "the key is hashed");
+        headers.insert("mcp-session-id", "abc".parse().unwrap());
+        assert_eq!(ceiling.client_key(&headers, peer), ClientKey::Session("abc".into()));
+    }
+
+    #[test]
+    fn forwarded_for_is_believed_only_from_trusted_proxies() {
+        let ceiling = Ceiling::from_config(&config(1, 1, 100), None);
+        let mut headers = HeaderMap::new();
+        headers.insert("x-forwarded-for", "203.0.113.7, 198.51.100.1, 10.1.1.1".parse().unwrap());
+        let untrusted: IpAddr = "192.0.2.50".parse().unwrap();
+        assert_eq!(
+            ceiling.client_key(&headers, untrusted),
+            ClientKey::Ip(untrusted),
+            "forged header ignored"
+        );
+        let proxy: IpAddr = "10.0.0.1".parse().unwrap();
+        assert_eq!(
+            ceiling.client_key(&headers, proxy),
+            ip("198.51.100.1"),
+            "right-most untrusted hop; anything left of it could be forged"
+        );
+    }
+}

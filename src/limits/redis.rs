@@ -1,0 +1,83 @@
+//! Fleet buckets in Redis: the GCRA of `gcra.rs`, run for all of a request's buckets in one
+//! atomic Lua script (one round trip), so every replica enforces one combined limit.
+
+use redis::Script;
+use redis::aio::ConnectionManager;
+
+use super::gcra::{Charge, Verdict};
+
+/// The Lua twin of `gcra::decide` plus the charge. ARGV[1] = now (µs); then per key:
+/// increment (µs) and window (µs). Returns {0, tat1, tat2, …} or {index, tat} when refused.
+/// Numbers are formatted with %.0f: they are integers below 2^53, exact in Lua's doubles.
+const GCRA_LUA: &str = r#"
+local now = tonumber(ARGV[1])
+local new_tats = {}
+for i = 1, #KEYS do
+  local inc = tonumber(ARGV[2 * i])
+  local window = tonumber(ARGV[2 * i + 1])
+  local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if tat < now then tat = now end
+  if tat + inc > now + window then
+    return {i, string.format('%.0f', tat)}
+  end
+  new_tats[i] = tat + inc
+end
+local out = {0}
+for i = 1, #KEYS do
+  local ttl_ms = math.floor((new_tats[i] - now) / 1000) + 1
+  redis.call('SET', KEYS[i], string.format('%.0f', new_tats[i]), 'PX', ttl_ms)
+  out[i + 1] = string.format('%.0f', new_tats[i])
+end
+return out
+"#;
+
+/// Buckets shared through Redis.
+#[derive(Clone)]
+pub struct RedisBuckets {
+    conn: ConnectionManager,
+    script: Script,
+    prefix: String,
+}
+
+impl RedisBuckets {
+    /// Connects (reconnecting automatically later). Fails if Redis is unreachable now.
+    pub async fn connect(url: &str, prefix: &str) -> redis::RedisResult<RedisBuckets> {
+        let client = redis::Client::open(url)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(std::time::Duration::from_secs(2))
+            .set_response_timeout(std::time::Duration::from_secs(2))
+            .set_number_of_retries(1);
+        let conn = ConnectionManager::new_with_config(client, config).await?;
+        Ok(RedisBuckets { conn, script: Script::new(GCRA_LUA), prefix: prefix.to_owned() })
+    }
+
+    pub async fn check(&self, charges: &[Charge], now_us: u64) -> redis::RedisResult<Verdict> {
+        let mut invocation = self.script.prepare_invoke();
+        invocation.arg(now_us);
+        for c in charges {
+            invocation.key(format!("{}:{}", self.prefix, c.key));
+            invocation.arg(c.rate.increment_us(c.cost)).arg(c.rate.window_us);
+        }
+        let reply: Vec<redis::Value> = invocation.invoke_async(&mut self.conn.clone()).await?;
+        let num = |v: &redis::Value| -> u64 {
+            match v {
+                redis::Value::Int(i) => *i as u64,
+                redis::Value::BulkString(b) => {
+                    std::str::from_utf8(b).ok().and_then(|s| s.parse().ok()).unwrap_or(0)
+                }
+                _ => 0,
+            }
+        };
+        let index = reply.first().map(num).unwrap_or(0);
+        Ok(if index == 0 {
+            Verdict::Allowed { tats: reply.iter().skip(1).map(num).collect() }
+        } else {
+            Verdict::Denied { index: index as usize - 1, tat: reply.get(1).map(num).unwrap_or(now_us) }
+        })
+    }
+
+    /// Round-trips a PING: for readiness.
+    pub async fn ping(&self) -> redis::RedisResult<()> {
+        redis::cmd("PING").query_async::<String>(&mut self.conn.clone()).await.map(|_| ())
+    }
+}
