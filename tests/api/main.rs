@@ -7,6 +7,7 @@ mod concurrency;
 mod config_cli;
 mod facilitator;
 mod interop;
+mod limits;
 mod mcp_surface;
 mod payments;
 mod pending;
