@@ -16,6 +16,7 @@ use secrecy::SecretString;
 use crate::ceiling::Ceiling;
 use crate::limits::WalletLimits;
 use crate::limits::redis::RedisBuckets;
+use crate::receipt::{ReceiptSigner, Receipts};
 
 use crate::chain::client::ChainClient;
 use crate::chain::{Network, parse_private_key};
@@ -41,6 +42,7 @@ pub struct AppState {
     pub limits: WalletLimits,
     pub ceiling: Arc<Ceiling>,
     pub metrics: PrometheusHandle,
+    pub receipts: Arc<Receipts>,
 }
 
 /// What tests and embedders may inject; production uses the defaults.
@@ -96,8 +98,23 @@ impl App {
         };
         let ceiling = Arc::new(Ceiling::from_config(&config.ceiling, shared));
         let metrics = crate::telemetry::metrics();
-        let state =
-            Arc::new(AppState { config, network, catalog, store, clock, gate, limits, ceiling, metrics });
+        let receipts = Arc::new(Receipts {
+            signer: ReceiptSigner::from_config(&config.receipts).context("receipts.key")?,
+            store: store.clone(),
+            server_id: config.server.server_id.clone(),
+        });
+        let state = Arc::new(AppState {
+            config,
+            network,
+            catalog,
+            store,
+            clock,
+            gate,
+            limits,
+            ceiling,
+            metrics,
+            receipts,
+        });
         Ok(App { listener, state })
     }
 
@@ -122,6 +139,9 @@ impl App {
         let reconciler = Reconciler::new(self.state.gate.clone(), self.stale_after());
         tokio::spawn(reconciler.run(RECONCILE_INTERVAL, cancel.child_token()));
         crate::ceiling::spawn_sweeper(self.state.ceiling.clone(), SWEEP_INTERVAL, cancel.child_token());
+        let every = Duration::from_secs(self.state.config.receipts.checkpoint_interval_secs);
+        let (receipts, clock) = (self.state.receipts.clone(), self.state.clock.clone());
+        crate::receipt::spawn_checkpointer(receipts, clock, every, cancel.child_token());
         let stop = cancel.clone();
         let serve = axum::serve(self.listener, router.into_make_service_with_connect_info::<SocketAddr>())
             .with_graceful_shutdown(async move {

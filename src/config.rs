@@ -32,7 +32,19 @@ pub struct Config {
     pub tools: ToolsConfig,
     pub ceiling: CeilingConfig,
     pub limits: LimitsConfig,
+    pub receipts: ReceiptsConfig,
     pub dev: DevConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiptsConfig {
+    /// Hex ed25519 seed (secret); prefer key_file or TOLLGATE_RECEIPTS__KEY.
+    pub key: SecretString,
+    pub key_file: String,
+    /// Hex public keys of retired signing keys, still published so old receipts verify.
+    pub previous_public_keys: Vec<String>,
+    pub checkpoint_interval_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -254,6 +266,15 @@ impl Config {
 
     /// `*_file` keys let orchestrators mount secrets as files (k8s Secrets, Docker secrets).
     fn resolve_secret_files(&mut self) -> Result<(), ConfigError> {
+        let path = self.receipts.key_file.trim();
+        if !path.is_empty() {
+            let key = std::fs::read_to_string(path).map_err(|source| ConfigError::File {
+                key: "receipts.key_file",
+                path: path.to_owned(),
+                source,
+            })?;
+            self.receipts.key = SecretString::from(key.trim().to_owned());
+        }
         let path = self.payment.relayer_key_file.trim();
         if !path.is_empty() {
             let key = std::fs::read_to_string(path).map_err(|source| ConfigError::File {
@@ -339,6 +360,19 @@ impl Config {
             })?;
         }
         self.validate_limits()?;
+        if let Some(key) = secret_opt(&self.receipts.key) {
+            crate::receipt::keys::parse_seed(key).ok_or_else(|| {
+                invalid("receipts.key", "must be a 32-byte hex ed25519 seed (tollgate keygen)")
+            })?;
+        }
+        for public in &self.receipts.previous_public_keys {
+            crate::receipt::keys::parse_public(public).ok_or_else(|| {
+                invalid("receipts.previous_public_keys", format!("{public:?} is not a hex ed25519 key"))
+            })?;
+        }
+        if self.receipts.checkpoint_interval_secs == 0 {
+            return Err(invalid("receipts.checkpoint_interval_secs", "must be at least 1"));
+        }
         UsdcAmount::parse(&self.dev.demo_payer_funding)
             .map_err(|e| invalid("dev.demo_payer_funding", e.to_string()))?;
         Ok(())

@@ -84,6 +84,15 @@ pub async fn run(
         remove_sqlite(&db);
         config.database.url = SecretString::from(format!("sqlite://{}", db.display()));
     }
+    if crate::config::secret_opt(&config.receipts.key).is_none() {
+        // The demo signs receipts with a key kept beside its payer key (created once).
+        let path = config.dev.state_dir.join("dev/receipt.key");
+        if !path.exists() {
+            crate::receipt::keys::generate_to(&path, false)?;
+        }
+        let seed = std::fs::read_to_string(&path)?;
+        config.receipts.key = SecretString::from(seed.trim().to_owned());
+    }
     config.validate()?;
     let app = App::build(config).await?;
     let url = format!("http://{}/mcp", app.local_addr());

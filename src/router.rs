@@ -85,7 +85,7 @@ async fn metrics(State(app): State<Arc<AppState>>) -> impl IntoResponse {
 
 /// The ceiling's HTTP adapter: key the request, count it, and either pass it on (with the
 /// client key for later stages and `RateLimit` headers) or answer 429.
-async fn ceiling_layer(
+pub async fn ceiling_layer(
     State(ceiling): State<Arc<Ceiling>>,
     mut request: Request<Body>,
     next: Next,

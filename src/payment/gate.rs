@@ -32,6 +32,10 @@ pub struct Settlement {
     pub block: u64,
     pub payer: String,
     pub network: String,
+    /// From the payment row: what the receipt binds.
+    pub asset: String,
+    pub amount: String,
+    pub nonce: String,
 }
 
 impl Settlement {
@@ -52,6 +56,9 @@ impl Settlement {
             block: u64::try_from(row.block_number?).ok()?,
             payer,
             network: row.network.clone(),
+            asset: row.asset.clone(),
+            amount: row.amount.clone(),
+            nonce: row.nonce.clone(),
         })
     }
 }
@@ -304,7 +311,16 @@ impl PaymentGate {
             .await
             .map_err(store_down)?;
         tracing::info!(payment.row = row.id, payment.tx = %transaction, payment.block = block, "payment settled");
-        Ok(Settlement { row_id: row.id, transaction, block, payer, network: row.network.clone() })
+        Ok(Settlement {
+            row_id: row.id,
+            transaction,
+            block,
+            payer,
+            network: row.network.clone(),
+            asset: row.asset.clone(),
+            amount: row.amount.clone(),
+            nonce: row.nonce.clone(),
+        })
     }
 
     async fn mark_pending(&self, id: i64, tx: Option<B256>) -> Result<Settlement, PaymentError> {

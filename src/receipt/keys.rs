@@ -63,6 +63,13 @@ pub fn parse_seed(text: &str) -> Option<SigningKey> {
     Some(SigningKey::from_bytes(&seed))
 }
 
+/// Parses a hex ed25519 public key.
+pub fn parse_public(text: &str) -> Option<VerifyingKey> {
+    let text = text.trim();
+    let bytes: [u8; 32] = hex::decode(text.strip_prefix("0x").unwrap_or(text)).ok()?.try_into().ok()?;
+    VerifyingKey::from_bytes(&bytes).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -140,6 +140,52 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
+/// Where a new receipt goes: its log index, its place in the payer's chain, and the hash of
+/// the payer's previous receipt ("" for the first).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceiptSlot {
+    pub log_index: i64,
+    pub payer_seq: i64,
+    pub prev_leaf_hash: String,
+}
+
+/// A receipt ready to store: canonical body, signature, key id and leaf hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewReceipt {
+    pub body: String,
+    pub signature: String,
+    pub kid: String,
+    pub leaf_hash: String,
+}
+
+/// A stored receipt (a leaf of the transparency log).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct StoredReceipt {
+    pub log_index: i64,
+    pub payment_row: i64,
+    pub payer: String,
+    pub payer_seq: i64,
+    pub body: String,
+    pub signature: String,
+    pub kid: String,
+    pub leaf_hash: String,
+    pub created_at: i64,
+}
+
+/// A signed tree head.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct StoredCheckpoint {
+    pub tree_size: i64,
+    pub root_hash: String,
+    pub body: String,
+    pub signature: String,
+    pub kid: String,
+    pub created_at: i64,
+}
+
+/// Signs a receipt once its slot is known (called inside the store's append transaction).
+pub type SignReceipt<'a> = &'a (dyn Fn(&ReceiptSlot) -> NewReceipt + Send + Sync);
+
 /// The one storage interface; every backend passes the same test suite.
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -173,6 +219,32 @@ pub trait Store: Send + Sync + 'static {
     async fn save_result(&self, id: i64, result_json: &str, now: i64) -> Result<(), StoreError>;
     /// Unresolved payments (claimed, settling, pending), oldest first.
     async fn unresolved(&self, limit: i64) -> Result<Vec<PaymentRecord>, StoreError>;
+
+    /// Appends the receipt of `payment_row` at the next log index and the payer's next
+    /// `payer_seq`, atomically across replicas; returns the existing one if it was issued.
+    async fn append_receipt(
+        &self,
+        payment_row: i64,
+        payer: &str,
+        now: i64,
+        sign: SignReceipt<'_>,
+    ) -> Result<StoredReceipt, StoreError>;
+    /// Number of leaves in the log.
+    async fn receipt_count(&self) -> Result<i64, StoreError>;
+    /// Leaf hashes (hex) of log indices `[0, size)`, in order.
+    async fn leaf_hashes(&self, size: i64) -> Result<Vec<String>, StoreError>;
+    async fn receipt_at(&self, log_index: i64) -> Result<Option<StoredReceipt>, StoreError>;
+    /// A payer's receipts with `payer_seq > after_seq`, in order, at most `limit`.
+    async fn receipts_of(
+        &self,
+        payer: &str,
+        after_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<StoredReceipt>, StoreError>;
+    async fn save_checkpoint(&self, c: &StoredCheckpoint) -> Result<(), StoreError>;
+    async fn latest_checkpoint(&self) -> Result<Option<StoredCheckpoint>, StoreError>;
+    /// True if this process may run fleet-wide singletons (the checkpointer) right now.
+    async fn try_lead(&self) -> Result<bool, StoreError>;
 }
 
 /// Opens the backend named by the URL scheme and applies migrations.

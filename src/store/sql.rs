@@ -12,18 +12,25 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{PgPool, SqlitePool};
 
-use super::{Claim, NewPayment, PaymentRecord, PaymentState, Store, StoreError, Transition};
+use super::{
+    Claim, NewPayment, PaymentRecord, PaymentState, ReceiptSlot, SignReceipt, Store, StoreError,
+    StoredCheckpoint, StoredReceipt, Transition,
+};
 
 /// SQLite, for `tollgate dev` and single-node deployments.
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    append_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 /// PostgreSQL, for fleets: every replica shares the claim table.
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
+    append_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// The connection holding the checkpointer's advisory lock, while this replica leads.
+    leader: std::sync::Arc<tokio::sync::Mutex<Option<sqlx::pool::PoolConnection<sqlx::Postgres>>>>,
 }
 
 impl SqliteStore {
@@ -36,7 +43,7 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(10));
         let pool = SqlitePoolOptions::new().max_connections(max_connections).connect_with(options).await?;
-        Ok(SqliteStore { pool })
+        Ok(SqliteStore { pool, append_lock: Default::default() })
     }
 }
 
@@ -70,7 +77,7 @@ impl PgStore {
             .acquire_timeout(Duration::from_secs(5))
             .connect_with(options)
             .await?;
-        Ok(PgStore { pool })
+        Ok(PgStore { pool, append_lock: Default::default(), leader: Default::default() })
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -129,6 +136,17 @@ impl TryFrom<Row> for PaymentRecord {
     }
 }
 
+/// `select <receipt columns> from receipts <rest>`, as a static string.
+macro_rules! select_receipts {
+    ($rest:literal) => {
+        concat!(
+            "select log_index, payment_row, payer, payer_seq, body, signature, kid, leaf_hash, created_at ",
+            "from receipts ",
+            $rest
+        )
+    };
+}
+
 /// `select <all payment columns and the result> … where <clause>`, as a static string.
 macro_rules! select_where {
     ($clause:literal) => {
@@ -154,7 +172,7 @@ fn state_list(states: &[PaymentState]) -> String {
 }
 
 macro_rules! impl_store {
-    ($store:ty, $migrator:expr) => {
+    ($store:ty, $migrator:expr, $append_lock:expr) => {
         #[async_trait::async_trait]
         impl Store for $store {
             async fn migrate(&self) -> Result<(), StoreError> {
@@ -303,9 +321,158 @@ macro_rules! impl_store {
                 let rows = sqlx::query_as::<_, Row>(sql).bind(limit).fetch_all(&self.pool).await?;
                 rows.into_iter().map(PaymentRecord::try_from).collect()
             }
+
+            async fn append_receipt(
+                &self,
+                payment_row: i64,
+                payer: &str,
+                now: i64,
+                sign: SignReceipt<'_>,
+            ) -> Result<StoredReceipt, StoreError> {
+                // One appender at a time: in process (SQLite has one writer anyway) and, on
+                // Postgres, fleet-wide via a transaction-scoped advisory lock.
+                let _serial = self.append_lock.lock().await;
+                let mut tx = self.pool.begin().await?;
+                if let Some(lock) = $append_lock {
+                    sqlx::query(lock).execute(&mut *tx).await?;
+                }
+                let existing = sqlx::query_as::<_, StoredReceipt>(select_receipts!("where payment_row = $1"))
+                    .bind(payment_row)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if let Some(existing) = existing {
+                    return Ok(existing);
+                }
+                let (log_index,): (i64,) =
+                    sqlx::query_as("select coalesce(max(log_index) + 1, 0) from receipts").fetch_one(&mut *tx).await?;
+                let previous: Option<(i64, String)> = sqlx::query_as(
+                    "select payer_seq, leaf_hash from receipts where payer = $1 order by payer_seq desc limit 1",
+                )
+                .bind(payer)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let (prev_seq, prev_leaf_hash) = previous.unwrap_or((0, String::new()));
+                let slot = ReceiptSlot { log_index, payer_seq: prev_seq + 1, prev_leaf_hash };
+                let new = sign(&slot);
+                let stored = StoredReceipt {
+                    log_index,
+                    payment_row,
+                    payer: payer.to_owned(),
+                    payer_seq: slot.payer_seq,
+                    body: new.body,
+                    signature: new.signature,
+                    kid: new.kid,
+                    leaf_hash: new.leaf_hash,
+                    created_at: now,
+                };
+                sqlx::query(
+                    "insert into receipts (log_index, payment_row, payer, payer_seq, body, signature, kid, \
+                     leaf_hash, created_at) values ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                )
+                .bind(stored.log_index)
+                .bind(stored.payment_row)
+                .bind(&stored.payer)
+                .bind(stored.payer_seq)
+                .bind(&stored.body)
+                .bind(&stored.signature)
+                .bind(&stored.kid)
+                .bind(&stored.leaf_hash)
+                .bind(stored.created_at)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok(stored)
+            }
+
+            async fn receipt_count(&self) -> Result<i64, StoreError> {
+                let (n,): (i64,) = sqlx::query_as("select count(*) from receipts").fetch_one(&self.pool).await?;
+                Ok(n)
+            }
+
+            async fn leaf_hashes(&self, size: i64) -> Result<Vec<String>, StoreError> {
+                let rows: Vec<(String,)> =
+                    sqlx::query_as("select leaf_hash from receipts where log_index < $1 order by log_index")
+                        .bind(size)
+                        .fetch_all(&self.pool)
+                        .await?;
+                Ok(rows.into_iter().map(|(h,)| h).collect())
+            }
+
+            async fn receipt_at(&self, log_index: i64) -> Result<Option<StoredReceipt>, StoreError> {
+                Ok(sqlx::query_as(select_receipts!("where log_index = $1"))
+                    .bind(log_index)
+                    .fetch_optional(&self.pool)
+                    .await?)
+            }
+
+            async fn receipts_of(&self, payer: &str, after_seq: i64, limit: i64) -> Result<Vec<StoredReceipt>, StoreError> {
+                Ok(sqlx::query_as(select_receipts!("where payer = $1 and payer_seq > $2 order by payer_seq limit $3"))
+                .bind(payer)
+                .bind(after_seq)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?)
+            }
+
+            async fn save_checkpoint(&self, c: &StoredCheckpoint) -> Result<(), StoreError> {
+                sqlx::query(
+                    "insert into log_checkpoints (tree_size, root_hash, body, signature, kid, created_at) \
+                     values ($1, $2, $3, $4, $5, $6) on conflict do nothing",
+                )
+                .bind(c.tree_size)
+                .bind(&c.root_hash)
+                .bind(&c.body)
+                .bind(&c.signature)
+                .bind(&c.kid)
+                .bind(c.created_at)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn latest_checkpoint(&self) -> Result<Option<StoredCheckpoint>, StoreError> {
+                Ok(sqlx::query_as(
+                    "select tree_size, root_hash, body, signature, kid, created_at from log_checkpoints \
+                     order by tree_size desc limit 1",
+                )
+                .fetch_optional(&self.pool)
+                .await?)
+            }
+
+            async fn try_lead(&self) -> Result<bool, StoreError> {
+                self.lead().await
+            }
         }
     };
 }
 
-impl_store!(SqliteStore, sqlx::migrate!("migrations/sqlite"));
-impl_store!(PgStore, sqlx::migrate!("migrations/postgres"));
+impl_store!(SqliteStore, sqlx::migrate!("migrations/sqlite"), None::<&str>);
+impl_store!(PgStore, sqlx::migrate!("migrations/postgres"), Some("select pg_advisory_xact_lock(6962001)"));
+
+impl SqliteStore {
+    /// SQLite serves one process: it always leads.
+    async fn lead(&self) -> Result<bool, StoreError> {
+        Ok(true)
+    }
+}
+
+impl PgStore {
+    /// Session-level advisory lock on a connection this store keeps: held until the process
+    /// (or its connection) dies, when another replica takes over.
+    async fn lead(&self) -> Result<bool, StoreError> {
+        let mut leader = self.leader.lock().await;
+        if let Some(conn) = leader.as_mut() {
+            if sqlx::query("select 1").execute(&mut **conn).await.is_ok() {
+                return Ok(true);
+            }
+            *leader = None;
+        }
+        let mut conn = self.pool.acquire().await?;
+        let (won,): (bool,) =
+            sqlx::query_as("select pg_try_advisory_lock(6962002)").fetch_one(&mut *conn).await?;
+        if won {
+            *leader = Some(conn);
+        }
+        Ok(won)
+    }
+}

@@ -44,8 +44,8 @@ impl ToolEntry {
         if problems.is_empty() { Ok(()) } else { Err(problems) }
     }
 
-    pub async fn run(&self, args: JsonObject) -> CallToolResult {
-        self.handler.call(args).await
+    pub async fn run(&self, args: &JsonObject) -> CallToolResult {
+        self.handler.call(args.clone()).await
     }
 }
 

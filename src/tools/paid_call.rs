@@ -13,6 +13,7 @@ use crate::payment::PaymentError;
 use crate::payment::decode::PaymentInput;
 use crate::payment::gate::{Claimed, Settlement};
 use crate::payment::verify::{VerifiedPayment, verify};
+use crate::receipt::ReceiptInput;
 
 /// One `tools/call` for a known tool.
 #[derive(Debug, Clone)]
@@ -32,7 +33,7 @@ pub async fn paid_call(app: &Arc<AppState>, entry: &ToolEntry, call: ToolCall) -
         return results::invalid_arguments(&entry.tool.name, problems);
     }
     let Some(quote) = &entry.quote else {
-        return entry.run(call.arguments).await;
+        return entry.run(&call.arguments).await;
     };
     // 4. No payment: the challenge.
     let Some(payment) = call.payment else {
@@ -102,7 +103,26 @@ async fn run_once(
     if !leased {
         return results::payment_error(quote, &PaymentError::InProgress);
     }
-    let result = results::with_payment_response(entry.run(args).await, settled);
+    let result = entry.run(&args).await;
+    // 10. The signed receipt, appended to the log, beside the standard payment response.
+    let input = ReceiptInput {
+        tool: &quote.tool,
+        args: &args,
+        result: &result,
+        settlement: settled,
+        pay_to: &quote.requirements.pay_to,
+        now: app.clock.now_unix(),
+    };
+    let receipt = match app.receipts.issue(&input).await {
+        Ok(receipt) => Some(receipt),
+        Err(e) => {
+            // The call was paid and ran: serve it; the stored result (without a receipt) is
+            // replayed, and the payment row still proves the settlement.
+            tracing::error!(error = %e, payment.row = settled.row_id, "could not issue the receipt");
+            None
+        }
+    };
+    let result = results::paid(result, settled, receipt.as_ref());
     let json = serde_json::to_string(&result).expect("CallToolResult serialises");
     if let Err(e) = app.gate.store.save_result(settled.row_id, &json, now).await {
         // The result is still served; a replay will re-run under an expired lease.

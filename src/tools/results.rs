@@ -12,6 +12,7 @@ use crate::payment::PaymentError;
 use crate::payment::gate::Settlement;
 use crate::payment::requirements::Quote;
 use crate::payment::wire::{META_PAYMENT_RESPONSE, PaymentRequired};
+use crate::receipt::{META_RECEIPT, SignedReceipt};
 
 /// The x402 MCP-transport PaymentRequired (reference/x402.md §4.1): `isError: true`,
 /// `structuredContent` = the object, `content[0].text` = the same JSON, from one serialisation.
@@ -70,11 +71,18 @@ pub fn payment_error(quote: &Quote, error: &PaymentError) -> CallToolResult {
     result
 }
 
-/// A paid result: the handler's answer plus the standard settlement response.
-pub fn with_payment_response(mut result: CallToolResult, settlement: &Settlement) -> CallToolResult {
+/// A paid result: the handler's answer, the standard settlement response and the receipt.
+pub fn paid(
+    mut result: CallToolResult,
+    settlement: &Settlement,
+    receipt: Option<&SignedReceipt>,
+) -> CallToolResult {
     let mut meta = result.meta.take().unwrap_or_default();
     let response = serde_json::to_value(settlement.response()).expect("serialises");
     meta.0.insert(META_PAYMENT_RESPONSE.to_owned(), response);
+    if let Some(receipt) = receipt {
+        meta.0.insert(META_RECEIPT.to_owned(), crate::receipt::meta_value(receipt));
+    }
     result.meta = Some(meta);
     result
 }

@@ -146,6 +146,8 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
     config.database.url = format!("sqlite://{}", dir.path().join("tollgate.db").display()).into();
     let chain = DevChain::start(&config, &dir.path().join("payer.key")).await.expect("dev chain");
     chain.apply(&mut config);
+    let receipt_key = ed25519_dalek::SigningKey::from_bytes(&rand::random::<[u8; 32]>());
+    config.receipts.key = hex::encode(receipt_key.to_bytes()).into();
     tweak(&mut config);
     config.validate().expect("test config valid");
     let clock = ManualClock::new(SystemClock.now_unix());

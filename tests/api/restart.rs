@@ -22,6 +22,7 @@ fn serve(app: &TestApp, port: u16, db: &std::path::Path) -> Child {
         .env("TOLLGATE_PAYMENT__PAY_TO", app.chain.pay_to.to_checksum(None))
         .env("TOLLGATE_PAYMENT__RELAYER_KEY", DEV_KEYS[1])
         .env("TOLLGATE_DATABASE__URL", format!("sqlite://{}", db.display()))
+        .env("TOLLGATE_RECEIPTS__KEY", "11".repeat(32))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
