@@ -36,6 +36,11 @@ pub enum Command {
     },
     /// Call a tool on any x402 MCP server, paying if asked (within spend caps).
     Call(CallArgs),
+    /// Audit a server as a wallet-holder: receipts, log and chain, both ways.
+    Audit(AuditArgs),
+    /// Offline receipt tools.
+    #[command(subcommand)]
+    Receipts(ReceiptsCommand),
     /// Apply database migrations and exit.
     Migrate,
     /// Print the embedded default configuration, with every key documented.
@@ -77,8 +82,47 @@ pub struct CallArgs {
     pub json: bool,
 }
 
+#[derive(Debug, clap::Args)]
+pub struct AuditArgs {
+    /// The wallet whose receipts are audited (must match the key).
+    #[arg(long)]
+    pub wallet: String,
+    /// The server's base URL, e.g. http://127.0.0.1:8402
+    #[arg(long)]
+    pub server: String,
+    /// A JSON-RPC endpoint of the chain, to reconcile with on-chain transfers.
+    #[arg(long)]
+    pub rpc: String,
+    /// File with the wallet's hex private key, to prove the receipts are yours (else env
+    /// TOLLGATE_PAYER_KEY). It signs a short-lived challenge only.
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// Where the checkpoint of the previous audit is kept (default under .tollgate/audit/).
+    #[arg(long)]
+    pub state: Option<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReceiptsCommand {
+    /// Verify one receipt offline: a JSON file with `body` and `signature` (the value of
+    /// `_meta["tollgate/receipt"]`, or a whole tool result carrying it).
+    Verify {
+        file: PathBuf,
+        /// The server's receipt public key, hex (from /.well-known/x402).
+        #[arg(long)]
+        public_key: String,
+    },
+}
+
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Audit(args) => return audit(args).await,
+        Command::Receipts(ReceiptsCommand::Verify { file, public_key }) => {
+            return verify_receipt(&file, &public_key);
+        }
         Command::Call(args) => return call(args).await,
         Command::PrintDefaultConfig => {
             print!("{DEFAULT_TOML}");
@@ -190,4 +234,62 @@ async fn call(a: CallArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::from(code))
+}
+
+fn read_key(file: Option<&PathBuf>) -> anyhow::Result<alloy::signers::local::PrivateKeySigner> {
+    let key = match file {
+        Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+        None => std::env::var("TOLLGATE_PAYER_KEY").context("pass --key FILE or set TOLLGATE_PAYER_KEY")?,
+    };
+    Ok(crate::chain::parse_private_key(&key)?)
+}
+
+/// `tollgate audit`: exit 0 when everything checks out, 1 on any mismatch.
+async fn audit(a: AuditArgs) -> anyhow::Result<ExitCode> {
+    let signer = read_key(a.key.as_ref())?;
+    let wallet: alloy::primitives::Address = a.wallet.parse().context("--wallet")?;
+    anyhow::ensure!(signer.address() == wallet, "the key is not the key of --wallet {wallet}");
+    let state_file = a.state.unwrap_or_else(|| {
+        let server = hex::encode(&<sha2::Sha256 as sha2::Digest>::digest(a.server.as_bytes())[..8]);
+        PathBuf::from(format!(".tollgate/audit/{server}-{wallet:#x}.json"))
+    });
+    let request = crate::audit::AuditRequest { wallet: &signer, server: &a.server, rpc: &a.rpc, state_file };
+    let report = crate::audit::audit(&request).await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", crate::audit::render(&report));
+    }
+    Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// `tollgate receipts verify`: exit 0 for a valid signature, 1 otherwise.
+fn verify_receipt(file: &std::path::Path, public_key: &str) -> anyhow::Result<ExitCode> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let value: serde_json::Value = serde_json::from_str(&text).context("not JSON")?;
+    let value = value.pointer("/_meta/tollgate~1receipt").cloned().unwrap_or(value);
+    let receipt: crate::receipt::SignedReceipt =
+        serde_json::from_value(value).context("not a tollgate receipt")?;
+    let key =
+        crate::receipt::keys::parse_public(public_key).context("--public-key is not a hex ed25519 key")?;
+    let b = &receipt.body;
+    println!(
+        "receipt #{} of {} (log index {}): {} for {} atomic units, tx {}",
+        b.payer_seq, b.payer, b.log_index, b.tool, b.amount, b.tx
+    );
+    if crate::receipt::keys::key_id(&key) != b.kid {
+        println!(
+            "INVALID: signed by key {}, not by the key given ({})",
+            b.kid,
+            crate::receipt::keys::key_id(&key)
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    if receipt.verify(&key) {
+        println!("valid: signature by {} over the canonical body", b.kid);
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("INVALID: the signature does not match the body (it was altered or forged)");
+        Ok(ExitCode::FAILURE)
+    }
 }

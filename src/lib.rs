@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod audit;
 pub mod ceiling;
 pub mod chain;
 pub mod cli;
@@ -26,6 +27,7 @@ pub mod dev;
 pub mod limits;
 pub mod money;
 pub mod payment;
+pub mod public_api;
 pub mod receipt;
 pub mod router;
 pub mod store;

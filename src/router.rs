@@ -35,6 +35,7 @@ pub fn router(app: Arc<AppState>, cancel: CancellationToken) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .merge(crate::public_api::routes())
         .with_state(app.clone());
 
     routes.layer(

@@ -2,6 +2,7 @@
 
 mod helpers;
 
+mod audit;
 mod client;
 mod concurrency;
 mod config_cli;

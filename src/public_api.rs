@@ -1,0 +1,197 @@
+//! Public, read-only HTTP endpoints: the listing at `/.well-known/x402` and the transparency
+//! log (checkpoint, inclusion and consistency proofs, a payer's own receipts).
+//!
+//! An HTTP adapter only: proofs come from `receipt::merkle`, permissions from
+//! `receipt::audit_api`. Listing a payer's receipts requires that wallet's signature.
+
+use std::sync::Arc;
+
+use alloy::primitives::Address;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::app::AppState;
+use crate::receipt::{SignedCheckpoint, SignedReceipt, audit_api, merkle};
+
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/.well-known/x402", get(well_known))
+        .route("/log/checkpoint", get(checkpoint))
+        .route("/log/inclusion", get(inclusion))
+        .route("/log/consistency", get(consistency))
+        .route("/log/receipts/challenge", post(challenge))
+        .route("/log/receipts", post(receipts))
+}
+
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": code, "message": message.into() }))).into_response()
+}
+
+fn unavailable(e: impl std::fmt::Display) -> Response {
+    tracing::warn!(error = %e, "log endpoint: store unavailable");
+    error(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", "the log store is unavailable; retry later")
+}
+
+/// The server's listing: tools and prices, payment terms, receipt keys and log endpoints.
+async fn well_known(State(app): State<Arc<AppState>>) -> Json<Value> {
+    let tools: Vec<Value> = app
+        .catalog
+        .tools()
+        .into_iter()
+        .map(|t| {
+            let price = app.catalog.get(&t.name).and_then(|e| e.quote.as_ref()).map(|q| q.price_meta().1);
+            json!({ "name": t.name, "description": t.description, "inputSchema": t.input_schema, "price": price })
+        })
+        .collect();
+    let current = &app.receipts.signer.kid;
+    let keys: Vec<Value> = app
+        .receipts
+        .signer
+        .published()
+        .iter()
+        .map(|(kid, key)| {
+            json!({ "kid": kid, "alg": "ed25519", "publicKey": hex::encode(key.as_bytes()), "current": kid == current })
+        })
+        .collect();
+    Json(json!({
+        "x402Version": 2,
+        "server": app.config.server.server_id,
+        "mcp": "/mcp",
+        "network": app.network.caip2,
+        "asset": app.network.asset.to_checksum(None),
+        "eip712": { "name": app.network.eip712_name, "version": app.network.eip712_version },
+        "payTo": app.config.payment.pay_to,
+        "tools": tools,
+        "receiptKeys": keys,
+        "log": {
+            "checkpoint": "/log/checkpoint",
+            "inclusion": "/log/inclusion?index={index}&tree_size={size}",
+            "consistency": "/log/consistency?first={first}&second={second}",
+            "challenge": "/log/receipts/challenge",
+            "receipts": "/log/receipts",
+        },
+    }))
+}
+
+async fn checkpoint(State(app): State<Arc<AppState>>) -> Response {
+    match app.store.latest_checkpoint().await {
+        Ok(Some(c)) => match SignedCheckpoint::from_stored(&c) {
+            Ok(signed) => Json(signed).into_response(),
+            Err(e) => unavailable(e),
+        },
+        Ok(None) => error(StatusCode::NOT_FOUND, "no_checkpoint", "the log has no checkpoint yet"),
+        Err(e) => unavailable(e),
+    }
+}
+
+/// Leaf hashes of the first `size` leaves, if the log has that many.
+async fn leaves(app: &AppState, size: u64) -> Result<Vec<merkle::Hash>, Response> {
+    let count = app.store.receipt_count().await.map_err(unavailable)? as u64;
+    if size == 0 || size > count {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "bad_tree_size",
+            format!("tree size must be 1..={count}"),
+        ));
+    }
+    let hashes = app.store.leaf_hashes(size as i64).await.map_err(unavailable)?;
+    hashes
+        .iter()
+        .map(|h| hex::decode(h).ok().and_then(|b| b.try_into().ok()))
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| unavailable("corrupt leaf hash"))
+}
+
+#[derive(Deserialize)]
+struct InclusionQuery {
+    index: u64,
+    tree_size: u64,
+}
+
+async fn inclusion(State(app): State<Arc<AppState>>, Query(q): Query<InclusionQuery>) -> Response {
+    let leaves = match leaves(&app, q.tree_size).await {
+        Ok(l) => l,
+        Err(response) => return response,
+    };
+    let Some(leaf) = leaves.get(q.index as usize) else {
+        return error(StatusCode::BAD_REQUEST, "bad_index", "index must be below tree_size");
+    };
+    let proof: Vec<String> =
+        merkle::inclusion_proof(q.index as usize, &leaves).iter().map(hex::encode).collect();
+    Json(
+        json!({ "index": q.index, "tree_size": q.tree_size, "leaf_hash": hex::encode(leaf), "proof": proof }),
+    )
+    .into_response()
+}
+
+#[derive(Deserialize)]
+struct ConsistencyQuery {
+    first: u64,
+    second: u64,
+}
+
+async fn consistency(State(app): State<Arc<AppState>>, Query(q): Query<ConsistencyQuery>) -> Response {
+    if q.first == 0 || q.first > q.second {
+        return error(StatusCode::BAD_REQUEST, "bad_sizes", "need 1 <= first <= second");
+    }
+    let leaves = match leaves(&app, q.second).await {
+        Ok(l) => l,
+        Err(response) => return response,
+    };
+    let proof: Vec<String> =
+        merkle::consistency_proof(q.first as usize, &leaves).iter().map(hex::encode).collect();
+    Json(json!({ "first": q.first, "second": q.second, "proof": proof })).into_response()
+}
+
+#[derive(Deserialize)]
+struct ChallengeRequest {
+    wallet: Address,
+}
+
+async fn challenge(State(app): State<Arc<AppState>>, Json(req): Json<ChallengeRequest>) -> Json<Value> {
+    let server = &app.config.server.server_id;
+    let text = audit_api::issue(&app.receipts.signer, server, req.wallet, app.clock.now_unix());
+    Json(json!({ "challenge": text, "ttl_seconds": audit_api::CHALLENGE_TTL_SECS }))
+}
+
+#[derive(Deserialize)]
+struct ReceiptsRequest {
+    wallet: Address,
+    #[serde(default)]
+    after_seq: u64,
+    challenge: String,
+    /// EIP-191 signature of `challenge` by `wallet`, 0x-hex.
+    signature: String,
+}
+
+/// Page size for a payer's receipts.
+const RECEIPTS_PAGE: i64 = 500;
+
+async fn receipts(State(app): State<Arc<AppState>>, Json(req): Json<ReceiptsRequest>) -> Response {
+    let server = &app.config.server.server_id;
+    let now = app.clock.now_unix();
+    if let Err(e) =
+        audit_api::check(&app.receipts.signer, server, req.wallet, &req.challenge, &req.signature, now)
+    {
+        return error(StatusCode::FORBIDDEN, "not_authorized", e.to_string());
+    }
+    let payer = format!("{:#x}", req.wallet);
+    let rows = match app.store.receipts_of(&payer, req.after_seq as i64, RECEIPTS_PAGE).await {
+        Ok(rows) => rows,
+        Err(e) => return unavailable(e),
+    };
+    let mut out = Vec::with_capacity(rows.len());
+    for row in &rows {
+        match SignedReceipt::from_stored(row) {
+            Ok(receipt) => out.push(json!({ "log_index": row.log_index, "receipt": receipt })),
+            Err(e) => return unavailable(e),
+        }
+    }
+    let more = rows.len() as i64 == RECEIPTS_PAGE;
+    Json(json!({ "receipts": out, "more": more })).into_response()
+}

@@ -1,0 +1,394 @@
+//! Receipts, the transparency log and `tollgate audit`: an honest server passes, and each kind
+//! of dishonesty is caught with a clear message.
+
+use std::sync::Arc;
+
+use alloy::primitives::U256;
+use alloy::signers::SignerSync;
+use alloy::signers::local::PrivateKeySigner;
+use axum::body::Bytes;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use tokio::process::Command;
+use tollgate::audit::{AuditReport, AuditRequest, Problem, audit};
+use tollgate::clock::Clock;
+
+use crate::helpers::{TestApp, spawn_app};
+
+/// Makes `n` paid calls as the demo payer; returns the results.
+async fn paid_calls(app: &TestApp, n: usize) -> Vec<Value> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let payload = app.sign(&app.payer(), &app.requirements("counted", json!({})).await);
+        let result = app.pay("counted", json!({ "text": format!("call {i}") }), &payload).await;
+        assert_eq!(result["isError"], false, "{result}");
+        out.push(result);
+    }
+    out
+}
+
+async fn checkpoint(app: &TestApp) {
+    app.state.receipts.checkpoint(app.clock.now_unix()).await.unwrap();
+}
+
+async fn run_audit(app: &TestApp, server: &str, state: &std::path::Path) -> AuditReport {
+    let payer = app.payer();
+    let rpc = app.chain.anvil.endpoint();
+    audit(&AuditRequest { wallet: &payer, server, rpc: &rpc, state_file: state.to_owned() }).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_paid_result_carries_a_signed_receipt_that_verifies_against_the_published_key() {
+    let app = spawn_app().await;
+    let results = paid_calls(&app, 2).await;
+    let listing: Value =
+        reqwest::get(format!("{}/.well-known/x402", app.base_url())).await.unwrap().json().await.unwrap();
+    let key = tollgate::receipt::keys::parse_public(listing["receiptKeys"][0]["publicKey"].as_str().unwrap())
+        .unwrap();
+    let first: tollgate::receipt::SignedReceipt =
+        serde_json::from_value(results[0]["_meta"]["tollgate/receipt"].clone()).unwrap();
+    let second: tollgate::receipt::SignedReceipt =
+        serde_json::from_value(results[1]["_meta"]["tollgate/receipt"].clone()).unwrap();
+    assert!(first.verify(&key) && second.verify(&key));
+    assert_eq!((first.body.payer_seq, second.body.payer_seq), (1, 2));
+    assert_eq!(second.body.prev, hex::encode(first.leaf_hash()), "receipts chain per payer");
+    assert_eq!(first.body.tx, results[0]["_meta"]["x402/payment-response"]["transaction"]);
+    assert_eq!(first.body.amount, crate::helpers::COUNTED_PRICE.to_string());
+    assert_eq!(first.body.outcome, "ok");
+    assert_eq!(listing["tools"].as_array().unwrap().len(), 4, "the listing names the tools");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_honest_server_passes_the_audit_and_stays_consistent_across_audits() {
+    // Arrange
+    let app = spawn_app().await;
+    let state = app.dir.path().join("audit.json");
+    paid_calls(&app, 3).await;
+    checkpoint(&app).await;
+    // Act 1
+    let first = run_audit(&app, &app.base_url(), &state).await;
+    // Assert 1
+    assert!(first.ok(), "{}", tollgate::audit::render(&first));
+    assert_eq!(first.receipts.len(), 3);
+    assert!(first.receipts.iter().all(|r| r.signature_ok && r.on_chain && r.in_log == Some(true)));
+    assert_eq!(first.checkpoint_size, 3);
+    // Act 2: more calls, one of them not yet checkpointed.
+    paid_calls(&app, 2).await;
+    checkpoint(&app).await;
+    paid_calls(&app, 1).await;
+    let second = run_audit(&app, &app.base_url(), &state).await;
+    // Assert 2
+    assert!(second.ok(), "{}", tollgate::audit::render(&second));
+    assert_eq!(second.previous_checkpoint_size, Some(3), "checked against the saved checkpoint");
+    assert_eq!(second.checkpoint_size, 5);
+    assert_eq!(second.receipts.last().unwrap().in_log, None, "not yet integrated is not a failure");
+    app.shutdown().await;
+}
+
+type Mutation = Arc<dyn Fn(&str, Value) -> Value + Send + Sync>;
+/// Recognises the problem a tampering must produce.
+type Expect = fn(&Problem) -> bool;
+
+/// A dishonest front: forwards to the real server and rewrites its JSON answers.
+async fn tampering_proxy(upstream: String, mutate: Mutation) -> String {
+    async fn forward(State((upstream, mutate)): State<(String, Mutation)>, request: Request) -> Response {
+        let (parts, body) = request.into_parts();
+        let path = parts.uri.path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_default();
+        let body: Bytes = axum::body::to_bytes(body, 1 << 20).await.unwrap();
+        let response = reqwest::Client::new()
+            .request(parts.method.clone(), format!("{upstream}{path}"))
+            .header("content-type", "application/json")
+            .body(body.to_vec())
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let value: Value = response.json().await.unwrap_or(Value::Null);
+        let changed = mutate(parts.uri.path(), value);
+        (status, axum::Json(changed)).into_response()
+    }
+    let router = axum::Router::new().fallback(forward).with_state((upstream, mutate));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    url
+}
+
+fn on(path: &'static str, f: impl Fn(&mut Value) + Send + Sync + 'static) -> Mutation {
+    Arc::new(move |p, mut v| {
+        if p == path {
+            f(&mut v);
+        }
+        v
+    })
+}
+
+#[tokio::test]
+async fn each_kind_of_tampering_is_caught_with_a_clear_message() {
+    // Arrange: an honest log of three receipts.
+    let app = spawn_app().await;
+    paid_calls(&app, 3).await;
+    checkpoint(&app).await;
+    let other_key = hex::encode(ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key().as_bytes());
+    let cases: Vec<(&str, Mutation, Expect)> = vec![
+        (
+            "a changed receipt field",
+            on("/log/receipts", |v| v["receipts"][1]["receipt"]["body"]["amount"] = json!("1")),
+            |p| matches!(p, Problem::BadSignature { payer_seq: 2 }),
+        ),
+        (
+            "a dropped receipt",
+            on("/log/receipts", |v| {
+                v["receipts"].as_array_mut().unwrap().remove(1);
+            }),
+            |p| matches!(p, Problem::SeqGap { expected: 2, found: 3 }),
+        ),
+        (
+            "two receipts with the same payer_seq",
+            on("/log/receipts", |v| {
+                let copy = v["receipts"][1].clone();
+                v["receipts"].as_array_mut().unwrap().insert(2, copy);
+            }),
+            |p| matches!(p, Problem::SeqFork { payer_seq: 2 }),
+        ),
+        (
+            "a signature by an unknown key",
+            on("/.well-known/x402", move |v| v["receiptKeys"][0]["publicKey"] = json!(other_key.clone())),
+            |p| matches!(p, Problem::UnknownKey { .. }),
+        ),
+    ];
+    for (why, mutation, expected) in cases {
+        // Act
+        let proxy = tampering_proxy(app.base_url(), mutation).await;
+        let state = app.dir.path().join(format!("{}.json", why.replace(' ', "_")));
+        let report = run_audit(&app, &proxy, &state).await;
+        // Assert
+        assert!(!report.ok(), "{why} went unnoticed");
+        assert!(report.problems.iter().any(expected), "{why}: {:?}", report.problems);
+        let text = tollgate::audit::render(&report);
+        assert!(text.contains("verdict: FAILED"), "{text}");
+    }
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_log_that_rewrote_history_between_two_audits_is_caught() {
+    // Arrange: an honest first audit saves the checkpoint.
+    let app = spawn_app().await;
+    let state = app.dir.path().join("audit.json");
+    paid_calls(&app, 3).await;
+    checkpoint(&app).await;
+    assert!(run_audit(&app, &app.base_url(), &state).await.ok());
+    paid_calls(&app, 2).await;
+    checkpoint(&app).await;
+    // The server (holding its own key) now signs a head over a history with leaf 0 rewritten.
+    let key = tollgate::receipt::keys::parse_seed(
+        tollgate::config::secret_opt(&app.state.config.receipts.key).unwrap(),
+    )
+    .unwrap();
+    let signer = Arc::new(tollgate::receipt::ReceiptSigner::new(key));
+    let mut leaves: Vec<_> = app.state.store.leaf_hashes(5).await.unwrap();
+    leaves[0] = hex::encode(tollgate::receipt::merkle::leaf_hash(b"rewritten"));
+    let leaves: Vec<[u8; 32]> = leaves.iter().map(|h| hex::decode(h).unwrap().try_into().unwrap()).collect();
+    let fake_root = hex::encode(tollgate::receipt::merkle::root(&leaves));
+    let mutation = on("/log/checkpoint", move |v| {
+        v["body"]["root"] = json!(fake_root.clone());
+        let text = tollgate::receipt::canonical(&v["body"]);
+        v["signature"] = json!(signer.sign(text.as_bytes()));
+    });
+    let proxy = tampering_proxy(app.base_url(), mutation).await;
+    // Act
+    let report = run_audit(&app, &proxy, &state).await;
+    // Assert
+    assert!(
+        report.problems.iter().any(|p| matches!(p, Problem::LogRewritten { previous_size: 3, size: 5 })),
+        "{:?}",
+        report.problems
+    );
+    assert!(tollgate::audit::render(&report).contains("rewrote history"));
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_transfer_on_chain_without_a_receipt_is_caught() {
+    let app = spawn_app().await;
+    paid_calls(&app, 1).await;
+    // The payer's authorization to payTo is spent on chain, but no receipt was ever issued.
+    let payload = app.sign(&app.payer(), &app.requirements("counted", json!({})).await);
+    let a = &payload["payload"]["authorization"];
+    let relayer = tollgate::chain::parse_private_key(tollgate::chain::anvil::DEV_KEYS[3]).unwrap();
+    let provider = alloy::providers::ProviderBuilder::new()
+        .wallet(alloy::network::EthereumWallet::from(relayer))
+        .connect_http(app.chain.anvil.endpoint().parse().unwrap());
+    let num = |k: &str| U256::from_str_radix(a[k].as_str().unwrap(), 10).unwrap();
+    let signature: alloy::primitives::Bytes =
+        payload["payload"]["signature"].as_str().unwrap().parse().unwrap();
+    tollgate::chain::usdc::TestUsdc::new(app.chain.token, &provider)
+        .transferWithAuthorization_0(
+            a["from"].as_str().unwrap().parse().unwrap(),
+            a["to"].as_str().unwrap().parse().unwrap(),
+            num("value"),
+            num("validAfter"),
+            num("validBefore"),
+            a["nonce"].as_str().unwrap().parse().unwrap(),
+            signature,
+        )
+        .send()
+        .await
+        .unwrap()
+        .get_receipt()
+        .await
+        .unwrap();
+    checkpoint(&app).await;
+    let report = run_audit(&app, &app.base_url(), &app.dir.path().join("a.json")).await;
+    assert!(
+        report.problems.iter().any(|p| matches!(p, Problem::TransferWithoutReceipt { .. })),
+        "{:?}",
+        report.problems
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_receipt_without_a_transfer_is_caught() {
+    // Arrange: the server signs and logs a receipt for a payment that never happened.
+    let app = spawn_app().await;
+    paid_calls(&app, 1).await;
+    let payer = app.payer();
+    let fake = tollgate::store::NewPayment {
+        network: app.state.network.caip2.clone(),
+        asset: format!("{:#x}", app.chain.token),
+        payer: format!("{:#x}", payer.address()),
+        nonce: format!("0x{}", "ab".repeat(32)),
+        payload_hash: "fake".into(),
+        payment_id: None,
+        tool: "counted".into(),
+        amount: "999".into(),
+        valid_before: 0,
+        payload_json: "{}".into(),
+        now: 0,
+    };
+    let tollgate::store::Claim::Won(row) = app.state.store.claim(&fake).await.unwrap() else { panic!() };
+    let settlement = tollgate::payment::gate::Settlement {
+        row_id: row.id,
+        transaction: format!("0x{}", "cd".repeat(32)),
+        block: 1,
+        payer: payer.address().to_checksum(None),
+        network: app.state.network.caip2.clone(),
+        asset: row.asset.clone(),
+        amount: "999".into(),
+        nonce: row.nonce.clone(),
+    };
+    let result = rmcp::model::CallToolResult::structured(json!({ "forged": true }));
+    let input = tollgate::receipt::ReceiptInput {
+        tool: "counted",
+        args: &Default::default(),
+        result: &result,
+        settlement: &settlement,
+        pay_to: &app.state.config.payment.pay_to,
+        now: app.clock.now_unix(),
+    };
+    app.state.receipts.issue(&input).await.unwrap();
+    checkpoint(&app).await;
+    // Act
+    let report = run_audit(&app, &app.base_url(), &app.dir.path().join("a.json")).await;
+    // Assert: signed and logged, yet no money moved: caught.
+    assert!(
+        report.problems.iter().any(|p| matches!(p, Problem::NoTransfer { payer_seq: 2, .. })),
+        "{:?}",
+        report.problems
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn listing_another_wallets_receipts_without_its_signature_is_refused() {
+    let app = spawn_app().await;
+    paid_calls(&app, 1).await;
+    let (victim, intruder) = (app.payer(), PrivateKeySigner::random());
+    let http = reqwest::Client::new();
+    let challenge: Value = http
+        .post(format!("{}/log/receipts/challenge", app.base_url()))
+        .json(&json!({ "wallet": victim.address() }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let text = challenge["challenge"].as_str().unwrap();
+    let ask = |signer: &PrivateKeySigner, text: &str| {
+        let signature = signer.sign_message_sync(text.as_bytes()).unwrap();
+        json!({
+            "wallet": victim.address(),
+            "challenge": text,
+            "signature": format!("0x{}", hex::encode(signature.as_bytes())),
+        })
+    };
+    let url = format!("{}/log/receipts", app.base_url());
+    // The intruder signs the victim's challenge: refused.
+    let refused = http.post(&url).json(&ask(&intruder, text)).send().await.unwrap();
+    assert_eq!(refused.status(), 403);
+    assert_eq!(refused.json::<Value>().await.unwrap()["error"], "not_authorized");
+    // A forged challenge (not issued by the server): refused.
+    let forged = text.replace("token: ", "token: 00");
+    assert_eq!(http.post(&url).json(&ask(&victim, &forged)).send().await.unwrap().status(), 403);
+    // The victim itself: allowed — until the challenge expires.
+    let mine = http.post(&url).json(&ask(&victim, text)).send().await.unwrap();
+    assert_eq!(mine.status(), 200);
+    assert_eq!(mine.json::<Value>().await.unwrap()["receipts"].as_array().unwrap().len(), 1);
+    app.clock.advance(301);
+    assert_eq!(http.post(&url).json(&ask(&victim, text)).send().await.unwrap().status(), 403);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_audit_and_receipts_verify_commands_report_and_exit_by_verdict() {
+    let app = spawn_app().await;
+    let results = paid_calls(&app, 2).await;
+    checkpoint(&app).await;
+    let key_file = app.dir.path().join("payer.key");
+    let state = app.dir.path().join("cli-audit.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["audit", "--wallet", &app.payer().address().to_string(), "--server", &app.base_url()])
+        .args(["--rpc", &app.chain.anvil.endpoint()])
+        .arg("--key")
+        .arg(&key_file)
+        .arg("--state")
+        .arg(&state)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("verdict: OK — 2 receipts verified"), "{stdout}");
+    // One receipt, offline.
+    let listing: Value =
+        reqwest::get(format!("{}/.well-known/x402", app.base_url())).await.unwrap().json().await.unwrap();
+    let public_key = listing["receiptKeys"][0]["publicKey"].as_str().unwrap().to_owned();
+    let file = app.dir.path().join("result.json");
+    std::fs::write(&file, results[0].to_string()).unwrap();
+    let verify = |file: std::path::PathBuf| {
+        let public_key = public_key.clone();
+        async move {
+            Command::new(env!("CARGO_BIN_EXE_tollgate"))
+                .args(["receipts", "verify"])
+                .arg(file)
+                .args(["--public-key", &public_key])
+                .output()
+                .await
+                .unwrap()
+        }
+    };
+    let ok = verify(file.clone()).await;
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stdout));
+    let mut tampered = results[0].clone();
+    tampered["_meta"]["tollgate/receipt"]["body"]["tool"] = json!("sha256");
+    std::fs::write(&file, tampered.to_string()).unwrap();
+    let bad = verify(file).await;
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stdout).contains("INVALID"));
+    app.shutdown().await;
+}
