@@ -30,6 +30,7 @@ use crate::payment::settle::{FacilitatorSettler, SelfSettler, Settler};
 use crate::store::{self, Store};
 use crate::tools::builtin::{self, Builtin};
 use crate::tools::catalog::Catalog;
+use crate::tools::upstream::{Upstream, UpstreamTool};
 
 /// Everything a request needs, shared read-only across the server.
 pub struct AppState {
@@ -81,6 +82,7 @@ impl App {
             max_timeout_seconds: config.payment.max_timeout_seconds,
         };
         let mut catalog = builtin_catalog(&config, &terms, clock.clone())?;
+        upstream_tools(&config, &terms, &mut catalog).await?;
         for (tool, price) in deps.extra_tools {
             catalog.insert(tool.name, tool.description, tool.input_schema, price, &terms, tool.handler)?;
         }
@@ -201,6 +203,35 @@ fn payment_gate(
         confirmations: p.confirmations,
         settle_timeout,
     })
+}
+
+/// Connects every configured upstream and adds its (non-hidden) tools, priced.
+async fn upstream_tools(config: &Config, terms: &PayTerms, catalog: &mut Catalog) -> anyhow::Result<()> {
+    for c in &config.upstream {
+        let upstream = Arc::new(Upstream::new(c));
+        let tools = upstream
+            .list_tools()
+            .await
+            .with_context(|| format!("listing the tools of upstream `{}`", c.name))?;
+        for tool in tools {
+            let remote = tool.name.to_string();
+            if c.hidden.contains(&remote) {
+                continue;
+            }
+            let price = match (c.free.contains(&remote), c.prices.get(&remote)) {
+                (true, _) => UsdcAmount::ZERO,
+                (false, Some(p)) => UsdcAmount::parse(p)?,
+                (false, None) => UsdcAmount::parse(&c.default_price)?,
+            };
+            let name = format!("{}{remote}", c.prefix);
+            let description = tool.description.as_deref().unwrap_or_default().to_owned();
+            let schema = serde_json::Value::Object((*tool.input_schema).clone());
+            let handler = Arc::new(UpstreamTool { upstream: upstream.clone(), remote });
+            catalog.insert(&name, &description, schema, price, terms, handler)?;
+        }
+        tracing::info!(upstream = %c.name, "upstream tools listed");
+    }
+    Ok(())
 }
 
 fn builtin_catalog(config: &Config, terms: &PayTerms, clock: SharedClock) -> anyhow::Result<Catalog> {

@@ -34,6 +34,41 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub receipts: ReceiptsConfig,
     pub dev: DevConfig,
+    /// MCP servers whose tools are sold through tollgate.
+    #[serde(default)]
+    pub upstream: Vec<UpstreamConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// A short name for logs and errors.
+    pub name: String,
+    /// Start this command and speak MCP over its stdio (argv, no shell)...
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// ...or connect to this Streamable HTTP URL.
+    #[serde(default)]
+    pub url: String,
+    /// Shown before each tool name (e.g. "files_"), to keep names unique across upstreams.
+    #[serde(default)]
+    pub prefix: String,
+    /// Price of tools not listed in `prices`, atomic units ("0" = free).
+    #[serde(default = "zero_price")]
+    pub default_price: String,
+    /// Per-tool prices (upstream tool names, without the prefix).
+    #[serde(default)]
+    pub prices: BTreeMap<String, String>,
+    /// Tools that are free whatever the default price.
+    #[serde(default)]
+    pub free: Vec<String>,
+    /// Tools not exposed at all.
+    #[serde(default)]
+    pub hidden: Vec<String>,
+}
+
+fn zero_price() -> String {
+    "0".to_owned()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -360,6 +395,15 @@ impl Config {
             })?;
         }
         self.validate_limits()?;
+        for u in &self.upstream {
+            if u.command.is_empty() == u.url.is_empty() {
+                return Err(invalid("upstream", format!("`{}` needs exactly one of command or url", u.name)));
+            }
+            for price in std::iter::once(&u.default_price).chain(u.prices.values()) {
+                UsdcAmount::parse(price)
+                    .map_err(|e| invalid("upstream.prices", format!("upstream `{}`: {e}", u.name)))?;
+            }
+        }
         if let Some(key) = secret_opt(&self.receipts.key) {
             crate::receipt::keys::parse_seed(key).ok_or_else(|| {
                 invalid("receipts.key", "must be a 32-byte hex ed25519 seed (tollgate keygen)")

@@ -16,6 +16,11 @@ use crate::payment::requirements::{PayTerms, Quote};
 #[async_trait::async_trait]
 pub trait ToolHandler: Send + Sync + 'static {
     async fn call(&self, args: JsonObject) -> CallToolResult;
+
+    /// Whether the tool can run now; checked before a payment is taken.
+    async fn ready(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// One servable tool.
@@ -42,6 +47,10 @@ impl ToolEntry {
             })
             .collect();
         if problems.is_empty() { Ok(()) } else { Err(problems) }
+    }
+
+    pub async fn ready(&self) -> Result<(), String> {
+        self.handler.ready().await
     }
 
     pub async fn run(&self, args: &JsonObject) -> CallToolResult {

@@ -6,3 +6,4 @@ pub mod catalog;
 pub mod mcp;
 pub mod paid_call;
 pub mod results;
+pub mod upstream;

@@ -53,6 +53,15 @@ pub async fn paid_call(app: &Arc<AppState>, entry: &ToolEntry, call: ToolCall) -
     if let Err(e) = app.limits.check(&limit, app.clock.now_millis()).await {
         return results::limited(&e);
     }
+    // A tool that cannot run now (its upstream is down) must not take a payment.
+    if let Err(why) = entry.ready().await {
+        return results::refusal(
+            "tool_unavailable",
+            &why,
+            false,
+            serde_json::json!({ "retry_after_seconds": 5 }),
+        );
+    }
     // 7–10 run in their own task: once a claim exists, a dropped connection must not abandon
     // the settlement halfway; the outcome is stored and a retry of the same payment gets it.
     let task = tokio::spawn(claim_settle_run(app.clone(), quote.tool.clone(), verified, call.arguments));

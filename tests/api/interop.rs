@@ -14,7 +14,7 @@ use tollgate::chain::anvil::DEV_KEYS;
 use crate::helpers::{COUNTED_PRICE, repo_root, spawn_app};
 
 /// The venv with the official package, installed once per test run.
-async fn python() -> PathBuf {
+pub async fn python() -> PathBuf {
     static READY: OnceCell<PathBuf> = OnceCell::const_new();
     READY
         .get_or_init(|| async {

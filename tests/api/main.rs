@@ -14,3 +14,4 @@ mod payments;
 mod pending;
 mod restart;
 mod store;
+mod upstream;
