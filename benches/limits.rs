@@ -19,6 +19,7 @@ use tollgate::ceiling::{Ceiling, ClientKey};
 use tollgate::config::CeilingConfig;
 use tollgate::limits::gcra::{Charge, Rate};
 use tollgate::limits::redis::RedisBuckets;
+use tollgate::router::CeilingHttp;
 use tower::ServiceExt;
 
 const REQUESTS: usize = 200_000;
@@ -66,7 +67,8 @@ async fn main() {
     guard.check(&ClientKey::Session("flooder".into())).await.unwrap(); // exhaust the bucket
     let refusing = Router::new().route(
         "/mcp",
-        post(|| async { "constant" }).layer(from_fn_with_state(guard, tollgate::router::ceiling_layer)),
+        post(|| async { "constant" })
+            .layer(from_fn_with_state(Arc::new(CeilingHttp::new(guard)), tollgate::router::ceiling_layer)),
     );
     let status = refusing.clone().oneshot(request()).await.unwrap().status();
     assert_eq!(status, 429, "the benchmark must measure refusals");

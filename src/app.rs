@@ -90,6 +90,8 @@ impl App {
         let listener = TcpListener::bind(config.server.bind)
             .await
             .with_context(|| format!("binding {}", config.server.bind))?;
+        // The recorder first, so every component registers its metrics with it.
+        let metrics = crate::telemetry::metrics();
         let limits = WalletLimits::from_config(&config.limits).await.context("wallet limits")?;
         let shared = match config.ceiling.shared {
             true => {
@@ -99,7 +101,6 @@ impl App {
             false => None,
         };
         let ceiling = Arc::new(Ceiling::from_config(&config.ceiling, shared));
-        let metrics = crate::telemetry::metrics();
         let receipts = Arc::new(Receipts {
             signer: ReceiptSigner::from_config(&config.receipts).context("receipts.key")?,
             store: store.clone(),

@@ -21,7 +21,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::app::AppState;
 use crate::ceiling::{Ceiling, CeilingError};
-use crate::transport::{McpTransport, jsonrpc_error, mcp_endpoint};
+use crate::transport::{McpTransport, mcp_endpoint};
 
 pub fn router(app: Arc<AppState>, cancel: CancellationToken) -> Router {
     let server = &app.config.server;
@@ -30,7 +30,9 @@ pub fn router(app: Arc<AppState>, cancel: CancellationToken) -> Router {
         // 1. The ceiling guards /mcp before its body is read (probes and metrics are exempt).
         .route(
             "/mcp",
-            any(mcp_endpoint).layer(from_fn_with_state(app.ceiling.clone(), ceiling_layer)).with_state(mcp),
+            any(mcp_endpoint)
+                .layer(from_fn_with_state(Arc::new(CeilingHttp::new(app.ceiling.clone())), ceiling_layer))
+                .with_state(mcp),
         )
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -87,7 +89,7 @@ async fn metrics(State(app): State<Arc<AppState>>) -> impl IntoResponse {
 /// The ceiling's HTTP adapter: key the request, count it, and either pass it on (with the
 /// client key for later stages and `RateLimit` headers) or answer 429.
 pub async fn ceiling_layer(
-    State(ceiling): State<Arc<Ceiling>>,
+    State(http): State<Arc<CeilingHttp>>,
     mut request: Request<Body>,
     next: Next,
 ) -> Response {
@@ -96,36 +98,84 @@ pub async fn ceiling_layer(
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip())
         .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-    let key = ceiling.client_key(request.headers(), peer);
-    let policy = format!("\"ceiling\";q={};w={}", ceiling.burst, ceiling.burst.div_ceil(ceiling.per_second));
-    match ceiling.check(&key).await {
+    match http.ceiling.check_request(request.headers(), peer).await {
         Ok(admitted) => {
+            let key = http.ceiling.client_key(request.headers(), peer);
             request.extensions_mut().insert(key);
             let mut response = next.run(request).await;
             let state = format!("\"ceiling\";r={};t={}", admitted.remaining, admitted.reset_secs);
             let headers = response.headers_mut();
-            headers.insert("ratelimit-policy", HeaderValue::from_str(&policy).expect("ascii"));
+            headers.insert("ratelimit-policy", http.policy.clone());
             headers.insert("ratelimit", HeaderValue::from_str(&state).expect("ascii"));
             response
         }
         Err(CeilingError::Exceeded { key_kind, retry_after_secs }) => {
-            let data = serde_json::json!({
-                "error": "rate_limited",
-                "axis": "ceiling",
-                "key_kind": key_kind,
-                "limit": ceiling.burst,
-                "per_second": ceiling.per_second,
-                "retry_after_seconds": retry_after_secs,
-                "charged": false,
-            });
-            let message = format!("rate limited (per-{key_kind} ceiling): retry in {retry_after_secs}s");
-            let mut response = jsonrpc_error(StatusCode::TOO_MANY_REQUESTS, -32000, &message, data);
-            let headers = response.headers_mut();
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
-            headers.insert("ratelimit-policy", HeaderValue::from_str(&policy).expect("ascii"));
-            let state = format!("\"ceiling\";r=0;t={retry_after_secs}");
-            headers.insert("ratelimit", HeaderValue::from_str(&state).expect("ascii"));
-            response
+            http.refusal(key_kind, retry_after_secs)
         }
+    }
+}
+
+/// The ceiling plus its refusal answers, rendered once: a refusal must cost less than serving.
+pub struct CeilingHttp {
+    pub ceiling: Arc<Ceiling>,
+    policy: HeaderValue,
+    /// (body, `RateLimit` value) per key kind × Retry-After (1..=60 s), built on first use.
+    refusals: Vec<std::sync::OnceLock<(axum::body::Bytes, HeaderValue)>>,
+}
+
+const KINDS: [&str; 3] = ["session", "api_key", "ip"];
+const CACHED_RETRY_SECS: u64 = 60;
+
+impl CeilingHttp {
+    pub fn new(ceiling: Arc<Ceiling>) -> Self {
+        let policy =
+            format!("\"ceiling\";q={};w={}", ceiling.burst, ceiling.burst.div_ceil(ceiling.per_second));
+        let slots = KINDS.len() * (CACHED_RETRY_SECS as usize + 1);
+        CeilingHttp {
+            ceiling,
+            policy: HeaderValue::from_str(&policy).expect("ascii"),
+            refusals: (0..slots).map(|_| std::sync::OnceLock::new()).collect(),
+        }
+    }
+
+    fn render(&self, key_kind: &str, retry_after_secs: u64) -> (axum::body::Bytes, HeaderValue) {
+        let data = serde_json::json!({
+            "error": "rate_limited",
+            "axis": "ceiling",
+            "key_kind": key_kind,
+            "limit": self.ceiling.burst,
+            "per_second": self.ceiling.per_second,
+            "retry_after_seconds": retry_after_secs,
+            "charged": false,
+        });
+        let body = serde_json::json!({
+            "jsonrpc": "2.0",
+            "id": null,
+            "error": {
+                "code": -32000,
+                "message": format!("rate limited (per-{key_kind} ceiling): retry in {retry_after_secs}s"),
+                "data": data,
+            },
+        });
+        let state = format!("\"ceiling\";r=0;t={retry_after_secs}");
+        (body.to_string().into(), HeaderValue::from_str(&state).expect("ascii"))
+    }
+
+    fn refusal(&self, key_kind: &'static str, retry_after_secs: u64) -> Response {
+        let kind = KINDS.iter().position(|k| *k == key_kind).unwrap_or(2);
+        let (body, state) = if retry_after_secs <= CACHED_RETRY_SECS {
+            let slot = kind * (CACHED_RETRY_SECS as usize + 1) + retry_after_secs as usize;
+            self.refusals[slot].get_or_init(|| self.render(key_kind, retry_after_secs)).clone()
+        } else {
+            self.render(key_kind, retry_after_secs)
+        };
+        let mut response = Response::new(Body::from(body));
+        *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+        headers.insert("ratelimit-policy", self.policy.clone());
+        headers.insert("ratelimit", state);
+        response
     }
 }

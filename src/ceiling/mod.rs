@@ -69,7 +69,33 @@ pub enum CeilingError {
     Exceeded { key_kind: &'static str, retry_after_secs: u64 },
 }
 
-type Limiter<C> = RateLimiter<ClientKey, BoundedStore, C, StateInformationMiddleware>;
+type Limiter<C> = RateLimiter<u64, BoundedStore, C, StateInformationMiddleware>;
+
+/// The parts of a request that key it, borrowed from its headers.
+enum KeyParts<'a> {
+    Session(&'a str),
+    /// First 16 bytes of SHA-256 of the API key, as 32 hex characters.
+    ApiKey([u8; 32]),
+    Ip(IpAddr),
+}
+
+impl KeyParts<'_> {
+    fn kind(&self) -> &'static str {
+        match self {
+            KeyParts::Session(_) => "session",
+            KeyParts::ApiKey(_) => "api_key",
+            KeyParts::Ip(_) => "ip",
+        }
+    }
+
+    fn owned(&self) -> ClientKey {
+        match self {
+            KeyParts::Session(s) => ClientKey::Session((*s).to_owned()),
+            KeyParts::ApiKey(hex) => ClientKey::ApiKey(String::from_utf8_lossy(hex).into_owned()),
+            KeyParts::Ip(ip) => ClientKey::Ip(*ip),
+        }
+    }
+}
 
 pub struct Ceiling<C: GovernorClock = DefaultClock> {
     limiter: Limiter<C>,
@@ -80,6 +106,11 @@ pub struct Ceiling<C: GovernorClock = DefaultClock> {
     trusted: Vec<ipnet::IpNet>,
     /// Fleet mode: the shared bucket in Redis, and the clock it is measured with.
     shared: Option<(RedisBuckets, SharedClock)>,
+    /// Keys the in-process table by a hash with a per-process random seed, so nobody can aim
+    /// keys at one slot, and the hot path allocates nothing.
+    hasher: std::hash::RandomState,
+    /// Refusal counters per key kind, registered once (the hot path only adds).
+    refusals: [metrics::Counter; 3],
 }
 
 impl Ceiling<DefaultClock> {
@@ -105,20 +136,47 @@ impl<C: GovernorClock + Clone> Ceiling<C> {
             .collect();
         let api_key_header =
             Some(c.api_key_header.trim()).filter(|h| !h.is_empty()).and_then(|h| h.parse().ok());
-        Ceiling { limiter, clock, burst: c.burst, per_second: c.per_second, api_key_header, trusted, shared }
+        let refusals = ["session", "api_key", "ip"]
+            .map(|kind| metrics::counter!("tollgate_ceiling_refusals_total", "key_kind" => kind));
+        Ceiling {
+            limiter,
+            clock,
+            burst: c.burst,
+            per_second: c.per_second,
+            api_key_header,
+            trusted,
+            shared,
+            hasher: std::hash::RandomState::new(),
+            refusals,
+        }
     }
 
     /// The key a request is counted under: its MCP session, else its API key, else its IP.
     pub fn client_key(&self, headers: &HeaderMap, peer: IpAddr) -> ClientKey {
-        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty());
-        if let Some(session) = header("mcp-session-id").filter(|s| s.len() <= 128) {
-            return ClientKey::Session(session.to_owned());
+        self.key_parts(headers, peer).owned()
+    }
+
+    fn key_parts<'a>(&self, headers: &'a HeaderMap, peer: IpAddr) -> KeyParts<'a> {
+        let session = headers.get("mcp-session-id").and_then(|v| v.to_str().ok());
+        if let Some(session) = session.filter(|s| !s.is_empty() && s.len() <= 128) {
+            return KeyParts::Session(session);
         }
         if let Some(key) = self.api_key_header.as_ref().and_then(|h| headers.get(h)) {
             let digest = Sha256::digest(key.as_bytes());
-            return ClientKey::ApiKey(hex::encode(&digest[..16]));
+            let mut hex = [0u8; 32];
+            hex::encode_to_slice(&digest[..16], &mut hex).expect("32 hex digits for 16 bytes");
+            return KeyParts::ApiKey(hex);
         }
-        ClientKey::Ip(self.real_ip(headers, peer))
+        KeyParts::Ip(self.real_ip(headers, peer))
+    }
+
+    fn hash_parts(&self, parts: &KeyParts<'_>) -> u64 {
+        use std::hash::BuildHasher;
+        match parts {
+            KeyParts::Session(s) => self.hasher.hash_one((0u8, s.as_bytes())),
+            KeyParts::ApiKey(hex) => self.hasher.hash_one((1u8, &hex[..])),
+            KeyParts::Ip(ip) => self.hasher.hash_one((2u8, ip)),
+        }
     }
 
     fn is_trusted(&self, ip: IpAddr) -> bool {
@@ -143,8 +201,27 @@ impl<C: GovernorClock + Clone> Ceiling<C> {
 
     /// Counts one request against `key`.
     pub async fn check(&self, key: &ClientKey) -> Result<Admitted, CeilingError> {
+        let parts = match key {
+            ClientKey::Session(s) => KeyParts::Session(s),
+            ClientKey::ApiKey(h) => {
+                let mut hex = [0u8; 32];
+                let n = h.len().min(32);
+                hex[..n].copy_from_slice(&h.as_bytes()[..n]);
+                KeyParts::ApiKey(hex)
+            }
+            ClientKey::Ip(ip) => KeyParts::Ip(*ip),
+        };
+        self.check_parts(&parts).await
+    }
+
+    /// Counts one request, keyed from its headers and peer (the HTTP hot path).
+    pub async fn check_request(&self, headers: &HeaderMap, peer: IpAddr) -> Result<Admitted, CeilingError> {
+        self.check_parts(&self.key_parts(headers, peer)).await
+    }
+
+    async fn check_parts(&self, parts: &KeyParts<'_>) -> Result<Admitted, CeilingError> {
         if let Some((redis, clock)) = &self.shared {
-            match self.check_shared(redis, clock, key).await {
+            match self.check_shared(redis, clock, &parts.owned()).await {
                 Ok(decision) => return decision,
                 Err(e) => {
                     // A fleet without Redis still has each replica's own ceiling.
@@ -153,17 +230,17 @@ impl<C: GovernorClock + Clone> Ceiling<C> {
                 }
             }
         }
-        self.check_local(key)
+        self.check_local(parts)
     }
 
-    fn check_local(&self, key: &ClientKey) -> Result<Admitted, CeilingError> {
-        match self.limiter.check_key(key) {
+    fn check_local(&self, parts: &KeyParts<'_>) -> Result<Admitted, CeilingError> {
+        match self.limiter.check_key(&self.hash_parts(parts)) {
             Ok(snapshot) => {
                 let remaining = snapshot.remaining_burst_capacity();
                 let missing = u64::from(self.burst.saturating_sub(remaining));
                 Ok(Admitted { remaining, reset_secs: missing.div_ceil(u64::from(self.per_second)) })
             }
-            Err(not_until) => Err(self.refused(key, not_until.wait_time_from(self.clock.now()))),
+            Err(not_until) => Err(self.refused(parts.kind(), not_until.wait_time_from(self.clock.now()))),
         }
     }
 
@@ -186,16 +263,22 @@ impl<C: GovernorClock + Clone> Ceiling<C> {
                 Ok(Admitted { remaining, reset_secs: missing.div_ceil(u64::from(self.per_second)) })
             }
             Verdict::Denied { tat, .. } => {
-                Err(self.refused(key, Duration::from_micros(Verdict::retry_after_us(&charge, tat, now))))
+                Err(self
+                    .refused(key.kind(), Duration::from_micros(Verdict::retry_after_us(&charge, tat, now))))
             }
         })
     }
 
-    fn refused(&self, key: &ClientKey, wait: Duration) -> CeilingError {
-        metrics::counter!("tollgate_ceiling_refusals_total", "key_kind" => key.kind()).increment(1);
+    fn refused(&self, key_kind: &'static str, wait: Duration) -> CeilingError {
+        let slot = match key_kind {
+            "session" => 0,
+            "api_key" => 1,
+            _ => 2,
+        };
+        self.refusals[slot].increment(1);
         // Round up: a client that waits exactly Retry-After must get through.
         let retry_after_secs = wait.as_millis().div_ceil(1000).max(1) as u64;
-        CeilingError::Exceeded { key_kind: key.kind(), retry_after_secs }
+        CeilingError::Exceeded { key_kind, retry_after_secs }
     }
 
     /// Keys currently tracked (the memory bound).

@@ -13,8 +13,6 @@ use governor::nanos::Nanos;
 use governor::state::StateStore;
 use governor::state::keyed::ShrinkableKeyedStateStore;
 
-use super::ClientKey;
-
 /// One bucket's theoretical arrival time, updated lock-free (as governor's in-memory state).
 #[derive(Default)]
 struct Cell(AtomicU64);
@@ -36,7 +34,8 @@ impl Cell {
 }
 
 pub struct BoundedStore {
-    cells: DashMap<ClientKey, Cell>,
+    /// Keyed by a keyed hash of the client key (see `Ceiling::key_hash`): no allocation per lookup.
+    cells: DashMap<u64, Cell>,
     overflow: Cell,
     max_keys: usize,
 }
@@ -48,9 +47,9 @@ impl BoundedStore {
 }
 
 impl StateStore for BoundedStore {
-    type Key = ClientKey;
+    type Key = u64;
 
-    fn measure_and_replace<T, F, E>(&self, key: &ClientKey, f: F) -> Result<T, E>
+    fn measure_and_replace<T, F, E>(&self, key: &u64, f: F) -> Result<T, E>
     where
         F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
     {
@@ -61,11 +60,11 @@ impl StateStore for BoundedStore {
             metrics::counter!("tollgate_ceiling_overflow_total").increment(1);
             return self.overflow.measure_and_replace(f);
         }
-        self.cells.entry(key.clone()).or_default().measure_and_replace(f)
+        self.cells.entry(*key).or_default().measure_and_replace(f)
     }
 }
 
-impl ShrinkableKeyedStateStore<ClientKey> for BoundedStore {
+impl ShrinkableKeyedStateStore<u64> for BoundedStore {
     fn retain_recent(&self, drop_below: Nanos) {
         self.cells.retain(|_, cell| cell.0.load(Ordering::Acquire) > drop_below.as_u64());
     }
