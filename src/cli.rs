@@ -41,6 +41,8 @@ pub enum Command {
     /// Offline receipt tools.
     #[command(subcommand)]
     Receipts(ReceiptsCommand),
+    /// Print the MCP registry server.json and the x402 discovery entry for this server.
+    Listing,
     /// Apply database migrations and exit.
     Migrate,
     /// Print the embedded default configuration, with every key documented.
@@ -132,6 +134,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("wrote {}", out.display());
             println!("key id:     {}", crate::receipt::keys::key_id(&public));
             println!("public key: {}", hex::encode(public.as_bytes()));
+        }
+        Command::Listing => {
+            let mut config = Config::load(cli.config.as_deref())?;
+            // Listing needs the catalog (with upstream tools), not a listening socket.
+            config.server.bind = "127.0.0.1:0".parse()?;
+            let app = App::build(config).await?;
+            let state = app.state();
+            let now = state.clock.now_unix();
+            println!("{}", serde_json::to_string_pretty(&crate::listing::documents(&state, now))?);
         }
         Command::Migrate => {
             let config = Config::load(cli.config.as_deref())?;

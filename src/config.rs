@@ -160,6 +160,11 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     pub request_timeout_secs: u64,
     pub shutdown_grace_secs: u64,
+    /// The MCP URL clients use (behind any proxy), for listings and `resource` URLs.
+    pub public_url: String,
+    /// Name in the MCP registry (reverse-DNS, e.g. io.github.you/weather-tools).
+    pub listing_name: String,
+    pub listing_description: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -200,6 +205,8 @@ pub struct PaymentConfig {
     pub relayer_key_file: String,
     pub confirmations: u64,
     pub settle_timeout_secs: u64,
+    /// Below this relayer balance (wei) the server reports unready: it could not settle.
+    pub min_relayer_balance_wei: String,
     pub facilitator: FacilitatorConfig,
 }
 
@@ -332,6 +339,9 @@ impl Config {
             return Err(invalid("server.max_body_bytes", "must be at least 1024"));
         }
         let p = &self.payment;
+        if p.min_relayer_balance_wei.parse::<u128>().is_err() {
+            return Err(invalid("payment.min_relayer_balance_wei", "must be a whole number of wei"));
+        }
         if !p.pay_to.is_empty() && parse_address(&p.pay_to).is_none() {
             return Err(invalid("payment.pay_to", "must be a 0x-prefixed 20-byte hex address"));
         }

@@ -25,6 +25,7 @@ pub mod clock;
 pub mod config;
 pub mod dev;
 pub mod limits;
+pub mod listing;
 pub mod money;
 pub mod payment;
 pub mod public_api;

@@ -68,16 +68,50 @@ fn request_span<B>(request: &Request<B>) -> tracing::Span {
     )
 }
 
-/// Ready when the store (and Redis, when used) answer; `/healthz` only says the process is up.
+/// Ready when everything a paid call needs answers: the store, the chain, Redis (when used)
+/// and, with our own relayer, enough gas to settle. `/healthz` only says the process is up.
 async fn readyz(State(app): State<Arc<AppState>>) -> impl IntoResponse {
-    if let Err(e) = app.store.ping().await {
-        tracing::warn!(error = %e, "not ready: store");
-        return (StatusCode::SERVICE_UNAVAILABLE, "store unavailable").into_response();
+    let probe = Duration::from_secs(3);
+    let mut checks = serde_json::Map::new();
+    let mut ready = true;
+    let mut check = |name: &str, outcome: Result<(), String>| {
+        ready &= outcome.is_ok();
+        checks.insert(name.to_owned(), outcome.err().unwrap_or_else(|| "ok".to_owned()).into());
+    };
+    let store = tokio::time::timeout(probe, app.store.ping()).await;
+    check("store", store.map_err(|_| "timeout".to_owned()).and_then(|r| r.map_err(|e| e.to_string())));
+    let limiter = tokio::time::timeout(probe, app.limits.ping()).await.unwrap_or(false);
+    check("limiter", if limiter { Ok(()) } else { Err("redis unavailable".into()) });
+    let chain = tokio::time::timeout(probe, app.gate.chain.chain_id()).await;
+    let chain = match chain {
+        Ok(Ok(id)) if id == app.network.chain_id => Ok(()),
+        Ok(Ok(id)) => Err(format!("RPC is on chain {id}, expected {}", app.network.chain_id)),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timeout".into()),
+    };
+    check("chain", chain);
+    if let Some(relayer) = app.gate.settler.relayer() {
+        let floor: u128 = app.config.payment.min_relayer_balance_wei.parse().unwrap_or(0);
+        let balance = tokio::time::timeout(probe, app.gate.chain.gas_balance(relayer)).await;
+        let outcome = match balance {
+            Ok(Ok(wei)) => {
+                metrics::gauge!("tollgate_relayer_balance_wei").set(f64::from(wei));
+                if wei >= alloy::primitives::U256::from(floor) {
+                    Ok(())
+                } else {
+                    Err(format!("relayer balance {wei} wei is below {floor}"))
+                }
+            }
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("timeout".into()),
+        };
+        check("relayer_gas", outcome);
     }
-    if !app.limits.ping().await {
-        return (StatusCode::SERVICE_UNAVAILABLE, "rate limiter (redis) unavailable").into_response();
+    if !ready {
+        tracing::warn!(?checks, "not ready");
     }
-    (StatusCode::OK, "ready").into_response()
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, axum::Json(serde_json::json!({ "ready": ready, "checks": checks })))
 }
 
 /// Prometheus text exposition.

@@ -82,6 +82,11 @@ impl ChainClient {
         Usdc::new(self.asset, &self.provider).balanceOf(owner).call().await.map_err(unavailable)
     }
 
+    /// Native (gas) balance in wei.
+    pub async fn gas_balance(&self, who: Address) -> Result<U256, ChainError> {
+        self.provider.get_balance(who).await.map_err(unavailable)
+    }
+
     pub async fn chain_id(&self) -> Result<u64, ChainError> {
         self.provider.get_chain_id().await.map_err(unavailable)
     }

@@ -187,6 +187,7 @@ impl PaymentGate {
         {
             return Err(PaymentError::InProgress);
         }
+        let started = std::time::Instant::now();
         let recorder = RowRecorder { store: self.store.as_ref(), row: row.id, now: self.now() };
         let request = SettleRequest { payment: v, requirements: &quote.requirements, payload: &v.raw };
         let submitted = self.settler.submit(&request, &recorder).await;
@@ -207,7 +208,11 @@ impl PaymentGate {
             }
             Err(SettleError::Ambiguous { tx }) => return self.mark_pending(row.id, tx).await,
         };
-        self.confirm(row, tx, v.payer.to_string()).await
+        let confirmed = self.confirm(row, tx, v.payer.to_string()).await;
+        if confirmed.is_ok() {
+            metrics::histogram!("tollgate_settlement_seconds").record(started.elapsed().as_secs_f64());
+        }
+        confirmed
     }
 
     /// Waits for `tx` to be mined with enough confirmations, until the settle timeout.
@@ -306,10 +311,13 @@ impl PaymentGate {
         let transaction = format!("{tx:#x}");
         let t = Transition { tx_hash: Some(&transaction), block_number: Some(block as i64), error: None };
         let from = [PaymentState::Settling, PaymentState::Pending, PaymentState::Claimed];
-        self.store
-            .transition(row.id, &from, PaymentState::Settled, t, self.now())
-            .await
-            .map_err(store_down)?;
+        let moved =
+            self.store.transition(row.id, &from, PaymentState::Settled, t, self.now()).await.map_err(store_down)?;
+        if moved {
+            metrics::counter!("tollgate_payments_total", "outcome" => "settled").increment(1);
+            let amount = row.amount.parse::<u64>().unwrap_or(0);
+            metrics::counter!("tollgate_revenue_atomic_total", "tool" => row.tool.clone()).increment(amount);
+        }
         tracing::info!(payment.row = row.id, payment.tx = %transaction, payment.block = block, "payment settled");
         Ok(Settlement {
             row_id: row.id,
@@ -328,6 +336,7 @@ impl PaymentGate {
         let t = Transition { tx_hash: transaction.as_deref(), ..Default::default() };
         let from = [PaymentState::Claimed, PaymentState::Settling, PaymentState::Pending];
         self.store.transition(id, &from, PaymentState::Pending, t, self.now()).await.map_err(store_down)?;
+        metrics::counter!("tollgate_payments_total", "outcome" => "pending").increment(1);
         tracing::warn!(payment.row = id, payment.tx = ?transaction, "settlement pending confirmation");
         Err(PaymentError::Pending { transaction })
     }
@@ -336,6 +345,7 @@ impl PaymentGate {
         let t = Transition { error: Some(reason), ..Default::default() };
         let from = [PaymentState::Claimed, PaymentState::Settling, PaymentState::Pending];
         self.store.transition(id, &from, PaymentState::Failed, t, self.now()).await.map_err(store_down)?;
+        metrics::counter!("tollgate_payments_total", "outcome" => "failed").increment(1);
         tracing::warn!(payment.row = id, payment.reason = reason, "payment failed; nothing was charged");
         Ok(())
     }

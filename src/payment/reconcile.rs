@@ -42,7 +42,9 @@ impl Reconciler {
         let gate = &self.gate;
         let now = gate.clock.now_unix() as i64;
         let mut report = ReconcileReport::default();
-        for row in gate.store.unresolved(500).await? {
+        let unresolved = gate.store.unresolved(500).await?;
+        metrics::gauge!("tollgate_pending_payments").set(unresolved.len() as f64);
+        for row in unresolved {
             let in_flight =
                 row.state != PaymentState::Pending && now - row.updated_at < self.stale_after_secs;
             if in_flight {

@@ -32,11 +32,14 @@ pub async fn paid_call(app: &Arc<AppState>, entry: &ToolEntry, call: ToolCall) -
     if let Err(problems) = entry.validate(&call.arguments) {
         return results::invalid_arguments(&entry.tool.name, problems);
     }
+    let tool = entry.tool.name.to_string();
     let Some(quote) = &entry.quote else {
+        metrics::counter!("tollgate_calls_total", "tool" => tool, "kind" => "free").increment(1);
         return entry.run(&call.arguments).await;
     };
     // 4. No payment: the challenge.
     let Some(payment) = call.payment else {
+        metrics::counter!("tollgate_challenges_total", "tool" => tool).increment(1);
         return results::payment_required(&quote.payment_required(PAYMENT_REQUIRED));
     };
     // 5. Local verification; from here on the payer is the recovered signer.
@@ -112,6 +115,7 @@ async fn run_once(
     if !leased {
         return results::payment_error(quote, &PaymentError::InProgress);
     }
+    metrics::counter!("tollgate_calls_total", "tool" => quote.tool.clone(), "kind" => "paid").increment(1);
     let result = entry.run(&args).await;
     // 10. The signed receipt, appended to the log, beside the standard payment response.
     let input = ReceiptInput {

@@ -10,6 +10,7 @@ mod facilitator;
 mod interop;
 mod limits;
 mod mcp_surface;
+mod operations;
 mod payments;
 mod pending;
 mod restart;
