@@ -13,13 +13,12 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::Body;
 use axum::http::Request;
-use axum::middleware::from_fn_with_state;
 use axum::routing::post;
 use tollgate::ceiling::{Ceiling, ClientKey};
 use tollgate::config::CeilingConfig;
 use tollgate::limits::gcra::{Charge, Rate};
 use tollgate::limits::redis::RedisBuckets;
-use tollgate::router::CeilingHttp;
+use tollgate::router::{CeilingHttp, CeilingLayer};
 use tower::ServiceExt;
 
 const REQUESTS: usize = 200_000;
@@ -65,11 +64,8 @@ async fn main() {
     let bare = Router::new().route("/mcp", post(|| async { "constant" }));
     let guard = ceiling(1, 1000);
     guard.check(&ClientKey::Session("flooder".into())).await.unwrap(); // exhaust the bucket
-    let refusing = Router::new().route(
-        "/mcp",
-        post(|| async { "constant" })
-            .layer(from_fn_with_state(Arc::new(CeilingHttp::new(guard)), tollgate::router::ceiling_layer)),
-    );
+    let refusing = Router::new()
+        .route("/mcp", post(|| async { "constant" }).layer(CeilingLayer(Arc::new(CeilingHttp::new(guard)))));
     let status = refusing.clone().oneshot(request()).await.unwrap().status();
     assert_eq!(status, 429, "the benchmark must measure refusals");
     let bare_rps = rps(bare).await;

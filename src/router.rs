@@ -8,8 +8,9 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, State};
-use axum::http::{HeaderValue, Request, StatusCode, header};
-use axum::middleware::{Next, from_fn_with_state};
+use std::convert::Infallible;
+
+use axum::http::{HeaderName, HeaderValue, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use tokio_util::sync::CancellationToken;
@@ -20,7 +21,7 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::app::AppState;
-use crate::ceiling::{Ceiling, CeilingError};
+use crate::ceiling::{Admitted, Ceiling, CeilingError};
 use crate::transport::{McpTransport, mcp_endpoint};
 
 pub fn router(app: Arc<AppState>, cancel: CancellationToken) -> Router {
@@ -31,7 +32,7 @@ pub fn router(app: Arc<AppState>, cancel: CancellationToken) -> Router {
         .route(
             "/mcp",
             any(mcp_endpoint)
-                .layer(from_fn_with_state(Arc::new(CeilingHttp::new(app.ceiling.clone())), ceiling_layer))
+                .layer(CeilingLayer(Arc::new(CeilingHttp::new(app.ceiling.clone()))))
                 .with_state(mcp),
         )
         .route("/healthz", get(|| async { "ok" }))
@@ -120,34 +121,93 @@ async fn metrics(State(app): State<Arc<AppState>>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.metrics.render())
 }
 
-/// The ceiling's HTTP adapter: key the request, count it, and either pass it on (with the
-/// client key for later stages and `RateLimit` headers) or answer 429.
-pub async fn ceiling_layer(
-    State(http): State<Arc<CeilingHttp>>,
-    mut request: Request<Body>,
-    next: Next,
-) -> Response {
-    let peer = request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip())
-        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-    match http.ceiling.check_request(request.headers(), peer).await {
-        Ok(admitted) => {
-            let key = http.ceiling.client_key(request.headers(), peer);
-            request.extensions_mut().insert(key);
-            let mut response = next.run(request).await;
-            let state = format!("\"ceiling\";r={};t={}", admitted.remaining, admitted.reset_secs);
-            let headers = response.headers_mut();
-            headers.insert("ratelimit-policy", http.policy.clone());
-            headers.insert("ratelimit", HeaderValue::from_str(&state).expect("ascii"));
-            response
-        }
-        Err(CeilingError::Exceeded { key_kind, retry_after_secs }) => {
-            http.refusal(key_kind, retry_after_secs)
+/// The ceiling's HTTP adapter, as a tower layer: key the request, count it, and either pass it
+/// on (with the client key for later stages and `RateLimit` headers) or answer 429. A plain
+/// `Service` rather than `from_fn`, so an in-process refusal allocates no future.
+#[derive(Clone)]
+pub struct CeilingLayer(pub Arc<CeilingHttp>);
+
+impl<S> tower::Layer<S> for CeilingLayer {
+    type Service = CeilingService<S>;
+    fn layer(&self, inner: S) -> CeilingService<S> {
+        CeilingService { http: self.0.clone(), inner }
+    }
+}
+
+#[derive(Clone)]
+pub struct CeilingService<S> {
+    http: Arc<CeilingHttp>,
+    inner: S,
+}
+
+type BoxedResponse =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response, Infallible>> + Send>>;
+
+impl<S> tower::Service<Request<Body>> for CeilingService<S>
+where
+    S: tower::Service<Request<Body>, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future =
+        futures_util::future::Either<std::future::Ready<Result<Response, Infallible>>, BoxedResponse>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        use futures_util::future::Either;
+        let peer = request
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip())
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        let http = self.http.clone();
+        // Take the service that was polled ready; leave a fresh clone in its place.
+        let fresh = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, fresh);
+        match http.ceiling.check_request_now(request.headers(), peer) {
+            Some(Err(CeilingError::Exceeded { key_kind, retry_after_secs })) => {
+                Either::Left(std::future::ready(Ok(http.refusal(key_kind, retry_after_secs))))
+            }
+            Some(Ok(admitted)) => Either::Right(Box::pin(admit(http, inner, request, peer, admitted))),
+            None => Either::Right(Box::pin(async move {
+                match http.ceiling.check_request(request.headers(), peer).await {
+                    Ok(admitted) => admit(http, inner, request, peer, admitted).await,
+                    Err(CeilingError::Exceeded { key_kind, retry_after_secs }) => {
+                        Ok(http.refusal(key_kind, retry_after_secs))
+                    }
+                }
+            })),
         }
     }
 }
+
+/// Passes an admitted request on, with its client key, and adds the `RateLimit` headers.
+async fn admit<S>(
+    http: Arc<CeilingHttp>,
+    mut inner: S,
+    mut request: Request<Body>,
+    peer: IpAddr,
+    admitted: Admitted,
+) -> Result<Response, Infallible>
+where
+    S: tower::Service<Request<Body>, Response = Response, Error = Infallible>,
+{
+    let key = http.ceiling.client_key(request.headers(), peer);
+    request.extensions_mut().insert(key);
+    let mut response = inner.call(request).await?;
+    let state = format!("\"ceiling\";r={};t={}", admitted.remaining, admitted.reset_secs);
+    let headers = response.headers_mut();
+    headers.insert(RATELIMIT_POLICY.clone(), http.policy.clone());
+    headers.insert(RATELIMIT.clone(), HeaderValue::from_str(&state).expect("ascii"));
+    Ok(response)
+}
+
+static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
 /// The ceiling plus its refusal answers, rendered once: a refusal must cost less than serving.
 pub struct CeilingHttp {
@@ -208,8 +268,8 @@ impl CeilingHttp {
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
-        headers.insert("ratelimit-policy", self.policy.clone());
-        headers.insert("ratelimit", state);
+        headers.insert(RATELIMIT_POLICY.clone(), self.policy.clone());
+        headers.insert(RATELIMIT.clone(), state);
         response
     }
 }

@@ -157,7 +157,8 @@ impl<C: GovernorClock + Clone> Ceiling<C> {
     }
 
     fn key_parts<'a>(&self, headers: &'a HeaderMap, peer: IpAddr) -> KeyParts<'a> {
-        let session = headers.get("mcp-session-id").and_then(|v| v.to_str().ok());
+        static SESSION: http::HeaderName = http::HeaderName::from_static("mcp-session-id");
+        let session = headers.get(&SESSION).and_then(|v| v.to_str().ok());
         if let Some(session) = session.filter(|s| !s.is_empty() && s.len() <= 128) {
             return KeyParts::Session(session);
         }
@@ -217,6 +218,16 @@ impl<C: GovernorClock + Clone> Ceiling<C> {
     /// Counts one request, keyed from its headers and peer (the HTTP hot path).
     pub async fn check_request(&self, headers: &HeaderMap, peer: IpAddr) -> Result<Admitted, CeilingError> {
         self.check_parts(&self.key_parts(headers, peer)).await
+    }
+
+    /// The same, synchronously, when the ceiling is in-process (`None` when it is shared and
+    /// must ask Redis): lets the HTTP layer refuse without allocating a future.
+    pub fn check_request_now(
+        &self,
+        headers: &HeaderMap,
+        peer: IpAddr,
+    ) -> Option<Result<Admitted, CeilingError>> {
+        self.shared.is_none().then(|| self.check_local(&self.key_parts(headers, peer)))
     }
 
     async fn check_parts(&self, parts: &KeyParts<'_>) -> Result<Admitted, CeilingError> {

@@ -35,14 +35,15 @@ impl Cell {
 
 pub struct BoundedStore {
     /// Keyed by a keyed hash of the client key (see `Ceiling::key_hash`): no allocation per lookup.
-    cells: DashMap<u64, Cell>,
+    cells: DashMap<u64, Cell, nohash_hasher::BuildNoHashHasher<u64>>,
     overflow: Cell,
     max_keys: usize,
 }
 
 impl BoundedStore {
     pub fn new(max_keys: usize) -> Self {
-        BoundedStore { cells: DashMap::new(), overflow: Cell::default(), max_keys }
+        // Keys are already seeded hashes: hashing them again would only cost time.
+        BoundedStore { cells: DashMap::default(), overflow: Cell::default(), max_keys }
     }
 }
 

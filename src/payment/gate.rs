@@ -311,8 +311,11 @@ impl PaymentGate {
         let transaction = format!("{tx:#x}");
         let t = Transition { tx_hash: Some(&transaction), block_number: Some(block as i64), error: None };
         let from = [PaymentState::Settling, PaymentState::Pending, PaymentState::Claimed];
-        let moved =
-            self.store.transition(row.id, &from, PaymentState::Settled, t, self.now()).await.map_err(store_down)?;
+        let moved = self
+            .store
+            .transition(row.id, &from, PaymentState::Settled, t, self.now())
+            .await
+            .map_err(store_down)?;
         if moved {
             metrics::counter!("tollgate_payments_total", "outcome" => "settled").increment(1);
             let amount = row.amount.parse::<u64>().unwrap_or(0);
