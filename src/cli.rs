@@ -43,6 +43,21 @@ pub enum Command {
     Receipts(ReceiptsCommand),
     /// Print the MCP registry server.json and the x402 discovery entry for this server.
     Listing,
+    /// Local chains only: deploy the test USDC with anvil's first dev account and fund a payer.
+    DeployTestToken {
+        #[arg(long)]
+        rpc: String,
+        #[arg(long, default_value = "USD Coin")]
+        name: String,
+        #[arg(long, default_value = "2")]
+        version: String,
+        /// Mint test USDC to this address.
+        #[arg(long)]
+        mint_to: Option<String>,
+        /// Atomic units to mint (default 100 USDC).
+        #[arg(long, default_value = "100000000")]
+        amount: String,
+    },
     /// Apply database migrations and exit.
     Migrate,
     /// Print the embedded default configuration, with every key documented.
@@ -143,6 +158,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let state = app.state();
             let now = state.clock.now_unix();
             println!("{}", serde_json::to_string_pretty(&crate::listing::documents(&state, now))?);
+        }
+        Command::DeployTestToken { rpc, name, version, mint_to, amount } => {
+            use alloy::providers::ProviderBuilder;
+            let deployer = crate::chain::parse_private_key(crate::chain::anvil::DEV_KEYS[0])?;
+            let provider = ProviderBuilder::new()
+                .wallet(alloy::network::EthereumWallet::from(deployer))
+                .connect_http(rpc.parse().context("--rpc")?);
+            let token = crate::chain::usdc::deploy_test_usdc(&provider, &name, &version).await?;
+            if let Some(to) = mint_to {
+                let amount = crate::money::UsdcAmount::parse(&amount)?;
+                crate::chain::usdc::mint(&provider, token, to.parse().context("--mint-to")?, amount.into())
+                    .await?;
+            }
+            println!("{token}");
         }
         Command::Migrate => {
             let config = Config::load(cli.config.as_deref())?;

@@ -342,8 +342,8 @@ impl Config {
         if p.min_relayer_balance_wei.parse::<u128>().is_err() {
             return Err(invalid("payment.min_relayer_balance_wei", "must be a whole number of wei"));
         }
-        if !p.pay_to.is_empty() && parse_address(&p.pay_to).is_none() {
-            return Err(invalid("payment.pay_to", "must be a 0x-prefixed 20-byte hex address"));
+        if !p.pay_to.is_empty() && parse_address(&p.pay_to).is_none_or(|a| a.is_zero()) {
+            return Err(invalid("payment.pay_to", "must be a 0x-prefixed 20-byte hex address, not zero"));
         }
         if !(10..=3600).contains(&p.max_timeout_seconds) {
             return Err(invalid("payment.max_timeout_seconds", "must be between 10 and 3600"));
