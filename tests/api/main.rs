@@ -7,6 +7,7 @@ mod client;
 mod concurrency;
 mod config_cli;
 mod facilitator;
+mod fleet;
 mod interop;
 mod limits;
 mod mcp_surface;
