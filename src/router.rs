@@ -164,14 +164,17 @@ where
             .get::<ConnectInfo<SocketAddr>>()
             .map(|c| c.0.ip())
             .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        let verdict = self.http.ceiling.check_request_now(request.headers(), peer);
+        if let Some(Err(CeilingError::Exceeded { key_kind, retry_after_secs })) = verdict {
+            // The refusal path touches nothing else: no clone, no allocation of a future.
+            return Either::Left(std::future::ready(Ok(self.http.refusal(key_kind, retry_after_secs))));
+        }
         let http = self.http.clone();
         // Take the service that was polled ready; leave a fresh clone in its place.
         let fresh = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, fresh);
-        match http.ceiling.check_request_now(request.headers(), peer) {
-            Some(Err(CeilingError::Exceeded { key_kind, retry_after_secs })) => {
-                Either::Left(std::future::ready(Ok(http.refusal(key_kind, retry_after_secs))))
-            }
+        match verdict {
+            Some(Err(_)) => unreachable!("refused above"),
             Some(Ok(admitted)) => Either::Right(Box::pin(admit(http, inner, request, peer, admitted))),
             None => Either::Right(Box::pin(async move {
                 match http.ceiling.check_request(request.headers(), peer).await {
@@ -256,7 +259,11 @@ impl CeilingHttp {
     }
 
     fn refusal(&self, key_kind: &'static str, retry_after_secs: u64) -> Response {
-        let kind = KINDS.iter().position(|k| *k == key_kind).unwrap_or(2);
+        let kind = match key_kind {
+            "session" => 0,
+            "api_key" => 1,
+            _ => 2,
+        };
         let (body, state) = if retry_after_secs <= CACHED_RETRY_SECS {
             let slot = kind * (CACHED_RETRY_SECS as usize + 1) + retry_after_secs as usize;
             self.refusals[slot].get_or_init(|| self.render(key_kind, retry_after_secs)).clone()
