@@ -188,4 +188,66 @@ mod tests {
         assert_eq!(rate.remaining(20 * SEC, 0), 2);
         assert_eq!(rate.remaining(60 * SEC, 0), 0);
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// Token-bucket bound: over any interval [a, b], admitted units never exceed the burst
+        /// plus the refill, L + (b − a)·L/W — whatever the sequence of calls and costs.
+        #[test]
+        fn no_sequence_of_calls_exceeds_the_configured_rate_over_any_interval(
+            limit in 1u64..20,
+            window_s in 1u64..120,
+            calls in proptest::collection::vec((0u64..5_000_000, 1u64..4), 1..200),
+        ) {
+            let buckets = MemoryBuckets::new(4);
+            let rate = Rate { limit, window_us: window_s * SEC };
+            let mut now = 0u64;
+            let mut admitted: Vec<(u64, u64)> = Vec::new();
+            for (advance, cost) in calls {
+                now += advance;
+                let c = [Charge { key: "k".into(), rate, cost }];
+                if let Ok(Verdict::Allowed { .. }) = buckets.check(&c, now) {
+                    admitted.push((now, cost));
+                }
+            }
+            for i in 0..admitted.len() {
+                let mut units = 0u128;
+                for j in i..admitted.len() {
+                    units += u128::from(admitted[j].1);
+                    let span = u128::from(admitted[j].0 - admitted[i].0);
+                    let bound = u128::from(limit) * u128::from(rate.window_us) + span * u128::from(limit);
+                    proptest::prop_assert!(
+                        units * u128::from(rate.window_us) <= bound,
+                        "{units} units in {span} µs exceeds {limit} per {window_s} s"
+                    );
+                }
+            }
+        }
+
+        /// A refused request is admitted once the reported retry-after has passed (if the
+        /// request fits the budget at all): the advice a client gets is never too short.
+        #[test]
+        fn waiting_the_reported_retry_after_is_enough(
+            limit in 1u64..10,
+            window_s in 1u64..60,
+            burst in 1usize..30,
+            cost in 1u64..3,
+        ) {
+            let buckets = MemoryBuckets::new(4);
+            let c = [Charge { key: "k".into(), rate: Rate { limit, window_us: window_s * SEC }, cost }];
+            let mut denial = None;
+            for _ in 0..burst {
+                if let Ok(Verdict::Denied { tat, .. }) = buckets.check(&c, 0) {
+                    denial = Some(tat);
+                    break;
+                }
+            }
+            if let (Some(tat), true) = (denial, cost <= limit) {
+                let wait = Verdict::retry_after_us(&c[0], tat, 0);
+                let admitted = matches!(buckets.check(&c, wait), Ok(Verdict::Allowed { .. }));
+                proptest::prop_assert!(admitted, "refused again after waiting {} µs", wait);
+            }
+        }
+    }
 }

@@ -135,8 +135,15 @@ impl PaymentGate {
             PaymentState::Pending | PaymentState::Settling
                 if row.tx_hash.is_some() || row.state == PaymentState::Pending =>
             {
-                let settlement = self.resolve(&row, v.payer.to_string()).await?;
-                Ok(Claimed::AlreadySettled(row, settlement))
+                match self.resolve(&row, v.payer.to_string()).await {
+                    Ok(settlement) => Ok(Claimed::AlreadySettled(row, settlement)),
+                    // A settling row not yet confirmed most likely has its request still
+                    // waiting on it (or a crashed one, for the reconciler): in progress.
+                    Err(PaymentError::Pending { .. }) if row.state == PaymentState::Settling => {
+                        Err(PaymentError::InProgress)
+                    }
+                    Err(e) => Err(e),
+                }
             }
             PaymentState::Claimed | PaymentState::Settling | PaymentState::Pending => {
                 Err(PaymentError::InProgress)

@@ -14,6 +14,7 @@ mod mcp_surface;
 mod operations;
 mod payments;
 mod pending;
+mod properties;
 mod restart;
 mod store;
 mod upstream;
