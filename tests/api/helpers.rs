@@ -3,7 +3,10 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
 
 use alloy::primitives::{Address, U256};
 use alloy::signers::local::PrivateKeySigner;
@@ -341,4 +344,41 @@ fn counted_tool(runs: Arc<AtomicUsize>) -> (Builtin, UsdcAmount) {
         handler: Arc::new(Counted(runs)),
     };
     (tool, UsdcAmount::from_atomic(COUNTED_PRICE))
+}
+
+/// A TCP relay to a local port that a test can cut and restore: the service behind it
+/// "stops" and "returns" for tollgate while it keeps running for everyone else.
+pub struct Relay {
+    pub port: u16,
+    pub up: Arc<AtomicBool>,
+}
+
+impl Relay {
+    pub async fn start(target: u16) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let up = Arc::new(AtomicBool::new(true));
+        let flag = up.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else { return };
+                let flag = flag.clone();
+                tokio::spawn(async move {
+                    if !flag.load(Ordering::SeqCst) {
+                        return; // refused: dropped at once
+                    }
+                    let Ok(mut server) = TcpStream::connect(("127.0.0.1", target)).await else { return };
+                    // Relay until either side closes or the relay is cut.
+                    let relay = tokio::io::copy_bidirectional(&mut client, &mut server);
+                    let cut = async {
+                        while flag.load(Ordering::SeqCst) {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    };
+                    tokio::select! { _ = relay => {}, () = cut => {} }
+                });
+            }
+        });
+        Relay { port, up }
+    }
 }

@@ -7,6 +7,7 @@ mod client;
 mod concurrency;
 mod config_cli;
 mod facilitator;
+mod faults;
 mod fleet;
 mod interop;
 mod limits;

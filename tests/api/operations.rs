@@ -1,13 +1,11 @@
 //! Operating tollgate: readiness, metrics, the marketplace listing.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::net::{TcpListener, TcpStream};
 
-use crate::helpers::{TestApp, fresh_schema, spawn_app, spawn_app_with};
+use crate::helpers::{Relay, TestApp, fresh_schema, spawn_app, spawn_app_with};
 
 async fn readyz(app: &TestApp) -> (u16, Value) {
     let response = reqwest::get(format!("{}/readyz", app.base_url())).await.unwrap();
@@ -67,45 +65,9 @@ async fn the_listing_describes_the_server_for_the_mcp_registry_and_x402_discover
     app.shutdown().await;
 }
 
-/// A TCP relay to Postgres that the test can cut and restore, to stop "Postgres" for tollgate.
-struct Relay {
-    port: u16,
-    up: Arc<AtomicBool>,
-}
-
-impl Relay {
-    async fn start() -> Relay {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let up = Arc::new(AtomicBool::new(true));
-        let flag = up.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut client, _)) = listener.accept().await else { return };
-                let flag = flag.clone();
-                tokio::spawn(async move {
-                    if !flag.load(Ordering::SeqCst) {
-                        return; // refused: dropped at once
-                    }
-                    let Ok(mut server) = TcpStream::connect("127.0.0.1:5432").await else { return };
-                    // Relay until either side closes or the relay is cut.
-                    let relay = tokio::io::copy_bidirectional(&mut client, &mut server);
-                    let cut = async {
-                        while flag.load(Ordering::SeqCst) {
-                            tokio::time::sleep(Duration::from_millis(20)).await;
-                        }
-                    };
-                    tokio::select! { _ = relay => {}, () = cut => {} }
-                });
-            }
-        });
-        Relay { port, up }
-    }
-}
-
 #[tokio::test]
 async fn readyz_turns_unready_when_postgres_stops_and_ready_when_it_returns() {
-    let relay = Relay::start().await;
+    let relay = Relay::start(5432).await;
     let schema = fresh_schema();
     tollgate::store::PgStore::connect_in_schema(crate::helpers::PG_URL, &schema, 1).await.unwrap();
     let url =
