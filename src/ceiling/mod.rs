@@ -106,9 +106,9 @@ pub struct Ceiling<C: GovernorClock = DefaultClock> {
     trusted: Vec<ipnet::IpNet>,
     /// Fleet mode: the shared bucket in Redis, and the clock it is measured with.
     shared: Option<(RedisBuckets, SharedClock)>,
-    /// Keys the in-process table by a hash with a per-process random seed, so nobody can aim
-    /// keys at one slot, and the hot path allocates nothing.
-    hasher: std::hash::RandomState,
+    /// Keys the in-process table by a hash with a per-process random seed (aHash: fast, and
+    /// keyed so nobody can aim keys at one slot); the hot path allocates nothing.
+    hasher: ahash::RandomState,
     /// Refusal counters per key kind, registered once (the hot path only adds).
     refusals: [metrics::Counter; 3],
 }
@@ -146,7 +146,7 @@ impl<C: GovernorClock + Clone> Ceiling<C> {
             api_key_header,
             trusted,
             shared,
-            hasher: std::hash::RandomState::new(),
+            hasher: ahash::RandomState::new(),
             refusals,
         }
     }
