@@ -172,7 +172,6 @@ impl<C: GovernorClock + Clone> Ceiling<C> {
     }
 
     fn hash_parts(&self, parts: &KeyParts<'_>) -> u64 {
-        use std::hash::BuildHasher;
         match parts {
             KeyParts::Session(s) => self.hasher.hash_one((0u8, s.as_bytes())),
             KeyParts::ApiKey(hex) => self.hasher.hash_one((1u8, &hex[..])),
