@@ -1,0 +1,245 @@
+//! Bounded load test on loopback (prints figures; not a test): one tollgate on a local anvil
+//! chain, driven for a fixed time by a mix of free calls, challenges, paid calls and a flood
+//! from one session, then the invariants a payment server must keep are checked:
+//! transfers on chain = settled payments = receipts = handler runs = paid answers.
+//!
+//! Run: `cargo bench --bench load` (optional: LOAD_SECS, default 20).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use alloy::network::EthereumWallet;
+use alloy::primitives::U256;
+use alloy::providers::{Provider, ProviderBuilder};
+use alloy::rpc::types::Filter;
+use alloy::signers::local::PrivateKeySigner;
+use alloy::sol_types::SolEvent;
+use rmcp::model::{CallToolResult, JsonObject};
+use serde_json::{Value, json};
+use tollgate::app::{App, Deps};
+use tollgate::chain::anvil::DEV_KEYS;
+use tollgate::chain::usdc::Usdc;
+use tollgate::client::sign::{SignParams, sign_payment};
+use tollgate::clock::{Clock, SystemClock};
+use tollgate::config::Config;
+use tollgate::dev::DevChain;
+use tollgate::money::UsdcAmount;
+use tollgate::payment::wire::PaymentRequirements;
+use tollgate::tools::builtin::Builtin;
+use tollgate::tools::catalog::ToolHandler;
+
+const PRICE: u64 = 1000;
+const PAYERS: usize = 8;
+
+struct Counted(Arc<AtomicUsize>);
+
+#[async_trait::async_trait]
+impl ToolHandler for Counted {
+    async fn call(&self, _args: JsonObject) -> CallToolResult {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        CallToolResult::structured(json!({ "ok": true }))
+    }
+}
+
+#[derive(Default)]
+struct Tally {
+    latencies_us: Vec<u64>,
+    ok: usize,
+    errors: usize,
+    refused_429: usize,
+    paid: usize,
+}
+
+async fn post(http: &reqwest::Client, url: &str, body: &Value, session: Option<&str>) -> (u16, Value) {
+    let mut request = http
+        .post(url)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .json(body);
+    if let Some(s) = session {
+        request = request.header("mcp-session-id", s);
+    }
+    match request.send().await {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            (status, r.json().await.unwrap_or(Value::Null))
+        }
+        Err(_) => (0, Value::Null),
+    }
+}
+
+fn call(tool: &str, meta: Option<Value>) -> Value {
+    let mut params = json!({ "name": tool, "arguments": { "text": "load" } });
+    if let Some(meta) = meta {
+        params["_meta"] = meta;
+    }
+    json!({ "jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": params })
+}
+
+fn resident_mb() -> f64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: f64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0.0);
+    pages * 4096.0 / 1e6
+}
+
+#[tokio::main]
+async fn main() {
+    let secs: u64 = std::env::var("LOAD_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::load(None).unwrap();
+    config.server.bind = "127.0.0.1:0".parse().unwrap();
+    config.dev.state_dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".tollgate");
+    config.database.url = format!("sqlite://{}", dir.path().join("load.db").display()).into();
+    config.receipts.key = "33".repeat(32).into();
+    config.limits.rules.clear(); // the load is the point here; limits have their own tests
+    tollgate::chain::anvil::find_or_install(&config.dev.state_dir).await.unwrap();
+    let chain = DevChain::start(&config, &dir.path().join("payer.key")).await.unwrap();
+    chain.apply(&mut config);
+    let runs = Arc::new(AtomicUsize::new(0));
+    let tool = Builtin {
+        name: "counted",
+        description: "counts",
+        input_schema: json!({ "type": "object" }),
+        handler: Arc::new(Counted(runs.clone())),
+    };
+    let deps =
+        Deps { clock: Arc::new(SystemClock), extra_tools: vec![(tool, UsdcAmount::from_atomic(PRICE))] };
+    let app = App::build_with(config, deps).await.unwrap();
+    let url = format!("http://{}/mcp", app.local_addr());
+    let state = app.state();
+    tokio::spawn(app.run_until(std::future::pending()));
+
+    // Payers, funded.
+    let minter = tollgate::chain::parse_private_key(DEV_KEYS[0]).unwrap();
+    let provider = ProviderBuilder::new()
+        .wallet(EthereumWallet::from(minter))
+        .connect_http(chain.anvil.endpoint().parse().unwrap());
+    let payers: Vec<PrivateKeySigner> = (0..PAYERS).map(|_| PrivateKeySigner::random()).collect();
+    for p in &payers {
+        tollgate::chain::usdc::mint(&provider, chain.token, p.address(), U256::from(1_000_000_000u64))
+            .await
+            .unwrap();
+    }
+    let http = reqwest::Client::new();
+    let (_, challenge) = post(&http, &url, &call("counted", None), None).await;
+    let requirements: PaymentRequirements =
+        serde_json::from_value(challenge["result"]["structuredContent"]["accepts"][0].clone()).unwrap();
+
+    let rss_before = resident_mb();
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut workers = Vec::new();
+    // Paid callers (one per payer), free callers, challengers, and one flooding session.
+    for (i, payer) in payers.into_iter().enumerate() {
+        let (http, url, req) = (http.clone(), url.clone(), requirements.clone());
+        workers.push(tokio::spawn(async move {
+            let mut t = Tally::default();
+            while Instant::now() < deadline {
+                let params = SignParams::standard(SystemClock.now_unix(), req.max_timeout_seconds);
+                let payload = sign_payment(&payer, &req, None, &params).unwrap();
+                let start = Instant::now();
+                let (status, body) = post(
+                    &http,
+                    &url,
+                    &call("counted", Some(json!({ "x402/payment": payload }))),
+                    Some(&format!("payer-{i}")),
+                )
+                .await;
+                t.latencies_us.push(start.elapsed().as_micros() as u64);
+                match (status, body["result"]["isError"].as_bool()) {
+                    (200, Some(false)) => t.paid += 1,
+                    (429, _) => t.refused_429 += 1,
+                    _ => t.errors += 1,
+                }
+            }
+            ("paid", t)
+        }));
+    }
+    for kind in ["free", "challenge", "free", "challenge"] {
+        let (http, url) = (http.clone(), url.clone());
+        workers.push(tokio::spawn(async move {
+            let mut t = Tally::default();
+            let mut n = 0;
+            while Instant::now() < deadline {
+                n += 1;
+                let tool = if kind == "free" { "echo" } else { "sha256" };
+                let start = Instant::now();
+                let (status, _) = post(&http, &url, &call(tool, None), Some(&format!("{kind}-{n}"))).await;
+                t.latencies_us.push(start.elapsed().as_micros() as u64);
+                if status == 200 { t.ok += 1 } else { t.errors += 1 }
+            }
+            (kind, t)
+        }));
+    }
+    let (http2, url2) = (http.clone(), url.clone());
+    workers.push(tokio::spawn(async move {
+        let mut t = Tally::default();
+        while Instant::now() < deadline {
+            let start = Instant::now();
+            let (status, _) = post(&http2, &url2, &call("echo", None), Some("flooder")).await;
+            t.latencies_us.push(start.elapsed().as_micros() as u64);
+            match status {
+                200 => t.ok += 1,
+                429 => t.refused_429 += 1,
+                _ => t.errors += 1,
+            }
+        }
+        ("flood", t)
+    }));
+    let mut by_kind: std::collections::BTreeMap<&str, Tally> = Default::default();
+    for w in workers {
+        let (kind, t) = w.await.unwrap();
+        let e = by_kind.entry(kind).or_default();
+        e.latencies_us.extend(t.latencies_us);
+        e.ok += t.ok;
+        e.errors += t.errors;
+        e.refused_429 += t.refused_429;
+        e.paid += t.paid;
+    }
+    let rss_after = resident_mb();
+    println!("load: {secs} s on loopback, {PAYERS} paying agents, 2 free, 2 challengers, 1 flooder");
+    for (kind, t) in &mut by_kind {
+        t.latencies_us.sort_unstable();
+        let n = t.latencies_us.len().max(1);
+        let p = |q: f64| t.latencies_us.get(((n as f64) * q) as usize).copied().unwrap_or(0) as f64 / 1000.0;
+        println!(
+            "load: {kind:<9} {:>7} req {:>8.1} req/s  p50 {:>7.2} ms  p99 {:>7.2} ms  ok {:>6} paid {:>5} 429 {:>6} errors {:>4}",
+            t.latencies_us.len(),
+            t.latencies_us.len() as f64 / secs as f64,
+            p(0.50),
+            p(0.99),
+            t.ok,
+            t.paid,
+            t.refused_429,
+            t.errors
+        );
+    }
+    println!("load: resident memory {rss_before:.1} MB -> {rss_after:.1} MB");
+
+    // Invariants.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let answered_paid = by_kind.get("paid").map_or(0, |t| t.paid);
+    let filter = Filter::new()
+        .address(chain.token)
+        .event_signature(Usdc::AuthorizationUsed::SIGNATURE_HASH)
+        .from_block(0);
+    let transfers = provider.get_logs(&filter).await.unwrap().len();
+    let settled = state.store.receipt_count().await.unwrap() as usize;
+    let unresolved = state.store.unresolved(10_000).await.unwrap().len();
+    let handler_runs = runs.load(Ordering::SeqCst);
+    let payee = Usdc::new(chain.token, &provider).balanceOf(chain.pay_to).call().await.unwrap();
+    println!(
+        "load: invariants: transfers on chain {transfers} | receipts {settled} | handler runs {handler_runs} | paid answers {answered_paid} | unresolved {unresolved}"
+    );
+    println!("load: payTo received {payee} atomic = {} × price", payee / U256::from(PRICE));
+    let holds = transfers == settled
+        && settled == handler_runs
+        && handler_runs == answered_paid
+        && unresolved == 0
+        && payee == U256::from(PRICE * transfers as u64);
+    println!("load: invariants {}", if holds { "HOLD" } else { "VIOLATED" });
+    chain.anvil.stop().await;
+    if !holds {
+        std::process::exit(1);
+    }
+}
