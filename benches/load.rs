@@ -57,8 +57,9 @@ async fn post(http: &reqwest::Client, url: &str, body: &Value, session: Option<&
         .header("content-type", "application/json")
         .header("accept", "application/json, text/event-stream")
         .json(body);
-    if let Some(s) = session {
-        request = request.header("mcp-session-id", s);
+    if let Some(key) = session {
+        // Each simulated agent has its own API key, so the ceiling keys them apart.
+        request = request.header("x-api-key", key);
     }
     match request.send().await {
         Ok(r) => {
@@ -93,6 +94,10 @@ async fn main() {
     config.database.url = format!("sqlite://{}", dir.path().join("load.db").display()).into();
     config.receipts.key = "33".repeat(32).into();
     config.limits.rules.clear(); // the load is the point here; limits have their own tests
+    // Per-agent ceiling (by API key): generous for the workers, and the flooder exceeds it.
+    config.ceiling.api_key_header = "x-api-key".into();
+    config.ceiling.burst = 200;
+    config.ceiling.per_second = 500;
     tollgate::chain::anvil::find_or_install(&config.dev.state_dir).await.unwrap();
     let chain = DevChain::start(&config, &dir.path().join("payer.key")).await.unwrap();
     chain.apply(&mut config);
@@ -164,9 +169,14 @@ async fn main() {
                 n += 1;
                 let tool = if kind == "free" { "echo" } else { "sha256" };
                 let start = Instant::now();
-                let (status, _) = post(&http, &url, &call(tool, None), Some(&format!("{kind}-{n}"))).await;
+                let (status, _) =
+                    post(&http, &url, &call(tool, None), Some(&format!("{kind}-{}", n % 16))).await;
                 t.latencies_us.push(start.elapsed().as_micros() as u64);
-                if status == 200 { t.ok += 1 } else { t.errors += 1 }
+                match status {
+                    200 => t.ok += 1,
+                    429 => t.refused_429 += 1,
+                    _ => t.errors += 1,
+                }
             }
             (kind, t)
         }));

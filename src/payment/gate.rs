@@ -21,8 +21,10 @@ use crate::chain::client::{ChainClient, ExpectedTransfer, TxStatus};
 use crate::clock::SharedClock;
 use crate::store::{Claim, NewPayment, PaymentRecord, PaymentState, Store, StoreError, Transition};
 
-/// How often settlement confirmation is polled (Base produces a block every 2 s).
-const CONFIRM_POLL: Duration = Duration::from_millis(250);
+/// Confirmation polling: quick at first (a local chain mines at once), backing off to the
+/// slowest useful rate (Base produces a block every 2 s).
+const CONFIRM_POLL_FIRST: Duration = Duration::from_millis(10);
+const CONFIRM_POLL_MAX: Duration = Duration::from_millis(250);
 
 /// A settled payment: the money moved, confirmed on chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -231,6 +233,7 @@ impl PaymentGate {
     ) -> Result<Settlement, PaymentError> {
         let expect = expected_transfer(row)?;
         let deadline = tokio::time::Instant::now() + self.settle_timeout;
+        let mut poll = CONFIRM_POLL_FIRST;
         loop {
             match self.chain.tx_status(tx, &expect).await {
                 Ok(TxStatus::Mined { block, confirmations, paid: true })
@@ -254,7 +257,10 @@ impl PaymentGate {
                 Ok(_) | Err(_) if tokio::time::Instant::now() >= deadline => {
                     return self.mark_pending(row.id, Some(tx)).await;
                 }
-                Ok(_) | Err(_) => tokio::time::sleep(CONFIRM_POLL).await,
+                Ok(_) | Err(_) => {
+                    tokio::time::sleep(poll).await;
+                    poll = (poll * 2).min(CONFIRM_POLL_MAX);
+                }
             }
         }
     }

@@ -172,7 +172,7 @@ fn state_list(states: &[PaymentState]) -> String {
 }
 
 macro_rules! impl_store {
-    ($store:ty, $migrator:expr, $append_lock:expr) => {
+    ($store:ty, $migrator:expr, $append_lock:expr, $begin_write:expr) => {
         #[async_trait::async_trait]
         impl Store for $store {
             async fn migrate(&self) -> Result<(), StoreError> {
@@ -332,7 +332,7 @@ macro_rules! impl_store {
                 // One appender at a time: in process (SQLite has one writer anyway) and, on
                 // Postgres, fleet-wide via a transaction-scoped advisory lock.
                 let _serial = self.append_lock.lock().await;
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.pool.begin_with($begin_write).await?;
                 if let Some(lock) = $append_lock {
                     sqlx::query(lock).execute(&mut *tx).await?;
                 }
@@ -446,8 +446,16 @@ macro_rules! impl_store {
     };
 }
 
-impl_store!(SqliteStore, sqlx::migrate!("migrations/sqlite"), None::<&str>);
-impl_store!(PgStore, sqlx::migrate!("migrations/postgres"), Some("select pg_advisory_xact_lock(6962001)"));
+// SQLite: BEGIN IMMEDIATE takes the write lock up front (waiting out busy_timeout); a deferred
+// transaction that reads then writes fails at once with SQLITE_BUSY when another connection
+// is writing, which under load dropped receipts.
+impl_store!(SqliteStore, sqlx::migrate!("migrations/sqlite"), None::<&str>, "BEGIN IMMEDIATE");
+impl_store!(
+    PgStore,
+    sqlx::migrate!("migrations/postgres"),
+    Some("select pg_advisory_xact_lock(6962001)"),
+    "BEGIN"
+);
 
 impl SqliteStore {
     /// SQLite serves one process: it always leads.

@@ -126,15 +126,7 @@ async fn run_once(
         pay_to: &quote.requirements.pay_to,
         now: app.clock.now_unix(),
     };
-    let receipt = match app.receipts.issue(&input).await {
-        Ok(receipt) => Some(receipt),
-        Err(e) => {
-            // The call was paid and ran: serve it; the stored result (without a receipt) is
-            // replayed, and the payment row still proves the settlement.
-            tracing::error!(error = %e, payment.row = settled.row_id, "could not issue the receipt");
-            None
-        }
-    };
+    let receipt = issue_receipt(app, &input).await;
     let result = results::paid(result, settled, receipt.as_ref());
     let json = serde_json::to_string(&result).expect("CallToolResult serialises");
     if let Err(e) = app.gate.store.save_result(settled.row_id, &json, now).await {
@@ -142,4 +134,26 @@ async fn run_once(
         tracing::error!(error = %e, payment.row = settled.row_id, "could not store the paid result");
     }
     result
+}
+
+/// Issues the receipt, retrying transient store failures: a paid call must not end without one.
+async fn issue_receipt(app: &AppState, input: &ReceiptInput<'_>) -> Option<crate::receipt::SignedReceipt> {
+    let mut delay = std::time::Duration::from_millis(20);
+    for attempt in 1..=5 {
+        match app.receipts.issue(input).await {
+            Ok(receipt) => return Some(receipt),
+            Err(e) if attempt < 5 => {
+                tracing::warn!(error = %e, attempt, "receipt not stored yet; retrying");
+                tokio::time::sleep(delay).await;
+                delay *= 3;
+            }
+            Err(e) => {
+                // Paid and run: serve it. The audit will show the missing receipt, and the
+                // payment row still proves the settlement.
+                tracing::error!(error = %e, payment.row = input.settlement.row_id, "could not issue the receipt");
+                metrics::counter!("tollgate_receipt_failures_total").increment(1);
+            }
+        }
+    }
+    None
 }
