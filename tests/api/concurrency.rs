@@ -81,3 +81,28 @@ async fn fifty_concurrent_calls_through_two_instances_sharing_postgres_run_the_h
     sibling.shutdown().await;
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn concurrent_distinct_payments_each_get_one_receipt_on_sqlite() {
+    // Regression: under concurrent writers SQLite once refused receipt appends (SQLITE_BUSY on
+    // a deferred transaction), leaving paid calls without receipts. The load test found it.
+    let app = spawn_app().await;
+    let requirements = app.requirements("counted", json!({})).await;
+    let payloads: Vec<Value> = (0..24).map(|_| app.sign(&app.payer(), &requirements)).collect();
+    let calls = payloads.into_iter().map(|payload| {
+        let mcp = app.sessionless();
+        tokio::spawn(async move {
+            mcp.call_tool("counted", json!({}), Some(json!({ "x402/payment": payload }))).await
+        })
+    });
+    let mut with_receipt = 0;
+    for call in calls.collect::<Vec<_>>() {
+        let result = call.await.unwrap();
+        assert_eq!(result["isError"], false, "{result}");
+        with_receipt += usize::from(result["_meta"].get("tollgate/receipt").is_some());
+    }
+    assert_eq!(with_receipt, 24, "every paid answer carries its receipt");
+    assert_eq!(app.state.store.receipt_count().await.unwrap(), 24);
+    assert_eq!(app.runs(), 24);
+    app.shutdown().await;
+}
