@@ -17,4 +17,7 @@ if ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
 fi
 pg_isready -h 127.0.0.1 -p 5432 || { echo "PostgreSQL is not reachable at 127.0.0.1:5432" >&2; exit 1; }
 
+# --all-targets also runs the benchmarks once (unoptimised) as smoke tests; the load test checks
+# its invariants (transfers = receipts = handler runs) and fails the run if they break.
+export LOAD_SECS="${LOAD_SECS:-5}"
 cargo test --all-targets "$@"

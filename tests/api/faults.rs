@@ -180,3 +180,25 @@ async fn a_reorg_that_drops_the_settlement_is_detected_and_nothing_is_served_bef
     assert_eq!(app.balance(payer.address()).await, before);
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_relayer_out_of_gas_is_unready_and_refuses_payments_without_charging() {
+    // Arrange: a relayer key with no ETH at all.
+    let broke = alloy::signers::local::PrivateKeySigner::random();
+    let key = format!("0x{}", hex::encode(broke.to_bytes()));
+    let app = spawn_app_with(move |c| c.payment.relayer_key = key.into()).await;
+    let payer = app.payer();
+    let before = app.balance(payer.address()).await;
+    let payload = app.sign(&payer, &app.requirements("counted", json!({})).await);
+    // Act
+    let ready = reqwest::get(format!("{}/readyz", app.base_url())).await.unwrap();
+    let refused = app.pay("counted", json!({}), &payload).await;
+    // Assert: the load balancer is told, and a paid call that slips through costs nothing.
+    assert_eq!(ready.status(), 503);
+    assert_eq!(refused["structuredContent"]["error"], "chain_unavailable", "{refused}");
+    assert_eq!(refused["structuredContent"]["charged"], false);
+    assert_eq!(app.balance(payer.address()).await, before);
+    assert_eq!(app.runs(), 0);
+    assert!(app.state.store.unresolved(10).await.unwrap().is_empty(), "the claim was released");
+    app.shutdown().await;
+}
