@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use alloy::primitives::U256;
 use alloy::signers::SignerSync;
 use alloy::signers::local::PrivateKeySigner;
 use axum::body::Bytes;
@@ -217,30 +216,7 @@ async fn a_transfer_on_chain_without_a_receipt_is_caught() {
     paid_calls(&app, 1).await;
     // The payer's authorization to payTo is spent on chain, but no receipt was ever issued.
     let payload = app.sign(&app.payer(), &app.requirements("counted", json!({})).await);
-    let a = &payload["payload"]["authorization"];
-    let relayer = tollgate::chain::parse_private_key(tollgate::chain::anvil::DEV_KEYS[3]).unwrap();
-    let provider = alloy::providers::ProviderBuilder::new()
-        .wallet(alloy::network::EthereumWallet::from(relayer))
-        .connect_http(app.chain.anvil.endpoint().parse().unwrap());
-    let num = |k: &str| U256::from_str_radix(a[k].as_str().unwrap(), 10).unwrap();
-    let signature: alloy::primitives::Bytes =
-        payload["payload"]["signature"].as_str().unwrap().parse().unwrap();
-    tollgate::chain::usdc::TestUsdc::new(app.chain.token, &provider)
-        .transferWithAuthorization_0(
-            a["from"].as_str().unwrap().parse().unwrap(),
-            a["to"].as_str().unwrap().parse().unwrap(),
-            num("value"),
-            num("validAfter"),
-            num("validBefore"),
-            a["nonce"].as_str().unwrap().parse().unwrap(),
-            signature,
-        )
-        .send()
-        .await
-        .unwrap()
-        .get_receipt()
-        .await
-        .unwrap();
+    crate::helpers::submit_on_chain(&app.chain.anvil.endpoint(), app.chain.token, &payload).await;
     checkpoint(&app).await;
     let report = run_audit(&app, &app.base_url(), &app.dir.path().join("a.json")).await;
     assert!(

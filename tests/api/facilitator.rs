@@ -5,17 +5,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use alloy::network::EthereumWallet;
-use alloy::primitives::{Address, Bytes, U256};
-use alloy::providers::ProviderBuilder;
+use alloy::primitives::{Address, U256};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::{Value, json};
-use tollgate::chain::anvil::DEV_KEYS;
-use tollgate::chain::usdc::TestUsdc;
 use tollgate::config::SettlerKind;
 
 use crate::helpers::{COUNTED_PRICE, TestApp, spawn_app_with};
@@ -73,30 +69,8 @@ async fn settle(State(fake): State<Fake>, Json(body): Json<Value>) -> Response {
 
 /// What a real facilitator does: submit transferWithAuthorization with its own key.
 async fn submit_on_chain(rpc: &str, body: &Value) -> String {
-    let a = &body["paymentPayload"]["payload"]["authorization"];
-    let signature: Bytes = body["paymentPayload"]["payload"]["signature"].as_str().unwrap().parse().unwrap();
     let asset: Address = body["paymentRequirements"]["asset"].as_str().unwrap().parse().unwrap();
-    let key = tollgate::chain::parse_private_key(DEV_KEYS[3]).unwrap();
-    let provider =
-        ProviderBuilder::new().wallet(EthereumWallet::from(key)).connect_http(rpc.parse().unwrap());
-    let num = |k: &str| U256::from_str_radix(a[k].as_str().unwrap(), 10).unwrap();
-    let receipt = TestUsdc::new(asset, &provider)
-        .transferWithAuthorization_0(
-            a["from"].as_str().unwrap().parse().unwrap(),
-            a["to"].as_str().unwrap().parse().unwrap(),
-            num("value"),
-            num("validAfter"),
-            num("validBefore"),
-            a["nonce"].as_str().unwrap().parse().unwrap(),
-            signature,
-        )
-        .send()
-        .await
-        .unwrap()
-        .get_receipt()
-        .await
-        .unwrap();
-    format!("{:#x}", receipt.transaction_hash)
+    crate::helpers::submit_on_chain(rpc, asset, &body["paymentPayload"]).await
 }
 
 /// tollgate using a fake facilitator in `mode`.

@@ -13,7 +13,7 @@ use tokio::process::{Child, Command};
 use tollgate::chain::anvil::DEV_KEYS;
 use tollgate::store::{PaymentState, PgStore, Store};
 
-use crate::helpers::{Mcp, PG_URL, TestApp, fresh_schema, repo_root, spawn_app};
+use crate::helpers::{Mcp, PG_URL, TestApp, fresh_schema, repo_root, spawn_app, wait_listening};
 
 const PRICE: u64 = 1500;
 
@@ -101,15 +101,6 @@ default_price = "{PRICE}"
     fn upstream_calls(&self) -> usize {
         std::fs::read_to_string(&self.calls).unwrap_or_default().lines().count()
     }
-}
-
-async fn wait_listening(port: u16) {
-    let up = async {
-        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(60), up).await.expect("replica listens");
 }
 
 async fn signed(app: &TestApp, url: &str) -> Value {

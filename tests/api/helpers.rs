@@ -382,3 +382,43 @@ impl Relay {
         Relay { port, up }
     }
 }
+
+/// Spends a signed payment's authorization directly on chain, outside tollgate (as a
+/// facilitator or a third party would), with anvil's dev account #3; returns the tx hash.
+pub async fn submit_on_chain(rpc: &str, asset: Address, payload: &Value) -> String {
+    let a = &payload["payload"]["authorization"];
+    let signature: alloy::primitives::Bytes =
+        payload["payload"]["signature"].as_str().unwrap().parse().unwrap();
+    let key = tollgate::chain::parse_private_key(tollgate::chain::anvil::DEV_KEYS[3]).unwrap();
+    let provider = alloy::providers::ProviderBuilder::new()
+        .wallet(alloy::network::EthereumWallet::from(key))
+        .connect_http(rpc.parse().unwrap());
+    let num = |k: &str| U256::from_str_radix(a[k].as_str().unwrap(), 10).unwrap();
+    let receipt = tollgate::chain::usdc::TestUsdc::new(asset, &provider)
+        .transferWithAuthorization_0(
+            a["from"].as_str().unwrap().parse().unwrap(),
+            a["to"].as_str().unwrap().parse().unwrap(),
+            num("value"),
+            num("validAfter"),
+            num("validBefore"),
+            a["nonce"].as_str().unwrap().parse().unwrap(),
+            signature,
+        )
+        .send()
+        .await
+        .unwrap()
+        .get_receipt()
+        .await
+        .unwrap();
+    format!("{:#x}", receipt.transaction_hash)
+}
+
+/// Waits (bounded) until something listens on a loopback port.
+pub async fn wait_listening(port: u16) {
+    let up = async {
+        while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), up).await.expect("the server listens");
+}

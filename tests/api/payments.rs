@@ -322,31 +322,7 @@ async fn an_authorization_already_used_on_chain_is_refused_without_running_the_h
     let payer = app.payer();
     let requirements = app.requirements("counted", json!({})).await;
     let payload = app.sign(&payer, &requirements);
-    let a = &payload["payload"]["authorization"];
-    let sig = payload["payload"]["signature"].as_str().unwrap();
-    let sig: alloy::primitives::Bytes = sig.parse().unwrap();
-    let relayer = tollgate::chain::parse_private_key(tollgate::chain::anvil::DEV_KEYS[3]).unwrap();
-    let provider = alloy::providers::ProviderBuilder::new()
-        .wallet(alloy::network::EthereumWallet::from(relayer))
-        .connect_http(app.chain.anvil.endpoint().parse().unwrap());
-    let token = tollgate::chain::usdc::TestUsdc::new(app.chain.token, &provider);
-    let num = |k: &str| U256::from_str_radix(a[k].as_str().unwrap(), 10).unwrap();
-    token
-        .transferWithAuthorization_0(
-            a["from"].as_str().unwrap().parse().unwrap(),
-            a["to"].as_str().unwrap().parse().unwrap(),
-            num("value"),
-            num("validAfter"),
-            num("validBefore"),
-            a["nonce"].as_str().unwrap().parse().unwrap(),
-            sig,
-        )
-        .send()
-        .await
-        .unwrap()
-        .get_receipt()
-        .await
-        .unwrap();
+    crate::helpers::submit_on_chain(&app.chain.anvil.endpoint(), app.chain.token, &payload).await;
     let before = balances(&app, &payer).await;
     // Act
     let result = app.pay("counted", json!({}), &payload).await;

@@ -10,7 +10,7 @@ use tokio::process::{Child, Command};
 use tollgate::chain::anvil::DEV_KEYS;
 use tollgate::store::{PaymentState, SqliteStore, Store};
 
-use crate::helpers::{Mcp, TestApp, spawn_app};
+use crate::helpers::{Mcp, TestApp, spawn_app, wait_listening};
 
 /// `tollgate serve` as a separate process on `port`, on the test app's chain, with its own DB.
 fn serve(app: &TestApp, port: u16, db: &std::path::Path) -> Child {
@@ -29,15 +29,6 @@ fn serve(app: &TestApp, port: u16, db: &std::path::Path) -> Child {
         .kill_on_drop(true)
         .spawn()
         .unwrap()
-}
-
-async fn wait_listening(port: u16) {
-    let up = async {
-        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(30), up).await.expect("tollgate serve listens");
 }
 
 #[tokio::test]
