@@ -110,10 +110,9 @@ pub async fn run(
         UsdcAmount::parse(&state.config.dev.demo_payer_funding)?.display_usdc(),
         chain.payer_key_file.display()
     );
-    for tool in state.catalog.tools() {
-        let price = state.catalog.get(&tool.name).and_then(|e| e.quote.as_ref()).map(|q| q.amount);
-        let price = price.map_or("free".to_owned(), |p| p.display_usdc());
-        println!("  tool        {:<18} {price}", tool.name);
+    for entry in state.catalog.entries() {
+        let price = entry.quote.as_ref().map_or("free".to_owned(), |q| q.amount.display_usdc());
+        println!("  tool        {:<18} {price}", entry.tool.name);
     }
     let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "tollgate".into());
     println!("Make a paid call (the demo payer signs; USDC moves on the local chain):");

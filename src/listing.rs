@@ -13,15 +13,13 @@ pub const SERVER_SCHEMA: &str =
 pub fn documents(app: &AppState, now_unix: u64) -> Value {
     let public_url = &app.config.server.public_url;
     let base = public_url.strip_suffix("/mcp").unwrap_or(public_url);
-    let priced: Vec<_> =
-        app.catalog.tools().into_iter().filter_map(|t| app.catalog.get(&t.name)?.quote.clone()).collect();
+    let priced: Vec<_> = app.catalog.entries().filter_map(|e| e.quote.as_ref()).collect();
     let tools: Vec<Value> = app
         .catalog
-        .tools()
-        .iter()
-        .map(|t| {
-            let price = app.catalog.get(&t.name).and_then(|e| e.quote.as_ref()).map(|q| q.price_meta().1);
-            json!({ "name": t.name, "description": t.description, "price": price })
+        .entries()
+        .map(|e| {
+            let price = e.quote.as_ref().map(|q| q.price_meta().1);
+            json!({ "name": e.tool.name, "description": e.tool.description, "price": price })
         })
         .collect();
     let server_json = json!({

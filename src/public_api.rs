@@ -41,10 +41,9 @@ fn unavailable(e: impl std::fmt::Display) -> Response {
 async fn well_known(State(app): State<Arc<AppState>>) -> Json<Value> {
     let tools: Vec<Value> = app
         .catalog
-        .tools()
-        .into_iter()
-        .map(|t| {
-            let price = app.catalog.get(&t.name).and_then(|e| e.quote.as_ref()).map(|q| q.price_meta().1);
+        .entries()
+        .map(|e| {
+            let (t, price) = (&e.tool, e.quote.as_ref().map(|q| q.price_meta().1));
             json!({ "name": t.name, "description": t.description, "inputSchema": t.input_schema, "price": price })
         })
         .collect();

@@ -105,6 +105,11 @@ impl Catalog {
         self.entries.get(name)
     }
 
+    /// Every tool with its quote, in the same stable order as `tools`.
+    pub fn entries(&self) -> impl Iterator<Item = &ToolEntry> {
+        self.entries.values()
+    }
+
     pub fn tools(&self) -> Vec<Tool> {
         self.entries.values().map(|e| e.tool.clone()).collect()
     }

@@ -51,24 +51,17 @@ pub fn payment_error(quote: &Quote, error: &PaymentError) -> CallToolResult {
         required.message = Some(error.to_string());
         return payment_required(&required);
     }
-    let extra = match error {
-        PaymentError::Pending { transaction } => {
-            json!({ "settlement": "pending", "transaction": transaction })
-        }
-        _ => json!({}),
-    };
-    let charged = !matches!(error, PaymentError::Pending { .. });
-    let mut result = refusal(error.code(), &error.to_string(), false, extra);
-    if !charged {
-        // Pending: money may have moved; say so instead of "charged: false".
-        if let Some(Value::Object(body)) = result.structured_content.as_mut() {
-            body.remove("charged");
-        }
-        result.content = vec![ContentBlock::text(
-            result.structured_content.as_ref().map(Value::to_string).unwrap_or_default(),
-        )];
+    match error {
+        // Pending: money may have moved, so the answer names the transaction and, unlike every
+        // other refusal, makes no "charged" claim either way.
+        PaymentError::Pending { transaction } => CallToolResult::structured_error(json!({
+            "error": error.code(),
+            "message": error.to_string(),
+            "settlement": "pending",
+            "transaction": transaction,
+        })),
+        _ => refusal(error.code(), &error.to_string(), false, json!({})),
     }
-    result
 }
 
 /// A paid result: the handler's answer, the standard settlement response and the receipt.
