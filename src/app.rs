@@ -146,12 +146,11 @@ impl App {
         let (receipts, clock) = (self.state.receipts.clone(), self.state.clock.clone());
         crate::receipt::spawn_checkpointer(receipts, clock, every, cancel.child_token());
         let stop = cancel.clone();
-        let serve = axum::serve(self.listener, router.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(async move {
-                shutdown.await;
-                tracing::info!("shutting down: finishing in-flight requests");
-                stop.cancel();
-            });
+        let serve = axum::serve(self.listener, router).with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutting down: finishing in-flight requests");
+            stop.cancel();
+        });
         tokio::select! {
             served = serve => served.context("serving")?,
             () = async { cancel.cancelled().await; tokio::time::sleep(grace).await } => {

@@ -7,6 +7,7 @@
 //! proxies; API keys are tracked by hash, never verbatim. Does not check: who pays (wallet
 //! limits do that on the recovered payer), nor whether a session id was issued by us.
 
+pub mod guard;
 mod store;
 
 use std::net::IpAddr;

@@ -224,7 +224,10 @@ async fn the_ceiling_answers_429_with_retry_after_and_ratelimit_headers() {
     assert_eq!(body["error"]["data"]["axis"], "ceiling", "{body}");
     assert_eq!(body["error"]["data"]["key_kind"], "ip");
     assert_eq!(body["error"]["data"]["retry_after_seconds"], 1);
-    // Probes are exempt; metrics count the refusal.
+    // Probes are exempt (the ceiling stands in front of /mcp only); metrics count the refusal.
+    let health = reqwest::get(format!("{}/healthz", app.base_url())).await.unwrap();
+    assert_eq!(health.status(), 200, "a flooded /mcp must not take the probes down");
+    assert_eq!(mcp.post(&list).await.status(), 429, "still refused");
     let metrics = reqwest::get(format!("{}/metrics", app.base_url())).await.unwrap().text().await.unwrap();
     assert!(metrics.contains("tollgate_ceiling_refusals_total{key_kind=\"ip\"}"), "{metrics}");
     app.shutdown().await;

@@ -1,0 +1,214 @@
+//! The ceiling's HTTP face: the outermost service of the server.
+//!
+//! It sits in front of the router, not inside it, so that refusing a flood costs a header
+//! lookup, a hash probe and a pre-rendered answer: no routing, no request id, no span, no body
+//! read, no boxed future. Only `/mcp` is counted; probes, metrics and the public log pass
+//! through untouched (a flood must not blind the operator's monitoring).
+//!
+//! `Guarded` is what `axum::serve` is given: for each connection it hands out a `Guard` that
+//! knows the peer address (the last-resort client key) and passes it on to the router as
+//! `ConnectInfo`, as `into_make_service_with_connect_info` would.
+
+use std::convert::Infallible;
+use std::future::{Future, Ready, ready};
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::ConnectInfo;
+use axum::http::{HeaderName, HeaderValue, Request, StatusCode, header};
+use axum::response::Response;
+use axum::routing::future::RouteFuture;
+use futures_util::future::Either;
+use tower::Service;
+
+use super::{Admitted, Ceiling, CeilingError};
+
+/// The path the ceiling counts.
+const GUARDED_PATH: &str = "/mcp";
+
+static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+
+/// Makes one `Guard` per accepted connection.
+#[derive(Clone)]
+pub struct Guarded {
+    http: Arc<CeilingHttp>,
+    router: Router,
+}
+
+impl Guarded {
+    pub fn new(router: Router, ceiling: Arc<Ceiling>) -> Self {
+        Guarded { http: Arc::new(CeilingHttp::new(ceiling)), router }
+    }
+
+    /// The service for one connection from `peer`.
+    pub fn for_peer(&self, peer: SocketAddr) -> Guard {
+        Guard { http: self.http.clone(), router: self.router.clone(), peer }
+    }
+}
+
+impl<'a> Service<axum::serve::IncomingStream<'a, tokio::net::TcpListener>> for Guarded {
+    type Response = Guard;
+    type Error = Infallible;
+    type Future = Ready<Result<Guard, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, stream: axum::serve::IncomingStream<'a, tokio::net::TcpListener>) -> Self::Future {
+        ready(Ok(self.for_peer(*stream.remote_addr())))
+    }
+}
+
+/// One connection's service: count `/mcp` requests, refuse or pass them on.
+#[derive(Clone)]
+pub struct Guard {
+    http: Arc<CeilingHttp>,
+    router: Router,
+    peer: SocketAddr,
+}
+
+type Boxed = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+impl Service<Request<Body>> for Guard {
+    type Response = Response;
+    type Error = Infallible;
+    /// Refused: an already-made answer. Not counted: the router's own future. Admitted (or
+    /// asked of Redis): boxed, since the `RateLimit` headers are added after the handler.
+    type Future = Either<Ready<Result<Response, Infallible>>, Either<RouteFuture<Infallible>, Boxed>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // The router is always ready.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut request: Request<Body>) -> Self::Future {
+        request.extensions_mut().insert(ConnectInfo(self.peer));
+        if request.uri().path() != GUARDED_PATH {
+            return Either::Right(Either::Left(self.router.call(request)));
+        }
+        let peer = self.peer.ip();
+        let verdict = self.http.ceiling.check_request_now(request.headers(), peer);
+        if let Some(Err(CeilingError::Exceeded { key_kind, retry_after_secs })) = verdict {
+            return Either::Left(ready(Ok(self.http.refusal(key_kind, retry_after_secs))));
+        }
+        let (http, router) = (self.http.clone(), self.router.clone());
+        Either::Right(Either::Right(Box::pin(async move {
+            let admitted = match verdict {
+                Some(decision) => decision,
+                // Fleet mode: the shared bucket lives in Redis.
+                None => http.ceiling.check_request(request.headers(), peer).await,
+            };
+            match admitted {
+                Ok(admitted) => Ok(admit(&http, router, request, peer, admitted).await),
+                Err(CeilingError::Exceeded { key_kind, retry_after_secs }) => {
+                    Ok(http.refusal(key_kind, retry_after_secs))
+                }
+            }
+        })))
+    }
+}
+
+/// Passes an admitted request on, with its client key for the wallet limits' `agent` axis,
+/// and adds the `RateLimit` headers to the answer.
+async fn admit(
+    http: &CeilingHttp,
+    mut router: Router,
+    mut request: Request<Body>,
+    peer: IpAddr,
+    admitted: Admitted,
+) -> Response {
+    let key = http.ceiling.client_key(request.headers(), peer);
+    request.extensions_mut().insert(key);
+    let mut response = match router.call(request).await {
+        Ok(response) => response,
+        Err(never) => match never {},
+    };
+    let state = format!("\"ceiling\";r={};t={}", admitted.remaining, admitted.reset_secs);
+    let headers = response.headers_mut();
+    headers.insert(RATELIMIT_POLICY.clone(), http.policy.clone());
+    headers.insert(RATELIMIT.clone(), HeaderValue::from_str(&state).expect("ascii"));
+    response
+}
+
+/// The ceiling plus its refusal answers, rendered once: a refusal must cost less than serving.
+pub struct CeilingHttp {
+    pub ceiling: Arc<Ceiling>,
+    policy: HeaderValue,
+    /// Per key kind × Retry-After (1..=60 s), built on first use.
+    refusals: Vec<OnceLock<Refusal>>,
+}
+
+/// A rendered refusal: cloning it copies reference counts, not bytes.
+#[derive(Clone)]
+struct Refusal {
+    body: Bytes,
+    retry_after: HeaderValue,
+    state: HeaderValue,
+}
+
+const KINDS: [&str; 3] = ["session", "api_key", "ip"];
+const CACHED_RETRY_SECS: u64 = 60;
+
+impl CeilingHttp {
+    pub fn new(ceiling: Arc<Ceiling>) -> Self {
+        let policy =
+            format!("\"ceiling\";q={};w={}", ceiling.burst, ceiling.burst.div_ceil(ceiling.per_second));
+        let slots = KINDS.len() * (CACHED_RETRY_SECS as usize + 1);
+        CeilingHttp {
+            ceiling,
+            policy: HeaderValue::from_str(&policy).expect("ascii"),
+            refusals: (0..slots).map(|_| OnceLock::new()).collect(),
+        }
+    }
+
+    fn render(&self, key_kind: &str, retry_after_secs: u64) -> Refusal {
+        let data = serde_json::json!({
+            "error": "rate_limited",
+            "axis": "ceiling",
+            "key_kind": key_kind,
+            "limit": self.ceiling.burst,
+            "per_second": self.ceiling.per_second,
+            "retry_after_seconds": retry_after_secs,
+            "charged": false,
+        });
+        let body = serde_json::json!({
+            "jsonrpc": "2.0",
+            "id": null,
+            "error": {
+                "code": -32000,
+                "message": format!("rate limited (per-{key_kind} ceiling): retry in {retry_after_secs}s"),
+                "data": data,
+            },
+        });
+        let state = format!("\"ceiling\";r=0;t={retry_after_secs}");
+        Refusal {
+            body: body.to_string().into(),
+            retry_after: HeaderValue::from(retry_after_secs),
+            state: HeaderValue::from_str(&state).expect("ascii"),
+        }
+    }
+
+    fn refusal(&self, key_kind: &'static str, retry_after_secs: u64) -> Response {
+        let kind = KINDS.iter().position(|k| *k == key_kind).unwrap_or(KINDS.len() - 1);
+        let refusal = if retry_after_secs <= CACHED_RETRY_SECS {
+            let slot = kind * (CACHED_RETRY_SECS as usize + 1) + retry_after_secs as usize;
+            self.refusals[slot].get_or_init(|| self.render(key_kind, retry_after_secs)).clone()
+        } else {
+            self.render(key_kind, retry_after_secs)
+        };
+        let mut response = Response::new(Body::from(refusal.body));
+        *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(header::RETRY_AFTER, refusal.retry_after);
+        headers.insert(RATELIMIT_POLICY.clone(), self.policy.clone());
+        headers.insert(RATELIMIT.clone(), refusal.state);
+        response
+    }
+}
