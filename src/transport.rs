@@ -87,10 +87,43 @@ pub async fn mcp_endpoint(State(t): State<McpTransport>, request: Request) -> Re
 }
 
 async fn serve(service: Service, request: Request) -> Response {
-    match service.oneshot(request).await {
+    let response = match service.oneshot(request).await {
         Ok(response) => response.map(Body::new),
         Err(never) => match never {},
+    };
+    structured(response).await
+}
+
+/// rmcp refuses a malformed request (bad JSON, a batch, a wrong content type or `Accept`, an
+/// unknown session) with a plain-text body; clients get a JSON-RPC error instead, with the same
+/// HTTP status and rmcp's explanation as the message.
+async fn structured(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
     }
+    // rmcp's refusals are one short line; anything longer is cut, not buffered.
+    let text = match axum::body::to_bytes(response.into_body(), 4096).await {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).trim().to_owned(),
+        Err(_) => String::new(),
+    };
+    let message =
+        if text.is_empty() { status.canonical_reason().unwrap_or("refused").to_owned() } else { text };
+    let reason = match status {
+        StatusCode::NOT_FOUND => "session_not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::NOT_ACCEPTABLE => "not_acceptable",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_request",
+        s if s.is_server_error() => "internal",
+        _ => "invalid_request",
+    };
+    let code = if status.is_server_error() { -32603 } else { -32600 };
+    jsonrpc_error(status, code, &message, serde_json::json!({ "error": reason }))
 }
 
 /// A JSON-RPC error body for a request we refuse before parsing it.

@@ -51,7 +51,7 @@ impl Settlement {
         }
     }
 
-    fn from_record(row: &PaymentRecord, payer: String) -> Option<Settlement> {
+    pub fn from_record(row: &PaymentRecord, payer: String) -> Option<Settlement> {
         Some(Settlement {
             row_id: row.id,
             transaction: row.tx_hash.clone()?,
@@ -96,7 +96,12 @@ impl PaymentGate {
     }
 
     /// Step 7: the atomic claim of (network, asset, payer, nonce).
-    pub async fn claim(&self, v: &VerifiedPayment, quote: &Quote) -> Result<Claimed, PaymentError> {
+    pub async fn claim(
+        &self,
+        v: &VerifiedPayment,
+        quote: &Quote,
+        args: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Claimed, PaymentError> {
         let new = NewPayment {
             network: self.network.caip2.clone(),
             asset: format!("{:#x}", self.network.asset),
@@ -108,6 +113,7 @@ impl PaymentGate {
             amount: quote.amount.to_string(),
             valid_before: v.valid_before().min(i64::MAX as u64) as i64,
             payload_json: v.payload_json.clone(),
+            args_json: Some(serde_json::Value::Object(args.clone()).to_string()),
             now: self.now(),
         };
         match self.store.claim(&new).await.map_err(store_down)? {

@@ -10,8 +10,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
-
 use super::error::PaymentError;
 use super::gate::PaymentGate;
 use crate::store::{PaymentState, StoreError, Transition};
@@ -78,19 +76,5 @@ impl Reconciler {
             tracing::info!(?report, "reconciled payments");
         }
         Ok(report)
-    }
-
-    /// Runs passes every `interval` until cancelled; the first pass runs at once, so pending
-    /// work from before a restart resumes immediately.
-    pub async fn run(self, interval: Duration, cancel: CancellationToken) {
-        loop {
-            if let Err(e) = self.tick().await {
-                tracing::warn!(error = %e, "reconciler pass failed; will retry");
-            }
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                () = tokio::time::sleep(interval) => {}
-            }
-        }
     }
 }

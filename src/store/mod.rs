@@ -80,6 +80,8 @@ pub struct NewPayment {
     pub amount: String,
     pub valid_before: i64,
     pub payload_json: String,
+    /// The paid call's arguments (JSON), so the server can finish the call if its request dies.
+    pub args_json: Option<String>,
     pub now: i64,
 }
 
@@ -102,6 +104,8 @@ pub struct PaymentRecord {
     pub handler_started_at: Option<i64>,
     pub valid_before: i64,
     pub payload_json: String,
+    /// Set from the claim until the receipt is stored: the call is not finished yet.
+    pub args_json: Option<String>,
     pub created_at: i64,
     pub updated_at: i64,
     pub result_json: Option<String>,
@@ -217,6 +221,9 @@ pub trait Store: Send + Sync + 'static {
     async fn start_handler(&self, id: i64, seen: Option<i64>, now: i64) -> Result<bool, StoreError>;
     /// Stores the result served for a settled payment (first write wins).
     async fn save_result(&self, id: i64, result_json: &str, now: i64) -> Result<(), StoreError>;
+    /// Settled calls without a receipt, untouched (and with no handler lease taken) since
+    /// `idle_since`: their requests died; the server finishes them. Oldest first.
+    async fn unfinished(&self, idle_since: i64, limit: i64) -> Result<Vec<PaymentRecord>, StoreError>;
     /// Unresolved payments (claimed, settling, pending), oldest first.
     async fn unresolved(&self, limit: i64) -> Result<Vec<PaymentRecord>, StoreError>;
 

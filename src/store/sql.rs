@@ -104,6 +104,7 @@ struct Row {
     handler_started_at: Option<i64>,
     valid_before: i64,
     payload_json: String,
+    args_json: Option<String>,
     created_at: i64,
     updated_at: i64,
     result_json: Option<String>,
@@ -129,6 +130,7 @@ impl TryFrom<Row> for PaymentRecord {
             handler_started_at: r.handler_started_at,
             valid_before: r.valid_before,
             payload_json: r.payload_json,
+            args_json: r.args_json,
             created_at: r.created_at,
             updated_at: r.updated_at,
             result_json: r.result_json,
@@ -154,7 +156,7 @@ macro_rules! select_where {
             "select p.id, p.network, p.asset, p.payer, p.nonce, p.payload_hash, p.payment_id, ",
             "p.tool, p.amount, p.state, p.tx_hash, p.block_number, p.error, p.handler_started_at, ",
             "p.valid_before, ",
-            "p.payload_json, p.created_at, p.updated_at, r.result_json ",
+            "p.payload_json, p.args_json, p.created_at, p.updated_at, r.result_json ",
             "from payments p left join results r on r.payment_row = p.id where ",
             $clause
         )
@@ -162,8 +164,8 @@ macro_rules! select_where {
 }
 
 const INSERT_CLAIM: &str = "insert into payments (network, asset, payer, nonce, payload_hash, \
-     payment_id, tool, amount, state, valid_before, payload_json, created_at, updated_at) \
-     values ($1, $2, $3, $4, $5, $6, $7, $8, 'claimed', $9, $10, $11, $11) \
+     payment_id, tool, amount, state, valid_before, payload_json, args_json, created_at, updated_at) \
+     values ($1, $2, $3, $4, $5, $6, $7, $8, 'claimed', $9, $10, $12, $11, $11) \
      on conflict do nothing returning id";
 
 /// `'a', 'b'` for an IN list. Safe to splice: the values are our own enum names.
@@ -198,6 +200,7 @@ macro_rules! impl_store {
                     .bind(p.valid_before)
                     .bind(&p.payload_json)
                     .bind(p.now)
+                    .bind(&p.args_json)
                     .fetch_optional(&self.pool)
                     .await?;
                 if let Some((id,)) = inserted {
@@ -315,6 +318,15 @@ macro_rules! impl_store {
                 Ok(())
             }
 
+            async fn unfinished(&self, idle_since: i64, limit: i64) -> Result<Vec<PaymentRecord>, StoreError> {
+                let sql = select_where!(
+                    "p.args_json is not null and p.state = 'settled' and p.updated_at < $1 \
+                     and (p.handler_started_at is null or p.handler_started_at < $1) order by p.id limit $2"
+                );
+                let rows = sqlx::query_as::<_, Row>(sql).bind(idle_since).bind(limit).fetch_all(&self.pool).await?;
+                rows.into_iter().map(PaymentRecord::try_from).collect()
+            }
+
             async fn unresolved(&self, limit: i64) -> Result<Vec<PaymentRecord>, StoreError> {
                 let sql =
                     select_where!("p.state in ('claimed', 'settling', 'pending') order by p.id limit $1");
@@ -380,6 +392,11 @@ macro_rules! impl_store {
                 .bind(stored.created_at)
                 .execute(&mut *tx)
                 .await?;
+                // With its receipt, the call is finished: its arguments are no longer needed.
+                sqlx::query("update payments set args_json = null where id = $1")
+                    .bind(payment_row)
+                    .execute(&mut *tx)
+                    .await?;
                 tx.commit().await?;
                 Ok(stored)
             }

@@ -83,7 +83,7 @@ async fn claim_settle_run(
     let entry = app.catalog.get(&tool).expect("tool exists: looked up by the caller");
     let quote = entry.quote.as_ref().expect("priced: checked by the caller");
     // 7. The atomic claim.
-    let (settled, lease) = match app.gate.claim(&v, quote).await {
+    let (settled, lease) = match app.gate.claim(&v, quote, &args).await {
         // 8. Settlement, confirmed on chain, before the handler.
         Ok(Claimed::Fresh(row)) => match app.gate.settle(&row, &v, quote).await {
             Ok(settlement) => (settlement, None),
@@ -99,7 +99,7 @@ async fn claim_settle_run(
     run_once(&app, entry, &settled, lease, args).await
 }
 
-/// Runs the handler under the payment's lease and stores its result for replays.
+/// Runs the handler under the payment's lease, then finishes the call.
 async fn run_once(
     app: &AppState,
     entry: &ToolEntry,
@@ -117,23 +117,71 @@ async fn run_once(
     }
     metrics::counter!("tollgate_calls_total", "tool" => quote.tool.clone(), "kind" => "paid").increment(1);
     let result = entry.run(&args).await;
-    // 10. The signed receipt, appended to the log, beside the standard payment response.
+    finish(app, &quote.tool, settled, &args, result).await
+}
+
+/// Step 10: the signed receipt, appended to the log, beside the standard payment response;
+/// the result is stored for replays of the same payment.
+async fn finish(
+    app: &AppState,
+    tool: &str,
+    settled: &Settlement,
+    args: &JsonObject,
+    result: CallToolResult,
+) -> CallToolResult {
+    let now = app.clock.now_unix();
     let input = ReceiptInput {
-        tool: &quote.tool,
-        args: &args,
+        tool,
+        args,
         result: &result,
         settlement: settled,
-        pay_to: &quote.requirements.pay_to,
-        now: app.clock.now_unix(),
+        pay_to: &app.config.payment.pay_to,
+        now,
     };
     let receipt = issue_receipt(app, &input).await;
     let result = results::paid(result, settled, receipt.as_ref());
     let json = serde_json::to_string(&result).expect("CallToolResult serialises");
-    if let Err(e) = app.gate.store.save_result(settled.row_id, &json, now).await {
+    if let Err(e) = app.gate.store.save_result(settled.row_id, &json, now as i64).await {
         // The result is still served; a replay will re-run under an expired lease.
         tracing::error!(error = %e, payment.row = settled.row_id, "could not store the paid result");
     }
     result
+}
+
+/// Finishes paid calls whose requests died after their settlement (a crash, a timeout, a
+/// dropped connection) and that nobody has retried: the handler runs once under the lease
+/// (unless its result was already stored), the receipt is issued, and the result waits for
+/// the client's retry. So every transfer on chain gets its receipt without the client's help.
+/// The reconciler's loop calls this; it is safe in any number of replicas (the lease and the
+/// one-receipt-per-payment rule are compare-and-set in the store).
+pub async fn finish_abandoned(app: &AppState) -> Result<usize, crate::store::StoreError> {
+    let idle_since = app.clock.now_unix() as i64 - app.config.server.request_timeout_secs as i64;
+    let mut finished = 0;
+    for row in app.gate.store.unfinished(idle_since, 100).await? {
+        let Some(settled) = Settlement::from_record(&row, row.payer.clone()) else { continue };
+        let args: JsonObject =
+            row.args_json.as_deref().and_then(|a| serde_json::from_str(a).ok()).unwrap_or_default();
+        match (&row.result_json, app.catalog.get(&row.tool)) {
+            // It ran and its result was stored; only the receipt is missing.
+            (Some(stored), _) => {
+                let result = results::stored(stored);
+                finish(app, &row.tool, &settled, &args, result).await;
+            }
+            (None, Some(entry)) if entry.quote.is_some() => {
+                run_once(app, entry, &settled, row.handler_started_at, args).await;
+            }
+            // The tool was removed (or made free) after it was paid for: the receipt records
+            // that the call could not run.
+            (None, _) => {
+                let why = format!("the tool `{}` was withdrawn before this paid call could run", row.tool);
+                let result = results::refusal("tool_withdrawn", &why, true, serde_json::json!({}));
+                finish(app, &row.tool, &settled, &args, result).await;
+            }
+        }
+        tracing::info!(payment.row = row.id, tool = %row.tool, "finished an abandoned paid call");
+        finished += 1;
+    }
+    Ok(finished)
 }
 
 /// Issues the receipt, retrying transient store failures: a paid call must not end without one.

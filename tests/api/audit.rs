@@ -244,6 +244,7 @@ async fn a_receipt_without_a_transfer_is_caught() {
         amount: "999".into(),
         valid_before: 0,
         payload_json: "{}".into(),
+        args_json: None,
         now: 0,
     };
     let tollgate::store::Claim::Won(row) = app.state.store.claim(&fake).await.unwrap() else { panic!() };

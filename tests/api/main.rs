@@ -9,6 +9,7 @@ mod config_cli;
 mod facilitator;
 mod faults;
 mod fleet;
+mod fuzz_regressions;
 mod interop;
 mod limits;
 mod mcp_surface;

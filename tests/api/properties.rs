@@ -18,6 +18,7 @@ fn payment(nonce: usize) -> NewPayment {
         amount: "1".into(),
         valid_before: 0,
         payload_json: "{}".into(),
+        args_json: None,
         now: 0,
     }
 }

@@ -31,6 +31,7 @@ fn payment(nonce: &str) -> NewPayment {
         amount: "1000".into(),
         valid_before: 2_000_000_000,
         payload_json: "{}".into(),
+        args_json: None,
         now: 1_700_000_000,
     }
 }
