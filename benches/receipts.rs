@@ -39,6 +39,7 @@ async fn appends_per_second(store: Arc<dyn Store>) -> f64 {
             amount: "1000".into(),
             valid_before: 0,
             payload_json: "{}".into(),
+            args_json: Some("{}".into()),
             now: 0,
         };
         let Claim::Won(row) = store.claim(&p).await.unwrap() else { panic!("fresh store") };
