@@ -165,3 +165,35 @@ async fn unresolved_lists_only_payments_still_in_flight() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_settled_call_is_unfinished_until_its_receipt_is_stored() {
+    for (backend, store, _dir) in backends().await {
+        let mut new = payment("0x07");
+        new.args_json = Some(r#"{"text":"x"}"#.into());
+        let Claim::Won(row) = store.claim(&new).await.unwrap() else { panic!("{backend}") };
+        assert_eq!(row.args_json.as_deref(), Some(r#"{"text":"x"}"#), "{backend}: arguments are kept");
+        let unfinished = |idle_since| {
+            let store = store.clone();
+            async move { store.unfinished(idle_since, 10).await.unwrap().iter().map(|r| r.id).collect::<Vec<_>>() }
+        };
+        assert!(unfinished(100).await.is_empty(), "{backend}: not settled yet");
+        let t = Transition { tx_hash: Some("0xtx"), block_number: Some(3), error: None };
+        store.transition(row.id, &[PaymentState::Claimed], PaymentState::Settled, t, 10).await.unwrap();
+        assert!(unfinished(10).await.is_empty(), "{backend}: its request may still be running");
+        assert_eq!(unfinished(11).await, [row.id], "{backend}: idle since settlement");
+        assert!(store.start_handler(row.id, None, 20).await.unwrap());
+        assert!(unfinished(15).await.is_empty(), "{backend}: a live handler lease");
+        assert_eq!(unfinished(21).await, [row.id], "{backend}: an expired lease");
+        let sign = |_: &tollgate::store::ReceiptSlot| tollgate::store::NewReceipt {
+            body: "{}".into(),
+            signature: "00".into(),
+            kid: "k".into(),
+            leaf_hash: "11".into(),
+        };
+        store.append_receipt(row.id, &row.payer, 22, &sign).await.unwrap();
+        assert!(unfinished(100).await.is_empty(), "{backend}: finished with its receipt");
+        let stored = store.payment(row.id).await.unwrap().unwrap();
+        assert_eq!(stored.args_json, None, "{backend}: arguments are dropped once finished");
+    }
+}
