@@ -3,7 +3,7 @@
 //! SQLite store), with a chain that cannot be reached. Every answer must keep the invariants in
 //! `fuzz/harness/mcp.rs`: no panic, no 5xx, no paid result, valid JSON.
 #![no_main]
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -60,6 +60,7 @@ async fn signed_payment(guard: &Guard) -> Vec<u8> {
         "params": { "name": "sha256", "arguments": { "text": "fuzz" } }
     });
     let request = http::Request::post("/mcp")
+        .header("host", "127.0.0.1")
         .header("content-type", "application/json")
         .header("accept", "application/json, text/event-stream")
         .body(Body::from(call.to_string()))
@@ -67,7 +68,8 @@ async fn signed_payment(guard: &Guard) -> Vec<u8> {
     let response = guard.clone().oneshot(request).await.unwrap();
     let body = response.into_body().collect().await.unwrap().to_bytes();
     let answer: serde_json::Value = serde_json::from_slice(&body).expect("challenge is JSON");
-    let challenge = tollgate::client::payment_required(&answer["result"]).expect("a challenge");
+    let challenge = tollgate::client::payment_required(&answer["result"])
+        .unwrap_or_else(|| panic!("a challenge, not {answer}"));
     let requirements = serde_json::from_value(challenge["accepts"][0].clone()).unwrap();
     let signer = tollgate::chain::parse_private_key(DEV_KEYS[6]).unwrap();
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();

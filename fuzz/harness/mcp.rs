@@ -29,7 +29,8 @@ pub fn build(data: &[u8], payment: &[u8]) -> Request<Vec<u8>> {
         3 => Method::DELETE,
         _ => Method::POST,
     };
-    let mut request = Request::builder().method(method).uri("/mcp");
+    // As every HTTP/1.1 client sends it (the transport checks it against DNS rebinding).
+    let mut request = Request::builder().method(method).uri("/mcp").header("host", "127.0.0.1");
     let accept = match (flags >> 4) & 0b11 {
         0 => Some("application/json, text/event-stream"),
         1 => Some("application/json"),
