@@ -96,8 +96,10 @@ async fn main() {
     config.limits.rules.clear(); // the load is the point here; limits have their own tests
     // Per-agent ceiling (by API key): generous for the workers, and the flooder exceeds it.
     config.ceiling.api_key_header = "x-api-key".into();
-    config.ceiling.burst = 200;
-    config.ceiling.per_second = 500;
+    // Free callers and challengers spread over 64 keys and paid agents stay well below 100/s
+    // per key even in release builds; one sequential flooder exceeds it even in a debug build.
+    config.ceiling.burst = 100;
+    config.ceiling.per_second = 100;
     tollgate::chain::anvil::find_or_install(&config.dev.state_dir).await.unwrap();
     let chain = DevChain::start(&config, &dir.path().join("payer.key")).await.unwrap();
     chain.apply(&mut config);
@@ -170,7 +172,7 @@ async fn main() {
                 let tool = if kind == "free" { "echo" } else { "sha256" };
                 let start = Instant::now();
                 let (status, _) =
-                    post(&http, &url, &call(tool, None), Some(&format!("{kind}-{}", n % 16))).await;
+                    post(&http, &url, &call(tool, None), Some(&format!("{kind}-{}", n % 64))).await;
                 t.latencies_us.push(start.elapsed().as_micros() as u64);
                 match status {
                     200 => t.ok += 1,
@@ -242,11 +244,20 @@ async fn main() {
         "load: invariants: transfers on chain {transfers} | receipts {settled} | handler runs {handler_runs} | paid answers {answered_paid} | unresolved {unresolved}"
     );
     println!("load: payTo received {payee} atomic = {} × price", payee / U256::from(PRICE));
+    // Honest traffic is never refused by the ceiling; the flood is.
+    let refused = |kind: &str| by_kind.get(kind).map_or(0, |t| t.refused_429);
+    let honest_refused = refused("paid") + refused("free") + refused("challenge");
+    println!(
+        "load: ceiling refused the flooder {} times, honest callers {honest_refused} times",
+        refused("flood")
+    );
     let holds = transfers == settled
         && settled == handler_runs
         && handler_runs == answered_paid
         && unresolved == 0
-        && payee == U256::from(PRICE * transfers as u64);
+        && payee == U256::from(PRICE * transfers as u64)
+        && honest_refused == 0
+        && refused("flood") > 0;
     println!("load: invariants {}", if holds { "HOLD" } else { "VIOLATED" });
     chain.anvil.stop().await;
     if !holds {
