@@ -262,6 +262,7 @@ macro_rules! impl_store {
                 let sql = format!(
                     "update payments set state = $1, tx_hash = coalesce($2, tx_hash), \
                      block_number = coalesce($3, block_number), error = coalesce($4, error), \
+                     args_json = case when $1 = 'failed' then null else args_json end, \
                      updated_at = $5 where id = $6 and state in ({})",
                     state_list(from)
                 );

@@ -195,5 +195,12 @@ async fn a_settled_call_is_unfinished_until_its_receipt_is_stored() {
         assert!(unfinished(100).await.is_empty(), "{backend}: finished with its receipt");
         let stored = store.payment(row.id).await.unwrap().unwrap();
         assert_eq!(stored.args_json, None, "{backend}: arguments are dropped once finished");
+        // A payment that fails keeps no arguments either: nothing will ever run.
+        let mut other = payment("0x08");
+        other.args_json = Some("{}".into());
+        let Claim::Won(row) = store.claim(&other).await.unwrap() else { panic!("{backend}") };
+        let t = Transition { error: Some("expired"), ..Transition::default() };
+        store.transition(row.id, &[PaymentState::Claimed], PaymentState::Failed, t, 30).await.unwrap();
+        assert_eq!(store.payment(row.id).await.unwrap().unwrap().args_json, None, "{backend}");
     }
 }
