@@ -88,8 +88,8 @@ impl Service<Request<Body>> for Guard {
     }
 
     fn call(&mut self, mut request: Request<Body>) -> Self::Future {
-        request.extensions_mut().insert(ConnectInfo(self.peer));
         if request.uri().path() != GUARDED_PATH {
+            request.extensions_mut().insert(ConnectInfo(self.peer));
             return Either::Right(Either::Left(self.router.call(request)));
         }
         let peer = self.peer.ip();
@@ -97,6 +97,8 @@ impl Service<Request<Body>> for Guard {
         if let Some(Err(CeilingError::Exceeded { key_kind, retry_after_secs })) = verdict {
             return Either::Left(ready(Ok(self.http.refusal(key_kind, retry_after_secs))));
         }
+        // Only a request that goes on needs the peer in its extensions (a first insert allocates).
+        request.extensions_mut().insert(ConnectInfo(self.peer));
         let (http, router) = (self.http.clone(), self.router.clone());
         Either::Right(Either::Right(Box::pin(async move {
             let admitted = match verdict {
