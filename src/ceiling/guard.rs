@@ -5,7 +5,8 @@
 //! read, no boxed future. Only `/mcp` is counted; probes, metrics and the public log pass
 //! through untouched (a flood must not blind the operator's monitoring).
 //!
-//! `Guarded` is what `axum::serve` is given: for each connection it hands out a `Guard` that
+//! `Guarded` is what `axum::serve` is given: it sets TCP_NODELAY on every accepted connection
+//! and, for each connection, hands out a `Guard` that
 //! knows the peer address (the last-resort client key) and passes it on to the router as
 //! `ConnectInfo`, as `into_make_service_with_connect_info` would.
 
@@ -61,6 +62,12 @@ impl<'a> Service<axum::serve::IncomingStream<'a, tokio::net::TcpListener>> for G
     }
 
     fn call(&mut self, stream: axum::serve::IncomingStream<'a, tokio::net::TcpListener>) -> Self::Future {
+        // Nagle's algorithm would hold each small write (an SSE event, a short JSON answer)
+        // until the client's delayed ACK, ~40 ms on Linux: every answer is small and wanted now.
+        // A socket that refuses the option still serves, only slower.
+        if let Err(e) = stream.io().set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set on an accepted connection");
+        }
         ready(Ok(self.for_peer(*stream.remote_addr())))
     }
 }

@@ -11,6 +11,7 @@ mod faults;
 mod fleet;
 mod fuzz_regressions;
 mod interop;
+mod latency;
 mod limits;
 mod mcp_surface;
 mod operations;
