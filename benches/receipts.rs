@@ -40,6 +40,7 @@ async fn appends_per_second(store: Arc<dyn Store>) -> f64 {
             valid_before: 0,
             payload_json: "{}".into(),
             args_json: Some("{}".into()),
+            args_hash: String::new(),
             now: 0,
         };
         let Claim::Won(row) = store.claim(&p).await.unwrap() else { panic!("fresh store") };

@@ -23,6 +23,16 @@ python3 - <<'PY'
 import json
 abi = json.load(open("contracts-abi/TestUSDC.abi.json"))
 keep = {"transferWithAuthorization", "receiveWithAuthorization", "authorizationState", "balanceOf",
-        "name", "version", "decimals", "DOMAIN_SEPARATOR", "Transfer", "AuthorizationUsed"}
+        "name", "version", "decimals", "DOMAIN_SEPARATOR", "Transfer", "AuthorizationUsed",
+        "AuthorizationCanceled"}
 json.dump([e for e in abi if e.get("name") in keep], open("contracts-abi/usdc.abi.json", "w"), indent=2)
 PY
+
+# Multicall3's aggregate3 (same ABI as the canonical deployment on Base), for local chains.
+out=$(mktemp -d)
+"$tools/node_modules/.bin/solcjs" --optimize --optimize-runs 200 --bin --abi \
+  --output-dir "$out" contracts-abi/Multicall3.sol >&2
+python3 -m json.tool "$out"/contracts-abi_Multicall3_sol_Multicall3.abi > contracts-abi/Multicall3.abi.json
+tr -d '\n' < "$out"/contracts-abi_Multicall3_sol_Multicall3.bin > contracts-abi/Multicall3.bin
+rm -rf "$out"
+echo "rebuilt contracts-abi/Multicall3.bin ($(wc -c < contracts-abi/Multicall3.bin) hex chars)" >&2

@@ -165,11 +165,12 @@ impl App {
 /// died, every `RECONCILE_INTERVAL`; the first pass runs at once, so work left by a crash
 /// resumes as soon as the server is back.
 async fn recover(reconciler: Reconciler, state: Arc<AppState>, cancel: CancellationToken) {
+    let finisher = crate::tools::paid_call::Finisher::new(state);
     loop {
         if let Err(e) = reconciler.tick().await {
             tracing::warn!(error = %e, "reconciler pass failed; will retry");
         }
-        if let Err(e) = crate::tools::paid_call::finish_abandoned(&state).await {
+        if let Err(e) = finisher.start().await {
             tracing::warn!(error = %e, "finishing abandoned calls failed; will retry");
         }
         tokio::select! {
@@ -220,6 +221,7 @@ fn payment_gate(
         clock,
         confirmations: p.confirmations,
         settle_timeout,
+        log_window: config.network.max_log_range.max(1),
     })
 }
 

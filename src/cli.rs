@@ -117,6 +117,16 @@ pub struct AuditArgs {
     /// Where the checkpoint of the previous audit is kept (default under .tollgate/audit/).
     #[arg(long)]
     pub state: Option<PathBuf>,
+    /// A payTo address the wallet paid (repeatable). Transfers to it are reconciled even if no
+    /// receipt or listing names it; the payTo of every receipt always is.
+    #[arg(long, value_name = "ADDRESS")]
+    pub pay_to: Vec<String>,
+    /// A token the wallet paid with (repeatable), besides those its receipts name.
+    #[arg(long, value_name = "ADDRESS")]
+    pub asset: Vec<String>,
+    /// Seconds a receipt may stay out of the log's signed checkpoint before the audit fails.
+    #[arg(long, value_name = "SECS", default_value_t = crate::audit::DEFAULT_CHECKPOINT_GRACE_SECS)]
+    pub checkpoint_grace_secs: u64,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -217,7 +227,8 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// `tollgate call`: exit 0 on a result, 1 on a tool error or refusal, 3 while still pending.
+/// `tollgate call`: exit 0 on a result, 1 on a tool error or refusal, 3 while a payment's outcome
+/// is still unknown (pending, in progress, or unanswered).
 async fn call(a: CallArgs) -> anyhow::Result<ExitCode> {
     use crate::client::caps::{AllowedAsset, SpendCaps};
     use crate::money::UsdcAmount;
@@ -253,7 +264,14 @@ async fn call(a: CallArgs) -> anyhow::Result<ExitCode> {
     let result = &outcome.result;
     let status = result.pointer("/structuredContent/error").and_then(|e| e.as_str()).unwrap_or_default();
     let code = match (result.get("isError").and_then(|e| e.as_bool()), status) {
-        (_, "payment_confirmation_pending" | "payment_in_progress") => 3,
+        // Paid but its outcome not yet known: the same payment must be resent, never a new one.
+        (Some(true), _)
+            if outcome.paid.is_some()
+                && outcome.payment_response.is_none()
+                && !crate::client::proves_uncharged(result) =>
+        {
+            3
+        }
         (Some(true), _) => 1,
         _ => 0,
     };
@@ -286,15 +304,26 @@ fn read_key(file: Option<&PathBuf>) -> anyhow::Result<alloy::signers::local::Pri
 
 /// `tollgate audit`: exit 0 when everything checks out, 1 on any mismatch.
 async fn audit(a: AuditArgs) -> anyhow::Result<ExitCode> {
+    use alloy::primitives::Address;
+
     let signer = read_key(a.key.as_ref())?;
-    let wallet: alloy::primitives::Address = a.wallet.parse().context("--wallet")?;
+    let wallet: Address = a.wallet.parse().context("--wallet")?;
     anyhow::ensure!(signer.address() == wallet, "the key is not the key of --wallet {wallet}");
     let state_file = a.state.unwrap_or_else(|| {
         let server = hex::encode(&<sha2::Sha256 as sha2::Digest>::digest(a.server.as_bytes())[..8]);
         PathBuf::from(format!(".tollgate/audit/{server}-{wallet:#x}.json"))
     });
+    let addresses = |flag: &str, values: &[String]| -> anyhow::Result<Vec<Address>> {
+        values.iter().map(|v| v.parse::<Address>().with_context(|| format!("{flag} {v}"))).collect()
+    };
+    let options = crate::audit::AuditOptions {
+        pay_to: addresses("--pay-to", &a.pay_to)?,
+        assets: addresses("--asset", &a.asset)?,
+        checkpoint_grace_secs: a.checkpoint_grace_secs,
+        ..Default::default()
+    };
     let request = crate::audit::AuditRequest { wallet: &signer, server: &a.server, rpc: &a.rpc, state_file };
-    let report = crate::audit::audit(&request).await?;
+    let report = crate::audit::audit_with(&request, &options).await?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -184,6 +184,8 @@ pub struct NetworkConfig {
     pub asset: String,
     pub eip712_name: String,
     pub eip712_version: String,
+    /// Blocks per `eth_getLogs` request (hosted RPCs refuse wide ranges).
+    pub max_log_range: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -243,6 +245,8 @@ pub struct LogConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ToolsConfig {
+    /// Longest a tool may run; below `server.request_timeout_secs` (the handler lease).
+    pub timeout_secs: u64,
     /// Built-in tool name → price in atomic units; "0" is free.
     pub prices: BTreeMap<String, String>,
 }
@@ -356,6 +360,12 @@ impl Config {
         }
         if p.confirmations == 0 {
             return Err(invalid("payment.confirmations", "must be at least 1"));
+        }
+        if self.tools.timeout_secs == 0 || self.tools.timeout_secs >= s.request_timeout_secs {
+            return Err(invalid(
+                "tools.timeout_secs",
+                "must be positive and below server.request_timeout_secs (the handler lease)",
+            ));
         }
         if p.settle_timeout_secs == 0 || p.settle_timeout_secs >= s.request_timeout_secs {
             return Err(invalid(

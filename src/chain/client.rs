@@ -25,6 +25,8 @@ pub enum ChainError {
     Unavailable(String),
     #[error("bad RPC URL")]
     BadUrl,
+    #[error("the log search reached its window budget without an answer")]
+    SearchExhausted,
 }
 
 /// What the chain says about a settlement transaction.
@@ -32,10 +34,32 @@ pub enum ChainError {
 pub enum TxStatus {
     /// Not mined (unknown, dropped, or still in the mempool).
     NotMined,
-    /// Mined and successful, with this many confirmations (1 = just its own block).
-    Mined { block: u64, confirmations: u64, paid: bool },
+    /// Mined and successful, with this many confirmations (1 = just its own block), and what
+    /// it did with the authorization we expect.
+    Mined { block: u64, confirmations: u64, effect: AuthEffect },
     /// Mined and reverted: nothing moved.
     Reverted { block: u64 },
+}
+
+/// What one mined transaction did with an authorization.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthEffect {
+    /// It spent the authorization with the paired transfer we expect: the payment.
+    Paid,
+    /// It spent the authorization, but its paired transfer went elsewhere or moved another
+    /// value: the authorization is gone and it paid nothing to us.
+    SpentOtherwise,
+    /// It did not touch this authorization.
+    Untouched,
+}
+
+/// How an authorization left the unused state, found from the token's logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spent {
+    /// `AuthorizationUsed`, in this transaction (whoever sent it).
+    Used(B256),
+    /// `AuthorizationCanceled` (the payer's `cancelAuthorization`): nothing moved.
+    Canceled(B256),
 }
 
 /// A read-only handle on the chain and the USDC contract.
@@ -104,25 +128,104 @@ impl ChainClient {
         Ok(TxStatus::Mined {
             block,
             confirmations: head.saturating_sub(block) + 1,
-            paid: expect.is_in(&receipt, self.asset),
+            effect: expect.effect_in(&receipt, self.asset),
         })
     }
 
-    /// Finds the transaction that spent `(authorizer, nonce)`, whoever sent it.
-    pub async fn find_authorization_used(
-        &self,
-        authorizer: Address,
-        nonce: B256,
-    ) -> Result<Option<B256>, ChainError> {
+    pub async fn block_number(&self) -> Result<u64, ChainError> {
+        self.provider.get_block_number().await.map_err(unavailable)
+    }
+
+    /// The relayer account's mined transaction count: nonces below it are final.
+    pub async fn mined_nonce(&self, who: Address) -> Result<u64, ChainError> {
+        self.provider.get_transaction_count(who).latest().await.map_err(unavailable)
+    }
+
+    /// Whether the node knows `tx` at all (mined or in its mempool).
+    pub async fn knows_tx(&self, tx: B256) -> Result<bool, ChainError> {
+        Ok(self.provider.get_transaction_by_hash(tx).await.map_err(unavailable)?.is_some())
+    }
+
+    /// Finds how `(authorizer, nonce)` was spent or cancelled, whoever did it.
+    ///
+    /// Hosted RPCs refuse `eth_getLogs` over wide ranges (1k–10k blocks), so the search walks
+    /// windows of `window` blocks: forward from `anchor` (the head when the payment was
+    /// checked) to the head, then backward from `anchor` until a block older than
+    /// `valid_after`, before which the token refuses the authorization anyway. At most
+    /// `MAX_WINDOWS` windows are read per call; a search that runs out says so, so the caller
+    /// keeps the payment pending rather than concluding anything.
+    pub async fn find_spent(&self, q: &SpentQuery) -> Result<Option<Spent>, ChainError> {
+        let head = self.block_number().await?;
+        let anchor = q.anchor.unwrap_or(head).min(head);
+        let window = q.window.max(1);
+        let mut budget = MAX_WINDOWS;
+        let mut lo = anchor;
+        while lo <= head {
+            let hi = head.min(lo.saturating_add(window - 1));
+            if let Some(found) = self.spent_in(q, lo, hi).await? {
+                return Ok(Some(found));
+            }
+            budget = budget.checked_sub(1).ok_or(ChainError::SearchExhausted)?;
+            lo = hi + 1;
+        }
+        let mut hi = anchor;
+        while hi > 0 {
+            let top = hi - 1;
+            let lo = top.saturating_sub(window - 1);
+            if let Some(found) = self.spent_in(q, lo, top).await? {
+                return Ok(Some(found));
+            }
+            if lo == 0 || self.block_time(lo).await? <= q.valid_after {
+                break;
+            }
+            budget = budget.checked_sub(1).ok_or(ChainError::SearchExhausted)?;
+            hi = lo;
+        }
+        Ok(None)
+    }
+
+    async fn spent_in(&self, q: &SpentQuery, from: u64, to: u64) -> Result<Option<Spent>, ChainError> {
         let filter = Filter::new()
             .address(self.asset)
-            .event_signature(Usdc::AuthorizationUsed::SIGNATURE_HASH)
-            .topic1(authorizer.into_word())
-            .topic2(nonce)
-            .from_block(0);
+            .event_signature(vec![
+                Usdc::AuthorizationUsed::SIGNATURE_HASH,
+                Usdc::AuthorizationCanceled::SIGNATURE_HASH,
+            ])
+            .topic1(q.authorizer.into_word())
+            .topic2(q.nonce)
+            .from_block(from)
+            .to_block(to);
         let logs = self.provider.get_logs(&filter).await.map_err(unavailable)?;
-        Ok(logs.into_iter().find_map(|log| log.transaction_hash))
+        Ok(logs.into_iter().find_map(|log| {
+            let tx = log.transaction_hash?;
+            match log.topic0()? {
+                t if *t == Usdc::AuthorizationUsed::SIGNATURE_HASH => Some(Spent::Used(tx)),
+                _ => Some(Spent::Canceled(tx)),
+            }
+        }))
     }
+
+    async fn block_time(&self, number: u64) -> Result<u64, ChainError> {
+        let block = self.provider.get_block_by_number(number.into()).await.map_err(unavailable)?;
+        Ok(block.map(|b| b.header.timestamp).unwrap_or(0))
+    }
+}
+
+/// At most this many `eth_getLogs` windows per search (with 1,000-block windows on Base, two
+/// 2-second blocks apart, that spans about 55 hours on each side of the anchor).
+const MAX_WINDOWS: u32 = 100;
+
+/// What `find_spent` looks for, and where.
+#[derive(Debug, Clone)]
+pub struct SpentQuery {
+    pub authorizer: Address,
+    pub nonce: B256,
+    /// The head when the payment was checked; `None` searches back from the current head.
+    pub anchor: Option<u64>,
+    /// The authorization's `validAfter`: no block at or before it can have spent it.
+    pub valid_after: u64,
+    /// Blocks per `eth_getLogs` request.
+    pub window: u64,
 }
 
 /// The transfer a settlement must produce: `from` → `to`, exactly `value`, nonce spent.
@@ -135,15 +238,33 @@ pub struct ExpectedTransfer {
 }
 
 impl ExpectedTransfer {
-    /// Both events, emitted by the token itself (not by a look-alike contract).
-    fn is_in(&self, receipt: &TransactionReceipt, asset: Address) -> bool {
-        let ours = || receipt.inner.logs().iter().filter(move |l| l.address() == asset);
-        let transferred = ours()
-            .filter_map(|l| Usdc::Transfer::decode_log(&l.inner).ok())
-            .any(|e| e.data.from == self.from && e.data.to == self.to && e.data.value == self.value);
-        let used = ours()
-            .filter_map(|l| Usdc::AuthorizationUsed::decode_log(&l.inner).ok())
-            .any(|e| e.data.authorizer == self.from && e.data.nonce == self.nonce);
-        transferred && used
+    /// What `receipt` did with this authorization.
+    ///
+    /// The pairing rule: FiatToken v2.2 (`_transferWithAuthorization`, and likewise
+    /// `_receiveWithAuthorization`) marks the authorization used and then transfers, so it emits
+    /// `AuthorizationUsed(from, nonce)` and, as the very next log of the transaction,
+    /// `Transfer(from, to, value)`, both from the token. Nothing can log in between: the only
+    /// external call on that path (ERC-1271 `isValidSignature`) is a staticcall made before.
+    /// So the transfer an authorization paid is the log right after its `AuthorizationUsed`;
+    /// any other matching `Transfer` in the same transaction paid for something else, and
+    /// cannot settle this payment (one transfer settles exactly one payment).
+    pub fn effect_in(&self, receipt: &TransactionReceipt, asset: Address) -> AuthEffect {
+        let logs = receipt.inner.logs();
+        let ours = |l: &alloy::rpc::types::Log| l.address() == asset;
+        let Some(at) = logs.iter().position(|l| {
+            ours(l)
+                && Usdc::AuthorizationUsed::decode_log(&l.inner)
+                    .is_ok_and(|e| e.data.authorizer == self.from && e.data.nonce == self.nonce)
+        }) else {
+            return AuthEffect::Untouched;
+        };
+        let paired =
+            logs.get(at + 1).filter(|l| ours(l)).and_then(|l| Usdc::Transfer::decode_log(&l.inner).ok());
+        match paired {
+            Some(t) if t.data.from == self.from && t.data.to == self.to && t.data.value == self.value => {
+                AuthEffect::Paid
+            }
+            _ => AuthEffect::SpentOtherwise,
+        }
     }
 }

@@ -112,6 +112,7 @@ mod tests {
                 asset: String::new(),
                 eip712_name: "ignored".into(),
                 eip712_version: "ignored".into(),
+                max_log_range: 1000,
             };
             let network = Network::from_config(&config).unwrap();
             assert_eq!(network.domain().separator().to_string(), expected, "{preset:?}");

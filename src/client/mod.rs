@@ -161,21 +161,86 @@ pub async fn call(req: CallRequest<'_>) -> anyhow::Result<CallOutcome> {
     req.caps.reserve(amount).map_err(anyhow::Error::msg)?;
     let meta = json!({ META_PAYMENT: payload });
     let deadline = tokio::time::Instant::now() + req.pending_patience;
+    let mut session = Some(session);
     loop {
-        let result = session.call_tool(req.tool, &req.args, Some(meta.clone())).await?;
-        let status = result.pointer("/structuredContent/error").and_then(Value::as_str).unwrap_or_default();
-        let waiting = matches!(status, "payment_confirmation_pending" | "payment_in_progress");
-        if waiting && tokio::time::Instant::now() < deadline {
-            eprintln!("settlement pending; resending the same payment (never a new one)…");
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            continue;
+        // Once a signed authorization is out, every answer that does not prove nothing was
+        // charged (a pending or unknown outcome, an internal error, a timeout, a dropped
+        // connection) is answered by resending this same payment: never by signing another.
+        let answer = match &session {
+            Some(s) => s.call_tool(req.tool, &req.args, Some(meta.clone())).await,
+            None => Err(anyhow::anyhow!("reconnecting")),
+        };
+        let unproven = match answer {
+            Ok(result) if is_settled(&result) || proves_uncharged(&result) => {
+                if !is_settled(&result) {
+                    // Refused: the server charged nothing, so the reservation is returned.
+                    req.caps.release(amount).map_err(anyhow::Error::msg)?;
+                }
+                let payment_response = result.pointer(&settlement_pointer()).cloned();
+                return Ok(CallOutcome { result, payment_response, paid: Some((amount, chosen)) });
+            }
+            Ok(result) => {
+                let status = result.pointer("/structuredContent/error").and_then(Value::as_str);
+                Unproven::Answer(result.clone(), status.unwrap_or("no status").to_owned())
+            }
+            Err(e) => {
+                session = None;
+                Unproven::Failed(format!("{e:#}"))
+            }
+        };
+        if tokio::time::Instant::now() >= deadline {
+            eprintln!(
+                "the payment may have been charged ({}); no second authorization was signed. Resend \
+                 later: the server answers the same payment with its outcome.",
+                unproven.why()
+            );
+            let result = match unproven {
+                Unproven::Answer(result, _) => result,
+                Unproven::Failed(why) => json!({
+                    "isError": true,
+                    "structuredContent": { "error": "payment_outcome_unknown", "message": why },
+                }),
+            };
+            return Ok(CallOutcome { result, payment_response: None, paid: Some((amount, chosen)) });
         }
-        if payment_required(&result).is_some() {
-            // Refused: the server charged nothing, so the reservation is returned.
-            req.caps.release(amount).map_err(anyhow::Error::msg)?;
+        eprintln!(
+            "no proof that nothing was charged ({}); resending the same payment (never a new one)…",
+            unproven.why()
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        if session.is_none() {
+            session = McpSession::connect(req.url).await.ok();
         }
-        let payment_response =
-            result.pointer(&format!("/_meta/{}", META_PAYMENT_RESPONSE.replace('/', "~1"))).cloned();
-        return Ok(CallOutcome { result, payment_response, paid: Some((amount, chosen)) });
     }
+}
+
+/// An answer to a paid request that proves neither a settlement nor that nothing moved.
+enum Unproven {
+    Answer(Value, String),
+    Failed(String),
+}
+
+impl Unproven {
+    fn why(&self) -> &str {
+        match self {
+            Unproven::Answer(_, status) => status,
+            Unproven::Failed(why) => why,
+        }
+    }
+}
+
+fn settlement_pointer() -> String {
+    format!("/_meta/{}", META_PAYMENT_RESPONSE.replace('/', "~1"))
+}
+
+/// A paid result: the server's settlement response is attached.
+fn is_settled(result: &Value) -> bool {
+    result.pointer(&settlement_pointer()).is_some()
+}
+
+/// Whether an answer to a paid request proves no money moved: a fresh challenge (the payment
+/// was not accepted), or a refusal that says `charged: false`.
+pub fn proves_uncharged(result: &Value) -> bool {
+    payment_required(result).is_some()
+        || result.pointer("/structuredContent/charged") == Some(&Value::Bool(false))
 }

@@ -41,6 +41,11 @@ pub enum PaymentError {
     InsufficientBalance,
     #[error("the settlement was refused: {reason}")]
     SettlementFailed { reason: String },
+    #[error(
+        "this authorization already paid for another call (a different tool or other arguments); \
+         nothing was charged for this request"
+    )]
+    AlreadyUsed,
 
     // ---- statuses: the payment is accepted or in flight; do not pay again ----
     #[error(
@@ -49,11 +54,23 @@ pub enum PaymentError {
     Pending { transaction: Option<String> },
     #[error("this payment is being processed by another request; resend the same payment to get the result")]
     InProgress,
+    #[error(
+        "the payment may have been charged, but the server could not record its outcome; resend the \
+         same payment (never a new one) to get its result"
+    )]
+    OutcomeUnknown { transaction: Option<String> },
+    #[error(
+        "the settlement transaction was dropped before it could land and nothing was charged; \
+         resend the same payment"
+    )]
+    Dropped,
+    #[error("the server holds a damaged record of this payment; resend the same payment later")]
+    Corrupt(String),
 
     // ---- our side is down: nothing was charged, the authorization stays usable ----
     #[error("the chain is unreachable; nothing was charged, retry later with the same payment")]
     ChainUnavailable,
-    #[error("the payment store is unavailable; nothing was charged, retry later with the same payment")]
+    #[error("the payment store is unavailable; retry later with the same payment (never a new one)")]
     StoreUnavailable,
 }
 
@@ -76,6 +93,10 @@ impl PaymentError {
             PaymentError::IdentifierConflict => "payment_identifier_conflict",
             PaymentError::InsufficientBalance => "invalid_exact_evm_insufficient_balance",
             PaymentError::SettlementFailed { reason } => reason,
+            PaymentError::AlreadyUsed => "payment_already_used",
+            PaymentError::OutcomeUnknown { .. } => "payment_outcome_unknown",
+            PaymentError::Corrupt(_) => "internal_error",
+            PaymentError::Dropped => "settlement_dropped",
             PaymentError::Pending { .. } => "payment_confirmation_pending",
             PaymentError::InProgress => "payment_in_progress",
             PaymentError::ChainUnavailable => "chain_unavailable",
@@ -89,9 +110,26 @@ impl PaymentError {
             self,
             PaymentError::Pending { .. }
                 | PaymentError::InProgress
+                | PaymentError::OutcomeUnknown { .. }
+                | PaymentError::Corrupt(_)
+                | PaymentError::AlreadyUsed
+                | PaymentError::Dropped
                 | PaymentError::IdentifierConflict
                 | PaymentError::ChainUnavailable
                 | PaymentError::StoreUnavailable
         )
+    }
+
+    /// What this answer can prove about money: `Some(false)` when nothing can have moved for
+    /// this request, `None` when a transaction may exist (the answer then makes no claim).
+    pub fn charged(&self) -> Option<bool> {
+        match self {
+            PaymentError::Pending { .. }
+            | PaymentError::InProgress
+            | PaymentError::OutcomeUnknown { .. }
+            | PaymentError::Corrupt(_)
+            | PaymentError::StoreUnavailable => None,
+            _ => Some(false),
+        }
     }
 }

@@ -1,10 +1,19 @@
 //! `PaymentGate`: claim, then settle and confirm — the money-moving part of the payment stage.
 //!
-//! Guarantees: one authorization is claimed by exactly one request fleet-wide; a claim that
-//! never reached the chain is released (the authorization stays usable); once a transaction
-//! may exist, the payment is never dropped — it ends `settled`, `failed`, or `pending` for the
-//! reconciler; `settled` is only written after the token's own logs show the transfer to payTo
-//! with the configured confirmations. Does not run handlers or render answers.
+//! Guarantees:
+//! - one authorization is claimed by exactly one request fleet-wide;
+//! - a claim is released (the authorization stays usable) only when the chain proves that
+//!   nothing moved and nothing can: nothing was broadcast, or the authorization is unused and
+//!   our transaction can no longer land (validBefore passed, or its relayer nonce was taken);
+//! - once a transaction may exist, the payment is never dropped: it ends `settled`, `failed`
+//!   (the chain proves it paid us nothing), or `pending` for the reconciler;
+//! - `settled` is written only when the token's `AuthorizationUsed(from, nonce)` log is followed
+//!   by its paired `Transfer(from, payTo, price)` (see `ExpectedTransfer::effect_in`), with the
+//!   configured confirmations, in whichever transaction spent it: ours, a facilitator's, or a
+//!   stranger's who submitted the public authorization first;
+//! - a payload replayed for another tool or other arguments buys nothing (`AlreadyUsed`).
+//!
+//! Does not run handlers or render answers.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,14 +26,22 @@ use super::settle::{SettleError, SettleRequest, Settler, TxRecorder};
 use super::verify::VerifiedPayment;
 use super::wire::SettlementResponse;
 use crate::chain::Network;
-use crate::chain::client::{ChainClient, ExpectedTransfer, TxStatus};
+use crate::chain::client::{AuthEffect, ChainClient, ExpectedTransfer, Spent, SpentQuery, TxStatus};
 use crate::clock::SharedClock;
-use crate::store::{Claim, NewPayment, PaymentRecord, PaymentState, Store, StoreError, Transition};
+use crate::store::{
+    Claim, NewPayment, PaymentKey, PaymentRecord, PaymentState, Store, StoreError, Transition,
+};
 
-/// Confirmation polling: quick at first (a local chain mines at once), backing off to the
-/// slowest useful rate (Base produces a block every 2 s).
+/// Confirmation polling: the first check at once (a local chain, or a node that mined while
+/// we signed), then quick (10 ms), backing off to the slowest useful rate (Base: 2 s blocks).
 const CONFIRM_POLL_FIRST: Duration = Duration::from_millis(10);
 const CONFIRM_POLL_MAX: Duration = Duration::from_millis(250);
+
+/// Reason codes of payments that can never settle for us.
+const TX_FAILED: &str = "invalid_exact_evm_transaction_failed";
+const EXPIRED: &str = "invalid_exact_evm_payload_authorization_valid_before";
+const CANCELED: &str = "invalid_exact_evm_authorization_canceled";
+const SPENT_ELSEWHERE: &str = "invalid_exact_evm_authorization_spent_elsewhere";
 
 /// A settled payment: the money moved, confirmed on chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,8 +87,9 @@ impl Settlement {
 pub enum Claimed {
     /// A new claim: this request must settle it.
     Fresh(PaymentRecord),
-    /// The same payment, already settled: serve its stored result, or run the handler if the
-    /// result was never produced (the settlement was resolved after the request ended).
+    /// The same call, already settled: serve its stored result, or run the handler with the
+    /// stored arguments if the result was never produced (the settlement was resolved after
+    /// the request ended).
     AlreadySettled(PaymentRecord, Settlement),
 }
 
@@ -83,16 +101,49 @@ pub struct PaymentGate {
     pub clock: SharedClock,
     pub confirmations: u64,
     pub settle_timeout: Duration,
+    /// Blocks per `eth_getLogs` request (hosted RPCs refuse wide ranges).
+    pub log_window: u64,
 }
 
+/// The store failed before anything could move: the answer may say nothing was charged.
 fn store_down(e: StoreError) -> PaymentError {
     tracing::warn!(error = %e, "payment store unavailable");
     PaymentError::StoreUnavailable
 }
 
+/// The store failed after a transaction may exist: the answer must not say nothing was charged.
+fn unrecorded(tx: Option<String>) -> impl FnOnce(StoreError) -> PaymentError {
+    move |e| {
+        tracing::error!(error = %e, payment.tx = ?tx, "could not record a payment outcome");
+        PaymentError::OutcomeUnknown { transaction: tx }
+    }
+}
+
+/// SHA-256 (hex) of the canonical arguments: what makes a replay "the same call".
+pub fn args_hash(args: &serde_json::Map<String, serde_json::Value>) -> String {
+    crate::receipt::sha256_hex(crate::receipt::canonical(args).as_bytes())
+}
+
 impl PaymentGate {
     fn now(&self) -> i64 {
         self.clock.now_unix() as i64
+    }
+
+    /// A payment this server already holds, if any: a retry (or a replay) of it must neither
+    /// spend wallet limits nor be refused for a tool's readiness, only be answered.
+    pub async fn known(
+        &self,
+        v: &VerifiedPayment,
+        quote: &Quote,
+        args: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Option<Claimed>, PaymentError> {
+        let (payer, nonce) = (v.payer.key(), v.nonce_hex());
+        let asset = format!("{:#x}", self.network.asset);
+        let key = PaymentKey { network: &self.network.caip2, asset: &asset, payer: &payer, nonce: &nonce };
+        match self.store.by_key(&key).await.map_err(store_down)? {
+            Some(row) => self.classify_taken(row, v, quote, args).await.map(Some),
+            None => Ok(None),
+        }
     }
 
     /// Step 7: the atomic claim of (network, asset, payer, nonce).
@@ -114,15 +165,22 @@ impl PaymentGate {
             valid_before: v.valid_before().min(i64::MAX as u64) as i64,
             payload_json: v.payload_json.clone(),
             args_json: Some(serde_json::Value::Object(args.clone()).to_string()),
+            args_hash: args_hash(args),
             now: self.now(),
         };
         match self.store.claim(&new).await.map_err(store_down)? {
             Claim::Won(row) => Ok(Claimed::Fresh(row)),
-            Claim::Taken(row) => self.classify_taken(row, v).await,
+            Claim::Taken(row) => self.classify_taken(row, v, quote, args).await,
         }
     }
 
-    async fn classify_taken(&self, row: PaymentRecord, v: &VerifiedPayment) -> Result<Claimed, PaymentError> {
+    async fn classify_taken(
+        &self,
+        row: PaymentRecord,
+        v: &VerifiedPayment,
+        quote: &Quote,
+        args: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Claimed, PaymentError> {
         if row.payload_hash != v.payload_hash {
             let same_id = v.payment_id.is_some() && row.payment_id == v.payment_id;
             let same_key = row.payer == v.payer.key() && row.nonce == v.nonce_hex();
@@ -132,10 +190,17 @@ impl PaymentGate {
                 PaymentError::NonceReused
             });
         }
+        // The payload is public once settled (calldata), so anyone can rebuild it: it buys the
+        // stored answer only for the very call it paid for, and reveals nothing otherwise.
+        let same_call =
+            row.tool == quote.tool && row.args_hash.as_deref().is_none_or(|h| h == args_hash(args));
+        if !same_call {
+            return Err(PaymentError::AlreadyUsed);
+        }
         match row.state {
             PaymentState::Settled => {
                 let settlement = Settlement::from_record(&row, v.payer.to_string())
-                    .ok_or_else(|| PaymentError::Malformed("settled payment lacks its transaction".into()))?;
+                    .ok_or_else(|| PaymentError::Corrupt("settled payment lacks its transaction".into()))?;
                 Ok(Claimed::AlreadySettled(row, settlement))
             }
             // A retry of a payment whose transaction is out: ask the chain now rather than make
@@ -143,7 +208,7 @@ impl PaymentGate {
             PaymentState::Pending | PaymentState::Settling
                 if row.tx_hash.is_some() || row.state == PaymentState::Pending =>
             {
-                match self.resolve(&row, v.payer.to_string()).await {
+                match self.resolve(&row).await {
                     Ok(settlement) => Ok(Claimed::AlreadySettled(row, settlement)),
                     // A settling row not yet confirmed most likely has its request still
                     // waiting on it (or a crashed one, for the reconciler): in progress.
@@ -156,9 +221,9 @@ impl PaymentGate {
             PaymentState::Claimed | PaymentState::Settling | PaymentState::Pending => {
                 Err(PaymentError::InProgress)
             }
-            PaymentState::Failed => Err(PaymentError::SettlementFailed {
-                reason: row.error.unwrap_or_else(|| "invalid_exact_evm_transaction_failed".into()),
-            }),
+            PaymentState::Failed => {
+                Err(PaymentError::SettlementFailed { reason: row.error.unwrap_or_else(|| TX_FAILED.into()) })
+            }
         }
     }
 
@@ -170,30 +235,36 @@ impl PaymentGate {
         quote: &Quote,
     ) -> Result<Settlement, PaymentError> {
         let a = &v.authorization;
-        // Cheap refusals first; any failure here has moved nothing, so the claim is released.
-        let checks = async {
-            if self.chain.authorization_used(a.from, a.nonce).await? {
-                return Ok(Err(PaymentError::NonceReused));
-            }
-            if self.chain.balance_of(a.from).await? < a.value {
-                return Ok(Err(PaymentError::InsufficientBalance));
-            }
-            Ok::<_, crate::chain::client::ChainError>(Ok(()))
-        };
-        let refusal = match checks.await {
-            Ok(Ok(())) => None,
-            Ok(Err(refusal)) => Some(refusal),
+        // Cheap checks first, in parallel. A failure to ask has moved nothing: release.
+        let checks = tokio::try_join!(
+            self.chain.authorization_used(a.from, a.nonce),
+            self.chain.balance_of(a.from),
+            self.chain.block_number(),
+        );
+        let (used, balance, head) = match checks {
+            Ok(answers) => answers,
             Err(e) => {
                 tracing::warn!(error = %e, "chain unavailable before settlement");
-                Some(PaymentError::ChainUnavailable)
+                self.store.release(row.id).await.map_err(store_down)?;
+                return Err(PaymentError::ChainUnavailable);
             }
         };
-        if let Some(refusal) = refusal {
+        let t = Transition { from_block: Some(head as i64), ..Default::default() };
+        if used {
+            // Spent already: by a facilitator, a stranger who saw the authorization, or the
+            // payer's own cancellation. The chain says which; only a paired transfer to us pays.
+            self.store
+                .transition(row.id, &[PaymentState::Claimed], PaymentState::Claimed, t, self.now())
+                .await
+                .map_err(store_down)?;
+            let row = self.reload(row).await?;
+            return self.resolve(&row).await;
+        }
+        if balance < a.value {
             self.store.release(row.id).await.map_err(store_down)?;
-            return Err(refusal);
+            return Err(PaymentError::InsufficientBalance);
         }
         let moved = [PaymentState::Claimed];
-        let t = Transition::default();
         if !self
             .store
             .transition(row.id, &moved, PaymentState::Settling, t, self.now())
@@ -205,63 +276,69 @@ impl PaymentGate {
         let started = std::time::Instant::now();
         let recorder = RowRecorder { store: self.store.as_ref(), row: row.id, now: self.now() };
         let request = SettleRequest { payment: v, requirements: &quote.requirements, payload: &v.raw };
-        let submitted = self.settler.submit(&request, &recorder).await;
-        let tx = match submitted {
-            Ok(tx) => tx,
+        let settled = match self.settler.submit(&request, &recorder).await {
+            Ok(tx) => self.confirm(row, tx).await,
             Err(SettleError::NotSent(why)) => {
                 tracing::warn!(reason = %why, "settlement not sent; releasing the claim");
                 self.store.release(row.id).await.map_err(store_down)?;
-                return Err(PaymentError::ChainUnavailable);
+                Err(PaymentError::ChainUnavailable)
             }
+            // Someone else's transaction may have spent it, which may still pay us.
             Err(SettleError::Refused(PaymentError::NonceReused)) => {
-                // Someone else's transaction may have spent it — which still pays payTo.
-                return self.resolve(row, v.payer.to_string()).await;
+                self.resolve(&self.reload(row).await?).await
             }
             Err(SettleError::Refused(refusal)) => {
                 self.fail(row.id, refusal.code()).await?;
-                return Err(refusal);
+                Err(refusal)
             }
-            Err(SettleError::Ambiguous { tx }) => return self.mark_pending(row.id, tx).await,
+            Err(SettleError::Ambiguous { tx }) => {
+                let transaction = tx.map(|t| format!("{t:#x}"));
+                self.mark_pending(row.id, transaction).await?;
+                // Ask the chain at once: a facilitator that settled, then failed to say so,
+                // has already paid us.
+                self.resolve(&self.reload(row).await?).await
+            }
         };
-        let confirmed = self.confirm(row, tx, v.payer.to_string()).await;
-        if confirmed.is_ok() {
+        if settled.is_ok() {
             metrics::histogram!("tollgate_settlement_seconds").record(started.elapsed().as_secs_f64());
         }
-        confirmed
+        settled
     }
 
-    /// Waits for `tx` to be mined with enough confirmations, until the settle timeout.
-    async fn confirm(
-        &self,
-        row: &PaymentRecord,
-        tx: B256,
-        payer: String,
-    ) -> Result<Settlement, PaymentError> {
+    async fn reload(&self, row: &PaymentRecord) -> Result<PaymentRecord, PaymentError> {
+        let pending = unrecorded(row.tx_hash.clone());
+        match self.store.payment(row.id).await {
+            Ok(Some(row)) => Ok(row),
+            Ok(None) => Err(PaymentError::Corrupt("payment row vanished".into())),
+            Err(e) => Err(pending(e)),
+        }
+    }
+
+    /// Waits for our `tx` to be mined with enough confirmations, until the settle timeout.
+    async fn confirm(&self, row: &PaymentRecord, tx: B256) -> Result<Settlement, PaymentError> {
         let expect = expected_transfer(row)?;
         let deadline = tokio::time::Instant::now() + self.settle_timeout;
         let mut poll = CONFIRM_POLL_FIRST;
         loop {
             match self.chain.tx_status(tx, &expect).await {
-                Ok(TxStatus::Mined { block, confirmations, paid: true })
+                Ok(TxStatus::Mined { block, confirmations, effect: AuthEffect::Paid })
                     if confirmations >= self.confirmations =>
                 {
-                    return self.mark_settled(row, tx, block, payer).await;
+                    return self.mark_settled(row, tx, block).await;
                 }
-                Ok(TxStatus::Mined { paid: false, .. }) => {
-                    // Mined but without our transfer: never serve a result for it.
-                    self.fail(row.id, "invalid_exact_evm_transaction_failed").await?;
-                    return Err(PaymentError::SettlementFailed {
-                        reason: "invalid_exact_evm_transaction_failed".into(),
-                    });
-                }
-                Ok(TxStatus::Reverted { .. }) => {
-                    self.fail(row.id, "invalid_exact_evm_transaction_failed").await?;
-                    return Err(PaymentError::SettlementFailed {
-                        reason: "invalid_exact_evm_transaction_failed".into(),
-                    });
+                // Reverted, or mined without spending this authorization: another transaction
+                // may have spent it first (a front-runner submitting the public authorization).
+                // The chain decides, not our transaction's fate.
+                Ok(
+                    TxStatus::Reverted { .. }
+                    | TxStatus::Mined { effect: AuthEffect::Untouched | AuthEffect::SpentOtherwise, .. },
+                ) => {
+                    return self.resolve(&self.reload(row).await?).await;
                 }
                 Ok(_) | Err(_) if tokio::time::Instant::now() >= deadline => {
-                    return self.mark_pending(row.id, Some(tx)).await;
+                    let transaction = Some(format!("{tx:#x}"));
+                    self.mark_pending(row.id, transaction.clone()).await?;
+                    return Err(PaymentError::Pending { transaction });
                 }
                 Ok(_) | Err(_) => {
                     tokio::time::sleep(poll).await;
@@ -271,53 +348,117 @@ impl PaymentGate {
         }
     }
 
-    /// Resolves a payment from chain state alone (reconciler, or a nonce spent by someone else).
-    pub async fn resolve(&self, row: &PaymentRecord, payer: String) -> Result<Settlement, PaymentError> {
+    /// Resolves a payment from chain state alone: the reconciler, a retry, or an authorization
+    /// spent by someone else. Chain errors here leave the payment pending: a transaction may
+    /// exist, so "unavailable" must not read as "nothing was charged".
+    pub async fn resolve(&self, row: &PaymentRecord) -> Result<Settlement, PaymentError> {
         let expect = expected_transfer(row)?;
-        let known = row.tx_hash.as_deref().and_then(|t| t.parse::<B256>().ok());
-        let spent_by = match known {
-            Some(tx) => Some(tx),
-            None => self
-                .chain
-                .find_authorization_used(expect.from, expect.nonce)
-                .await
-                .map_err(|_| PaymentError::ChainUnavailable)?,
-        };
-        if let Some(tx) = spent_by {
-            match self.chain.tx_status(tx, &expect).await.map_err(|_| PaymentError::ChainUnavailable)? {
-                TxStatus::Mined { block, confirmations, paid: true }
-                    if confirmations >= self.confirmations =>
-                {
-                    return self.mark_settled(row, tx, block, payer).await;
-                }
-                TxStatus::Mined { paid: true, .. } => return self.mark_pending(row.id, Some(tx)).await,
-                TxStatus::Mined { paid: false, .. } | TxStatus::Reverted { .. } if known.is_none() => {}
-                TxStatus::Mined { .. } | TxStatus::Reverted { .. } => {
-                    // Our transaction failed; the authorization may still be spendable later.
-                    let used = self.chain.authorization_used(expect.from, expect.nonce).await;
-                    if matches!(used, Ok(false)) && self.now() >= row.valid_before {
-                        self.fail(row.id, "invalid_exact_evm_transaction_failed").await?;
-                        return Err(PaymentError::SettlementFailed {
-                            reason: "invalid_exact_evm_transaction_failed".into(),
-                        });
-                    }
-                }
-                TxStatus::NotMined => {}
+        let pending = || PaymentError::Pending { transaction: row.tx_hash.clone() };
+        let ours = row.tx_hash.as_deref().and_then(|t| t.parse::<B256>().ok());
+        if let Some(tx) = ours {
+            // Not mined yet, reverted, or mined without paying: the authorization decides below.
+            let status = self.chain.tx_status(tx, &expect).await.map_err(|_| pending())?;
+            if let TxStatus::Mined { block, confirmations, effect: AuthEffect::Paid } = status {
+                return self.settled_or_pending(row, tx, block, confirmations).await;
             }
         }
-        let used = self
-            .chain
-            .authorization_used(expect.from, expect.nonce)
-            .await
-            .map_err(|_| PaymentError::ChainUnavailable)?;
-        if !used && self.now() >= row.valid_before {
-            // Expired without being spent: it can never move money now.
-            self.fail(row.id, "invalid_exact_evm_payload_authorization_valid_before").await?;
-            return Err(PaymentError::SettlementFailed {
-                reason: "invalid_exact_evm_payload_authorization_valid_before".into(),
-            });
+        let used = self.chain.authorization_used(expect.from, expect.nonce).await.map_err(|_| pending())?;
+        if used {
+            return self.resolve_spent(row, &expect).await;
         }
-        Err(PaymentError::Pending { transaction: row.tx_hash.clone() })
+        if self.now() >= row.valid_before {
+            // Expired without being spent: it can never move money now.
+            self.fail(row.id, EXPIRED).await?;
+            return Err(PaymentError::SettlementFailed { reason: EXPIRED.into() });
+        }
+        if self.our_tx_replaced(row, ours).await.map_err(|_| pending())? {
+            // Unused, and our transaction can never land: release, so the same payment can be
+            // sent again (if a copy of it lands meanwhile, that retry finds and honours it).
+            tracing::warn!(payment.row = row.id, "settlement transaction replaced; releasing the claim");
+            self.store.release(row.id).await.map_err(store_down)?;
+            return Err(PaymentError::Dropped);
+        }
+        if row.state != PaymentState::Pending {
+            self.mark_pending(row.id, row.tx_hash.clone()).await?;
+        }
+        Err(pending())
+    }
+
+    /// The authorization is spent: find the transaction that spent it, whoever sent it, and
+    /// honour it only if it carries the paired transfer of the price to our payTo.
+    async fn resolve_spent(
+        &self,
+        row: &PaymentRecord,
+        expect: &ExpectedTransfer,
+    ) -> Result<Settlement, PaymentError> {
+        let pending = || PaymentError::Pending { transaction: row.tx_hash.clone() };
+        let payload = stored_payload(row)?;
+        let query = SpentQuery {
+            authorizer: expect.from,
+            nonce: expect.nonce,
+            anchor: row.from_block.and_then(|b| u64::try_from(b).ok()),
+            valid_after: payload.valid_after,
+            window: self.log_window,
+        };
+        let spent = self.chain.find_spent(&query).await.map_err(|e| {
+            tracing::warn!(error = %e, payment.row = row.id, "could not find the spending transaction");
+            pending()
+        })?;
+        let tx = match spent {
+            Some(Spent::Used(tx)) => tx,
+            Some(Spent::Canceled(_)) => {
+                self.fail(row.id, CANCELED).await?;
+                return Err(PaymentError::SettlementFailed { reason: CANCELED.into() });
+            }
+            // Used, yet no log in reach (a reorg in progress, or beyond the search budget):
+            // nothing can be concluded; the reconciler asks again.
+            None => {
+                self.mark_pending(row.id, row.tx_hash.clone()).await?;
+                return Err(pending());
+            }
+        };
+        match self.chain.tx_status(tx, expect).await.map_err(|_| pending())? {
+            TxStatus::Mined { block, confirmations, effect: AuthEffect::Paid } => {
+                self.settled_or_pending(row, tx, block, confirmations).await
+            }
+            TxStatus::Mined { effect: AuthEffect::SpentOtherwise, .. } => {
+                tracing::warn!(payment.row = row.id, payment.tx = %tx, "authorization spent without paying payTo the price");
+                self.fail(row.id, SPENT_ELSEWHERE).await?;
+                Err(PaymentError::SettlementFailed { reason: SPENT_ELSEWHERE.into() })
+            }
+            _ => {
+                self.mark_pending(row.id, row.tx_hash.clone()).await?;
+                Err(pending())
+            }
+        }
+    }
+
+    async fn settled_or_pending(
+        &self,
+        row: &PaymentRecord,
+        tx: B256,
+        block: u64,
+        confirmations: u64,
+    ) -> Result<Settlement, PaymentError> {
+        if confirmations >= self.confirmations {
+            return self.mark_settled(row, tx, block).await;
+        }
+        let transaction = Some(format!("{tx:#x}"));
+        self.mark_pending(row.id, transaction.clone()).await?;
+        Err(PaymentError::Pending { transaction })
+    }
+
+    /// Whether our own transaction can no longer land: its relayer nonce is mined, by another
+    /// transaction (ours would have been found mined above).
+    async fn our_tx_replaced(
+        &self,
+        row: &PaymentRecord,
+        ours: Option<B256>,
+    ) -> Result<bool, crate::chain::client::ChainError> {
+        let (Some(_), Some(nonce), Some(relayer)) = (ours, row.tx_nonce, self.settler.relayer()) else {
+            return Ok(false);
+        };
+        Ok(self.chain.mined_nonce(relayer).await? > nonce as u64)
     }
 
     async fn mark_settled(
@@ -325,16 +466,19 @@ impl PaymentGate {
         row: &PaymentRecord,
         tx: B256,
         block: u64,
-        payer: String,
     ) -> Result<Settlement, PaymentError> {
         let transaction = format!("{tx:#x}");
-        let t = Transition { tx_hash: Some(&transaction), block_number: Some(block as i64), error: None };
+        let t = Transition {
+            tx_hash: Some(&transaction),
+            block_number: Some(block as i64),
+            ..Default::default()
+        };
         let from = [PaymentState::Settling, PaymentState::Pending, PaymentState::Claimed];
         let moved = self
             .store
             .transition(row.id, &from, PaymentState::Settled, t, self.now())
             .await
-            .map_err(store_down)?;
+            .map_err(unrecorded(Some(transaction.clone())))?;
         if moved {
             metrics::counter!("tollgate_payments_total", "outcome" => "settled").increment(1);
             let amount = row.amount.parse::<u64>().unwrap_or(0);
@@ -345,7 +489,11 @@ impl PaymentGate {
             row_id: row.id,
             transaction,
             block,
-            payer,
+            payer: row
+                .payer
+                .parse::<Address>()
+                .map(|a| a.to_checksum(None))
+                .unwrap_or_else(|_| row.payer.clone()),
             network: row.network.clone(),
             asset: row.asset.clone(),
             amount: row.amount.clone(),
@@ -353,16 +501,21 @@ impl PaymentGate {
         })
     }
 
-    async fn mark_pending(&self, id: i64, tx: Option<B256>) -> Result<Settlement, PaymentError> {
-        let transaction = tx.map(|t| format!("{t:#x}"));
+    /// Records that a transaction may exist. A store failure here is reported as such, never
+    /// as "nothing was charged".
+    async fn mark_pending(&self, id: i64, transaction: Option<String>) -> Result<(), PaymentError> {
         let t = Transition { tx_hash: transaction.as_deref(), ..Default::default() };
         let from = [PaymentState::Claimed, PaymentState::Settling, PaymentState::Pending];
-        self.store.transition(id, &from, PaymentState::Pending, t, self.now()).await.map_err(store_down)?;
+        self.store
+            .transition(id, &from, PaymentState::Pending, t, self.now())
+            .await
+            .map_err(unrecorded(transaction.clone()))?;
         metrics::counter!("tollgate_payments_total", "outcome" => "pending").increment(1);
         tracing::warn!(payment.row = id, payment.tx = ?transaction, "settlement pending confirmation");
-        Err(PaymentError::Pending { transaction })
+        Ok(())
     }
 
+    /// Records that the chain proved this payment paid us nothing.
     async fn fail(&self, id: i64, reason: &str) -> Result<(), PaymentError> {
         let t = Transition { error: Some(reason), ..Default::default() };
         let from = [PaymentState::Claimed, PaymentState::Settling, PaymentState::Pending];
@@ -373,25 +526,39 @@ impl PaymentGate {
     }
 }
 
-/// The transfer a stored payment must produce on chain.
-fn expected_transfer(row: &PaymentRecord) -> Result<ExpectedTransfer, PaymentError> {
-    let corrupt = |what: &str| PaymentError::Malformed(format!("stored payment has a bad {what}"));
+/// The parts of the stored payload resolution needs beyond the row's columns.
+struct StoredPayload {
+    to: Address,
+    valid_after: u64,
+}
+
+/// Damaged stored data is our fault: an internal error, never a fresh challenge.
+fn corrupt(what: &str) -> PaymentError {
+    PaymentError::Corrupt(format!("stored payment has a bad {what}"))
+}
+
+fn stored_payload(row: &PaymentRecord) -> Result<StoredPayload, PaymentError> {
     let payload: serde_json::Value =
         serde_json::from_str(&row.payload_json).map_err(|_| corrupt("payload"))?;
-    let to = payload
-        .pointer("/payload/authorization/to")
-        .and_then(|v| v.as_str())
-        .and_then(|s| s.parse::<Address>().ok())
-        .ok_or_else(|| corrupt("recipient"))?;
+    let field =
+        |name: &str| payload.pointer(&format!("/payload/authorization/{name}")).and_then(|v| v.as_str());
+    let to = field("to").and_then(|s| s.parse::<Address>().ok()).ok_or_else(|| corrupt("recipient"))?;
+    let valid_after =
+        field("validAfter").and_then(|s| s.parse::<u64>().ok()).ok_or_else(|| corrupt("validAfter"))?;
+    Ok(StoredPayload { to, valid_after })
+}
+
+/// The transfer a stored payment must produce on chain.
+fn expected_transfer(row: &PaymentRecord) -> Result<ExpectedTransfer, PaymentError> {
     Ok(ExpectedTransfer {
         from: row.payer.parse().map_err(|_| corrupt("payer"))?,
-        to,
+        to: stored_payload(row)?.to,
         value: U256::from_str_radix(&row.amount, 10).map_err(|_| corrupt("amount"))?,
         nonce: row.nonce.parse().map_err(|_| corrupt("nonce"))?,
     })
 }
 
-/// Records a settlement transaction hash on its payment row before broadcast.
+/// Records a settlement transaction hash and its relayer nonce on its row before broadcast.
 struct RowRecorder<'a> {
     store: &'a dyn Store,
     row: i64,
@@ -400,9 +567,9 @@ struct RowRecorder<'a> {
 
 #[async_trait::async_trait]
 impl TxRecorder for RowRecorder<'_> {
-    async fn record(&self, tx: B256) -> Result<(), StoreError> {
+    async fn record(&self, tx: B256, nonce: u64) -> Result<(), StoreError> {
         let hash = format!("{tx:#x}");
-        let t = Transition { tx_hash: Some(&hash), ..Default::default() };
+        let t = Transition { tx_hash: Some(&hash), tx_nonce: Some(nonce as i64), ..Default::default() };
         self.store
             .transition(self.row, &[PaymentState::Settling], PaymentState::Settling, t, self.now)
             .await?;

@@ -10,9 +10,9 @@
 
 use std::time::Duration;
 
-use alloy::consensus::TxEnvelope;
+use alloy::consensus::{Transaction as _, TxEnvelope};
 use alloy::network::{EthereumWallet, NetworkTransactionBuilder, TransactionBuilder};
-use alloy::primitives::{Address, B256};
+use alloy::primitives::{Address, B256, U256};
 use alloy::providers::{DynProvider, Provider, ProviderBuilder};
 use alloy::rpc::types::TransactionRequest;
 use alloy::signers::local::PrivateKeySigner;
@@ -37,11 +37,11 @@ pub enum SettleError {
     Ambiguous { tx: Option<B256> },
 }
 
-/// Receives the transaction hash before it is broadcast, so a crash right after the broadcast
-/// still leaves the hash on record for the reconciler.
+/// Receives the transaction hash (and the relayer nonce it uses) before it is broadcast, so a
+/// crash right after the broadcast still leaves both on record for the reconciler.
 #[async_trait::async_trait]
 pub trait TxRecorder: Send + Sync {
-    async fn record(&self, tx: B256) -> Result<(), crate::store::StoreError>;
+    async fn record(&self, tx: B256, nonce: u64) -> Result<(), crate::store::StoreError>;
 }
 
 /// What a settler needs: the verified payment, the matched requirements, the raw payload.
@@ -90,19 +90,31 @@ impl SelfSettler {
         })
     }
 
-    /// The signed transaction, after a simulation (gas estimation) that must succeed.
+    /// The signed transaction, after a simulation (gas estimation) that must succeed. Everything
+    /// that can refuse it is asked here, before broadcast, where a refusal still means "not
+    /// sent": after `eth_sendRawTransaction`, every error is ambiguous.
     async fn build(&self, tx: TransactionRequest) -> Result<TxEnvelope, SettleError> {
-        let not_sent =
-            |e: RpcError<TransportErrorKind>| SettleError::NotSent(format!("RPC unavailable: {e}"));
+        let not_sent = |e: RpcError<TransportErrorKind>| {
+            SettleError::NotSent(format!("RPC unavailable: {}", rpc_failure(&e)))
+        };
         let gas = self.provider.estimate_gas(tx.clone()).await.map_err(classify_rejection)?;
-        let chain_id = self.provider.get_chain_id().await.map_err(not_sent)?;
-        let nonce = self.provider.get_transaction_count(self.relayer).pending().await.map_err(not_sent)?;
-        let fees = self.provider.estimate_eip1559_fees().await.map_err(not_sent)?;
+        let p = &self.provider;
+        let (chain_id, nonce, fees, balance) = tokio::try_join!(
+            async { p.get_chain_id().await },
+            async { p.get_transaction_count(self.relayer).pending().await },
+            async { p.estimate_eip1559_fees().await },
+            async { p.get_balance(self.relayer).await },
+        )
+        .map_err(not_sent)?;
+        // Headroom over the estimate: state can shift between simulation and inclusion.
+        let gas_limit = gas.saturating_mul(12) / 10;
+        if balance < U256::from(gas_limit) * U256::from(fees.max_fee_per_gas) {
+            return Err(SettleError::NotSent("the relayer cannot pay for gas".into()));
+        }
         let tx = tx
             .with_chain_id(chain_id)
             .with_nonce(nonce)
-            // Headroom over the estimate: state can shift between simulation and inclusion.
-            .with_gas_limit(gas.saturating_mul(12) / 10)
+            .with_gas_limit(gas_limit)
             .with_max_fee_per_gas(fees.max_fee_per_gas)
             .with_max_priority_fee_per_gas(fees.max_priority_fee_per_gas);
         tx.build(&self.wallet).await.map_err(|_| SettleError::NotSent("relayer could not sign".into()))
@@ -130,13 +142,21 @@ impl Settler for SelfSettler {
         let _serial = self.submit_lock.lock().await;
         let envelope = self.build(tx).await?;
         let hash = *envelope.tx_hash();
-        recorder.record(hash).await.map_err(|e| SettleError::NotSent(format!("cannot record tx: {e}")))?;
+        let nonce = envelope.nonce();
+        recorder
+            .record(hash, nonce)
+            .await
+            .map_err(|e| SettleError::NotSent(format!("cannot record tx: {e}")))?;
         match self.provider.send_tx_envelope(envelope).await {
             Ok(_) => Ok(hash),
-            // The node answered and refused it: it is not in any mempool.
-            Err(RpcError::ErrorResp(e)) => Err(SettleError::NotSent(format!("node refused: {}", e.message))),
-            // No answer: it may have been broadcast.
-            Err(_) => Err(SettleError::Ambiguous { tx: Some(hash) }),
+            // Any error from here on is ambiguous, even a node's explicit refusal: "already
+            // known", a timeout, or one node of a load-balanced pool refusing what another
+            // already took. The gate resolves it from chain state (the authorization, and
+            // whether this nonce was taken by another transaction), never by assumption.
+            Err(e) => {
+                tracing::warn!(reason = %rpc_failure(&e), payment.tx = %hash, "broadcast refused or unanswered");
+                Err(SettleError::Ambiguous { tx: Some(hash) })
+            }
         }
     }
 
@@ -145,10 +165,20 @@ impl Settler for SelfSettler {
     }
 }
 
+/// What an RPC failure may say in logs and answers: the node's own message, never the
+/// transport's, whose errors can carry the RPC URL (and a hosted RPC URL carries its API key).
+fn rpc_failure(e: &RpcError<TransportErrorKind>) -> String {
+    match e {
+        RpcError::ErrorResp(resp) => resp.message.to_string(),
+        RpcError::Transport(TransportErrorKind::HttpError(http)) => format!("HTTP {}", http.status),
+        _ => "no answer".to_owned(),
+    }
+}
+
 /// Maps a simulation (gas estimation) failure to a reason, from FiatToken's revert strings.
 fn classify_rejection(e: RpcError<TransportErrorKind>) -> SettleError {
     let RpcError::ErrorResp(resp) = &e else {
-        return SettleError::NotSent(format!("RPC unavailable: {e}"));
+        return SettleError::NotSent(format!("RPC unavailable: {}", rpc_failure(&e)));
     };
     let message = resp.message.to_ascii_lowercase();
     let reason = if message.contains("authorization is used") {
@@ -223,13 +253,14 @@ impl Settler for FacilitatorSettler {
         match settled.get("success").and_then(Value::as_bool) {
             Some(true) => tx.ok_or(SettleError::Ambiguous { tx: None }),
             // Upstream's non-terminal outcome: submitted, not confirmed.
-            Some(false)
-                if settled.get("errorReason").and_then(Value::as_str) == Some("settlement_pending") =>
-            {
+            // `success:false` from /settle is not proof that nothing moved: a facilitator may
+            // broadcast, then fail waiting for the receipt (or report `settlement_pending`).
+            // The gate asks the chain before it concludes anything.
+            Some(false) | None => {
+                let reason = settled.get("errorReason").and_then(Value::as_str).unwrap_or("none");
+                tracing::warn!(facilitator.reason = %reason.chars().take(100).collect::<String>(), "facilitator /settle did not confirm");
                 Err(SettleError::Ambiguous { tx })
             }
-            Some(false) => Err(refused(Some(&settled), "errorReason")),
-            None => Err(SettleError::Ambiguous { tx }),
         }
     }
 }

@@ -82,7 +82,18 @@ pub struct NewPayment {
     pub payload_json: String,
     /// The paid call's arguments (JSON), so the server can finish the call if its request dies.
     pub args_json: Option<String>,
+    /// SHA-256 (hex) of the canonical arguments: a replay must be the very same call.
+    pub args_hash: String,
     pub now: i64,
+}
+
+/// The claim key of an authorization: lower-case hex, as stored.
+#[derive(Debug, Clone, Copy)]
+pub struct PaymentKey<'a> {
+    pub network: &'a str,
+    pub asset: &'a str,
+    pub payer: &'a str,
+    pub nonce: &'a str,
 }
 
 /// A row of `payments`, with its stored result when there is one.
@@ -106,6 +117,12 @@ pub struct PaymentRecord {
     pub payload_json: String,
     /// Set from the claim until the receipt is stored: the call is not finished yet.
     pub args_json: Option<String>,
+    /// SHA-256 (hex) of the canonical arguments paid for (None on rows older than it).
+    pub args_hash: Option<String>,
+    /// The chain head when the payment was checked before settlement: log searches start here.
+    pub from_block: Option<i64>,
+    /// The relayer account nonce of our own settlement transaction, once signed.
+    pub tx_nonce: Option<i64>,
     pub created_at: i64,
     pub updated_at: i64,
     pub result_json: Option<String>,
@@ -126,6 +143,8 @@ pub struct Transition<'a> {
     pub tx_hash: Option<&'a str>,
     pub block_number: Option<i64>,
     pub error: Option<&'a str>,
+    pub from_block: Option<i64>,
+    pub tx_nonce: Option<i64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -203,6 +222,8 @@ pub trait Store: Send + Sync + 'static {
     async fn by_payment_id(&self, payment_id: &str) -> Result<Option<PaymentRecord>, StoreError>;
     /// Looks a payment up by row id.
     async fn payment(&self, id: i64) -> Result<Option<PaymentRecord>, StoreError>;
+    /// Looks a payment up by its claim key (network, asset, payer, nonce).
+    async fn by_key(&self, key: &PaymentKey<'_>) -> Result<Option<PaymentRecord>, StoreError>;
     /// Compare-and-set: moves `id` to `to` only if it is in one of `from`. Returns whether it moved.
     async fn transition(
         &self,

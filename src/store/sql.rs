@@ -13,7 +13,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{PgPool, SqlitePool};
 
 use super::{
-    Claim, NewPayment, PaymentRecord, PaymentState, ReceiptSlot, SignReceipt, Store, StoreError,
+    Claim, NewPayment, PaymentKey, PaymentRecord, PaymentState, ReceiptSlot, SignReceipt, Store, StoreError,
     StoredCheckpoint, StoredReceipt, Transition,
 };
 
@@ -105,6 +105,9 @@ struct Row {
     valid_before: i64,
     payload_json: String,
     args_json: Option<String>,
+    args_hash: Option<String>,
+    from_block: Option<i64>,
+    tx_nonce: Option<i64>,
     created_at: i64,
     updated_at: i64,
     result_json: Option<String>,
@@ -131,6 +134,9 @@ impl TryFrom<Row> for PaymentRecord {
             valid_before: r.valid_before,
             payload_json: r.payload_json,
             args_json: r.args_json,
+            args_hash: r.args_hash,
+            from_block: r.from_block,
+            tx_nonce: r.tx_nonce,
             created_at: r.created_at,
             updated_at: r.updated_at,
             result_json: r.result_json,
@@ -156,7 +162,8 @@ macro_rules! select_where {
             "select p.id, p.network, p.asset, p.payer, p.nonce, p.payload_hash, p.payment_id, ",
             "p.tool, p.amount, p.state, p.tx_hash, p.block_number, p.error, p.handler_started_at, ",
             "p.valid_before, ",
-            "p.payload_json, p.args_json, p.created_at, p.updated_at, r.result_json ",
+            "p.payload_json, p.args_json, p.args_hash, p.from_block, p.tx_nonce, ",
+            "p.created_at, p.updated_at, r.result_json ",
             "from payments p left join results r on r.payment_row = p.id where ",
             $clause
         )
@@ -164,8 +171,8 @@ macro_rules! select_where {
 }
 
 const INSERT_CLAIM: &str = "insert into payments (network, asset, payer, nonce, payload_hash, \
-     payment_id, tool, amount, state, valid_before, payload_json, args_json, created_at, updated_at) \
-     values ($1, $2, $3, $4, $5, $6, $7, $8, 'claimed', $9, $10, $12, $11, $11) \
+     payment_id, tool, amount, state, valid_before, payload_json, args_json, args_hash, created_at, \
+     updated_at) values ($1, $2, $3, $4, $5, $6, $7, $8, 'claimed', $9, $10, $12, $13, $11, $11) \
      on conflict do nothing returning id";
 
 /// `'a', 'b'` for an IN list. Safe to splice: the values are our own enum names.
@@ -201,6 +208,7 @@ macro_rules! impl_store {
                     .bind(&p.payload_json)
                     .bind(p.now)
                     .bind(&p.args_json)
+                    .bind(&p.args_hash)
                     .fetch_optional(&self.pool)
                     .await?;
                 if let Some((id,)) = inserted {
@@ -210,17 +218,8 @@ macro_rules! impl_store {
                         .ok_or_else(|| StoreError::Corrupt("claimed row vanished".into()));
                 }
                 // Lost: the conflict was on the claim key or on the payment identifier.
-                let by_key = sqlx::query_as::<_, Row>(select_where!(
-                    "p.network = $1 and p.asset = $2 and p.payer = $3 and p.nonce = $4"
-                ))
-                .bind(&p.network)
-                .bind(&p.asset)
-                .bind(&p.payer)
-                .bind(&p.nonce)
-                .fetch_optional(&self.pool)
-                .await?
-                .map(PaymentRecord::try_from)
-                .transpose()?;
+                let key = PaymentKey { network: &p.network, asset: &p.asset, payer: &p.payer, nonce: &p.nonce };
+                let by_key = self.by_key(&key).await?;
                 let existing = match (by_key, &p.payment_id) {
                     (Some(row), _) => Some(row),
                     (None, Some(pid)) => self.by_payment_id(pid).await?,
@@ -240,6 +239,20 @@ macro_rules! impl_store {
                     .await?
                     .map(PaymentRecord::try_from)
                     .transpose()
+            }
+
+            async fn by_key(&self, key: &PaymentKey<'_>) -> Result<Option<PaymentRecord>, StoreError> {
+                sqlx::query_as::<_, Row>(select_where!(
+                    "p.network = $1 and p.asset = $2 and p.payer = $3 and p.nonce = $4"
+                ))
+                .bind(key.network)
+                .bind(key.asset)
+                .bind(key.payer)
+                .bind(key.nonce)
+                .fetch_optional(&self.pool)
+                .await?
+                .map(PaymentRecord::try_from)
+                .transpose()
             }
 
             async fn payment(&self, id: i64) -> Result<Option<PaymentRecord>, StoreError> {
@@ -262,6 +275,7 @@ macro_rules! impl_store {
                 let sql = format!(
                     "update payments set state = $1, tx_hash = coalesce($2, tx_hash), \
                      block_number = coalesce($3, block_number), error = coalesce($4, error), \
+                     from_block = coalesce($7, from_block), tx_nonce = coalesce($8, tx_nonce), \
                      args_json = case when $1 = 'failed' then null else args_json end, \
                      updated_at = $5 where id = $6 and state in ({})",
                     state_list(from)
@@ -273,6 +287,8 @@ macro_rules! impl_store {
                     .bind(t.error)
                     .bind(now)
                     .bind(id)
+                    .bind(t.from_block)
+                    .bind(t.tx_nonce)
                     .execute(&self.pool)
                     .await?;
                 Ok(done.rows_affected() == 1)

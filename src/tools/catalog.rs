@@ -69,7 +69,8 @@ pub enum CatalogError {
 /// All tools, in a stable order.
 #[derive(Default)]
 pub struct Catalog {
-    entries: BTreeMap<String, ToolEntry>,
+    /// Shared, so a paid call's task can own its entry past the request.
+    entries: BTreeMap<String, Arc<ToolEntry>>,
 }
 
 impl Catalog {
@@ -97,17 +98,17 @@ impl Catalog {
             meta.insert(key, value);
             tool = tool.with_meta(MetaObject(meta));
         }
-        self.entries.insert(name.to_owned(), ToolEntry { tool, quote, validator, handler });
+        self.entries.insert(name.to_owned(), Arc::new(ToolEntry { tool, quote, validator, handler }));
         Ok(())
     }
 
-    pub fn get(&self, name: &str) -> Option<&ToolEntry> {
+    pub fn get(&self, name: &str) -> Option<&Arc<ToolEntry>> {
         self.entries.get(name)
     }
 
     /// Every tool with its quote, in the same stable order as `tools`.
     pub fn entries(&self) -> impl Iterator<Item = &ToolEntry> {
-        self.entries.values()
+        self.entries.values().map(|e| &**e)
     }
 
     pub fn tools(&self) -> Vec<Tool> {

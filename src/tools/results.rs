@@ -34,9 +34,25 @@ pub fn invalid_arguments(tool: &str, problems: Vec<String>) -> CallToolResult {
     }))
 }
 
-/// A refusal that is not a price: a reason code, a message, and whether money moved.
-pub fn refusal(error: &str, message: &str, charged: bool, extra: Value) -> CallToolResult {
-    let mut body = json!({ "error": error, "message": message, "charged": charged });
+/// What an answer may say about money. Once a transaction may exist, only `Unknown` or `Yes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Charged {
+    /// Nothing moved for this request, provably.
+    No,
+    /// Money may have moved: the answer makes no claim either way.
+    Unknown,
+    /// The payment settled.
+    Yes,
+}
+
+/// A refusal that is not a price: a reason code, a message, and what is known about money.
+pub fn refusal(error: &str, message: &str, charged: Charged, extra: Value) -> CallToolResult {
+    let mut body = json!({ "error": error, "message": message });
+    match charged {
+        Charged::No => body["charged"] = json!(false),
+        Charged::Yes => body["charged"] = json!(true),
+        Charged::Unknown => {}
+    }
     if let (Value::Object(body), Value::Object(extra)) = (&mut body, extra) {
         body.extend(extra);
     }
@@ -60,7 +76,13 @@ pub fn payment_error(quote: &Quote, error: &PaymentError) -> CallToolResult {
             "settlement": "pending",
             "transaction": transaction,
         })),
-        _ => refusal(error.code(), &error.to_string(), false, json!({})),
+        _ => {
+            let charged = match error.charged() {
+                Some(false) => Charged::No,
+                _ => Charged::Unknown,
+            };
+            refusal(error.code(), &error.to_string(), charged, json!({}))
+        }
     }
 }
 
@@ -80,14 +102,24 @@ pub fn paid(
     result
 }
 
-/// Something failed on our side after the payment was verified; nothing more is known.
+/// Something failed on our side after the payment was verified; nothing more is known, so
+/// the answer makes no claim about money.
 pub fn internal_error() -> CallToolResult {
     refusal(
         "internal_error",
-        "the server failed while processing this payment; resend the same payment to get its outcome",
-        false,
+        "the server failed while processing this payment; resend the same payment (never a new one) to get its outcome",
+        Charged::Unknown,
         json!({}),
     )
+}
+
+/// A tool ran past `tools.timeout_secs` and was stopped. On a paid call the payment settled
+/// before it ran; its receipt records this result.
+pub fn tool_timeout(tool: &str, secs: u64) -> CallToolResult {
+    CallToolResult::structured_error(json!({
+        "error": "tool_timeout",
+        "message": format!("the tool `{tool}` did not finish within {secs}s and was stopped"),
+    }))
 }
 
 /// The result stored for a completed payment, served again to a replay.

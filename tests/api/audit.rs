@@ -3,17 +3,19 @@
 
 use std::sync::Arc;
 
+use alloy::primitives::Address;
 use alloy::signers::SignerSync;
 use alloy::signers::local::PrivateKeySigner;
 use axum::body::Bytes;
 use axum::extract::{Request, State};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use tokio::process::Command;
-use tollgate::audit::{AuditReport, AuditRequest, Problem, audit};
-use tollgate::clock::Clock;
+use tollgate::audit::{AuditOptions, AuditReport, AuditRequest, Problem, audit, audit_with, render};
+use tollgate::clock::{Clock, ManualClock, SharedClock};
 
-use crate::helpers::{TestApp, spawn_app};
+use crate::helpers::{TestApp, spawn_app, spawn_app_with, submit_on_chain};
 
 /// Makes `n` paid calls as the demo payer; returns the results.
 async fn paid_calls(app: &TestApp, n: usize) -> Vec<Value> {
@@ -37,6 +39,17 @@ async fn run_audit(app: &TestApp, server: &str, state: &std::path::Path) -> Audi
     audit(&AuditRequest { wallet: &payer, server, rpc: &rpc, state_file: state.to_owned() }).await.unwrap()
 }
 
+async fn run_audit_with(
+    app: &TestApp,
+    server: &str,
+    state: &std::path::Path,
+    options: &AuditOptions,
+) -> AuditReport {
+    let (payer, rpc) = (app.payer(), app.chain.anvil.endpoint());
+    let request = AuditRequest { wallet: &payer, server, rpc: &rpc, state_file: state.to_owned() };
+    audit_with(&request, options).await.unwrap()
+}
+
 #[tokio::test]
 async fn a_paid_result_carries_a_signed_receipt_that_verifies_against_the_published_key() {
     let app = spawn_app().await;
@@ -55,7 +68,7 @@ async fn a_paid_result_carries_a_signed_receipt_that_verifies_against_the_publis
     assert_eq!(first.body.tx, results[0]["_meta"]["x402/payment-response"]["transaction"]);
     assert_eq!(first.body.amount, crate::helpers::COUNTED_PRICE.to_string());
     assert_eq!(first.body.outcome, "ok");
-    assert_eq!(listing["tools"].as_array().unwrap().len(), 4, "the listing names the tools");
+    assert_eq!(listing["tools"].as_array().unwrap().len(), 5, "the listing names the tools");
     app.shutdown().await;
 }
 
@@ -86,7 +99,8 @@ async fn an_honest_server_passes_the_audit_and_stays_consistent_across_audits() 
     app.shutdown().await;
 }
 
-type Mutation = Arc<dyn Fn(&str, Value) -> Value + Send + Sync>;
+/// Rewrites one answer of the real server: (path, status, body) in, (status, body) out.
+type Mutation = Arc<dyn Fn(&str, StatusCode, Value) -> (StatusCode, Value) + Send + Sync>;
 /// Recognises the problem a tampering must produce.
 type Expect = fn(&Problem) -> bool;
 
@@ -105,7 +119,7 @@ async fn tampering_proxy(upstream: String, mutate: Mutation) -> String {
             .unwrap();
         let status = response.status();
         let value: Value = response.json().await.unwrap_or(Value::Null);
-        let changed = mutate(parts.uri.path(), value);
+        let (status, changed) = mutate(parts.uri.path(), status, value);
         (status, axum::Json(changed)).into_response()
     }
     let router = axum::Router::new().fallback(forward).with_state((upstream, mutate));
@@ -116,11 +130,24 @@ async fn tampering_proxy(upstream: String, mutate: Mutation) -> String {
 }
 
 fn on(path: &'static str, f: impl Fn(&mut Value) + Send + Sync + 'static) -> Mutation {
-    Arc::new(move |p, mut v| {
+    Arc::new(move |p, status, mut v| {
         if p == path {
             f(&mut v);
         }
-        v
+        (status, v)
+    })
+}
+
+/// Answers `path` itself, with `status` and `body`, as a server hiding that endpoint would.
+fn answer(path: &'static str, status: StatusCode, body: Value) -> Mutation {
+    Arc::new(move |p, real_status, v| if p == path { (status, body.clone()) } else { (real_status, v) })
+}
+
+/// The front's listing names `decoy` as both payTo and asset.
+fn decoy_listing(decoy: Address) -> Mutation {
+    on("/.well-known/x402", move |v| {
+        v["payTo"] = json!(decoy.to_checksum(None));
+        v["asset"] = json!(decoy.to_checksum(None));
     })
 }
 
@@ -245,6 +272,7 @@ async fn a_receipt_without_a_transfer_is_caught() {
         valid_before: 0,
         payload_json: "{}".into(),
         args_json: None,
+        args_hash: String::new(),
         now: 0,
     };
     let tollgate::store::Claim::Won(row) = app.state.store.claim(&fake).await.unwrap() else { panic!() };
@@ -367,5 +395,112 @@ async fn the_audit_and_receipts_verify_commands_report_and_exit_by_verdict() {
     let bad = verify(file).await;
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stdout).contains("INVALID"));
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_missing_checkpoint_fails_the_audit_and_says_so() {
+    // Arrange: an honest log of two checkpointed receipts, behind fronts that hide the checkpoint.
+    let app = spawn_app().await;
+    paid_calls(&app, 2).await;
+    checkpoint(&app).await;
+    let cases = [("answered 404", StatusCode::NOT_FOUND), ("answered 503", StatusCode::SERVICE_UNAVAILABLE)];
+    for (why, status) in cases {
+        let hidden = json!({ "error": "no_checkpoint", "message": "the log has no checkpoint yet" });
+        let proxy = tampering_proxy(app.base_url(), answer("/log/checkpoint", status, hidden)).await;
+        let state = app.dir.path().join(format!("hidden-{}.json", status.as_u16()));
+        // Act
+        let report = run_audit(&app, &proxy, &state).await;
+        // Assert
+        let text = render(&report);
+        assert!(!report.ok(), "a checkpoint that {why} passed the audit: {text}");
+        assert!(text.contains("the log's signed checkpoint is missing"), "{why}: {text}");
+        assert!(text.contains(&format!("HTTP {status}")), "{why}: the reason is named: {text}");
+        assert!(!state.exists(), "{why}: a failed audit saves no checkpoint");
+    }
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_receipt_served_with_an_unsigned_log_index_beyond_the_log_fails_the_audit() {
+    // Arrange: three checkpointed receipts; the front moves the third's unsigned log_index past
+    // any checkpoint, where the inclusion check used to be skipped.
+    let app = spawn_app().await;
+    paid_calls(&app, 3).await;
+    checkpoint(&app).await;
+    let absurd = on("/log/receipts", |v| v["receipts"][2]["log_index"] = json!(1_000_000_000_000u64));
+    let proxy = tampering_proxy(app.base_url(), absurd).await;
+    // Act
+    let report = run_audit(&app, &proxy, &app.dir.path().join("a.json")).await;
+    // Assert: refused, and the signed index is the one proven.
+    let text = render(&report);
+    assert!(!report.ok(), "an unsigned log index nobody signed passed the audit: {text}");
+    assert!(text.contains("log index 1000000000000, but its signed body says 2"), "{text}");
+    assert!(report.receipts.iter().all(|r| r.in_log == Some(true)), "{text}");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_listing_that_names_another_pay_to_cannot_hide_a_payment_to_the_receipts_pay_to() {
+    // Arrange: one paid call, then one more payment to the real payTo that never got a receipt.
+    let app = spawn_app().await;
+    paid_calls(&app, 1).await;
+    let payload = app.sign(&app.payer(), &app.requirements("counted", json!({})).await);
+    let orphan = submit_on_chain(&app.chain.anvil.endpoint(), app.chain.token, &payload).await;
+    checkpoint(&app).await;
+    let proxy = tampering_proxy(app.base_url(), decoy_listing(PrivateKeySigner::random().address())).await;
+    let pay_to: Address = app.state.config.payment.pay_to.parse().unwrap();
+    // Act
+    let report = run_audit(&app, &proxy, &app.dir.path().join("a.json")).await;
+    // Assert: the receipt still matches its transfer, and the orphan payment is still found.
+    let text = render(&report);
+    assert!(report.receipts.iter().all(|r| r.on_chain), "the receipt's own payTo was scanned: {text}");
+    assert_eq!(report.problems.len(), 1, "only the payment without a receipt: {text}");
+    let orphan_named = format!("on-chain transfer {orphan} (nonce");
+    let to_pay_to = format!("to {} has no receipt", pay_to.to_checksum(None));
+    assert!(text.contains(&orphan_named) && text.contains(&to_pay_to), "{text}");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_pay_to_the_holder_names_is_reconciled_though_no_receipt_or_listing_names_it() {
+    // Arrange: the wallet's only payment has no receipt, and the front's listing names a decoy.
+    let app = spawn_app().await;
+    let payload = app.sign(&app.payer(), &app.requirements("counted", json!({})).await);
+    let orphan = submit_on_chain(&app.chain.anvil.endpoint(), app.chain.token, &payload).await;
+    let proxy = tampering_proxy(app.base_url(), decoy_listing(PrivateKeySigner::random().address())).await;
+    let pay_to: Address = app.state.config.payment.pay_to.parse().unwrap();
+    let options = AuditOptions { pay_to: vec![pay_to], assets: vec![app.chain.token], ..Default::default() };
+    // Act
+    let report = run_audit_with(&app, &proxy, &app.dir.path().join("a.json"), &options).await;
+    // Assert
+    let found = |p: &Problem| matches!(p, Problem::TransferWithoutReceipt { tx, .. } if *tx == orphan);
+    assert!(report.problems.iter().any(found), "{}", render(&report));
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_receipt_kept_out_of_the_checkpoint_past_the_grace_fails_the_audit() {
+    // Arrange: two checkpointed receipts, then a third; the background checkpointer stays idle.
+    let app = spawn_app_with(|c| c.receipts.checkpoint_interval_secs = 3600).await;
+    paid_calls(&app, 2).await;
+    checkpoint(&app).await;
+    paid_calls(&app, 1).await;
+    let grace = 60;
+    // (why, how long after the receipt the holder audits, the verdict)
+    let cases = [("within the grace", grace, true), ("past the grace", grace + 1, false)];
+    for (why, later, passes) in cases {
+        let clock: SharedClock = Arc::new(ManualClock::new(app.clock.now_unix() + later));
+        let options = AuditOptions { checkpoint_grace_secs: grace, clock, ..Default::default() };
+        let state = app.dir.path().join(format!("{later}.json"));
+        // Act
+        let report = run_audit_with(&app, &app.base_url(), &state, &options).await;
+        // Assert
+        let text = render(&report);
+        assert_eq!(report.ok(), passes, "{why}: {text}");
+        assert_eq!(report.receipts[2].in_log, if passes { None } else { Some(false) }, "{why}: {text}");
+        let said = if passes { "not yet checkpointed" } else { "missing from the latest checkpoint" };
+        assert!(text.contains(&format!("receipt #3 (log index 2) is {said}")), "{why}: {text}");
+    }
     app.shutdown().await;
 }

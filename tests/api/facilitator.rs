@@ -22,6 +22,8 @@ enum Mode {
     Refuse,
     ServerError,
     SettleThenHang,
+    SettleThenRefuse,
+    SettleThenServerError,
 }
 
 #[derive(Clone)]
@@ -63,6 +65,19 @@ async fn settle(State(fake): State<Fake>, Json(body): Json<Value>) -> Response {
                 tokio::time::sleep(Duration::from_secs(5)).await;
             }
             Json(json!({ "success": true, "transaction": tx, "network": network })).into_response()
+        }
+        // It lies: the transfer is on chain, the answer says it failed.
+        Mode::SettleThenRefuse => {
+            submit_on_chain(&fake.rpc, &body).await;
+            Json(json!({
+                "success": false, "errorReason": "invalid_exact_evm_transaction_failed",
+                "transaction": "", "network": network,
+            }))
+            .into_response()
+        }
+        Mode::SettleThenServerError => {
+            submit_on_chain(&fake.rpc, &body).await;
+            (StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response()
         }
     }
 }
@@ -106,17 +121,50 @@ async fn a_facilitator_settlement_is_confirmed_on_chain_before_the_handler_runs(
 }
 
 #[tokio::test]
-async fn a_facilitator_success_false_is_a_refusal_and_nothing_runs() {
+async fn a_facilitator_success_false_without_a_transfer_is_pending_and_then_expires_uncharged() {
+    // Arrange
     let (app, _) = app_with_facilitator(Mode::Refuse).await;
     let payer = app.payer();
     let before = app.balance(payer.address()).await;
     let payload = app.sign(&payer, &app.requirements("counted", json!({})).await);
+    // Act
     let result = app.pay("counted", json!({}), &payload).await;
-    assert_eq!(result["structuredContent"]["error"], "invalid_exact_evm_insufficient_balance", "{result}");
-    assert_eq!(result["structuredContent"]["x402Version"], 2);
+    // Assert: `success:false` from /settle proves nothing (it may have broadcast): pending, never
+    // a fresh price and never "nothing was charged", while the authorization could still land.
+    let body = &result["structuredContent"];
+    assert_eq!(body["error"], "payment_confirmation_pending", "{result}");
+    assert!(body.get("accepts").is_none() && body.get("charged").is_none(), "{result}");
+    assert_eq!(app.runs(), 0);
+    // It never lands: once it expires, the reconciler fails it; nothing was charged.
+    app.clock.advance(400);
+    let reconciler = tollgate::payment::reconcile::Reconciler::new(app.state.gate.clone(), Duration::ZERO);
+    assert_eq!(reconciler.tick().await.unwrap().failed, 1);
     assert_eq!(app.balance(payer.address()).await, before);
     assert_eq!(app.runs(), 0);
     app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_facilitator_that_settles_then_answers_a_failure_charges_once_and_serves_the_call() {
+    for mode in [Mode::SettleThenRefuse, Mode::SettleThenServerError] {
+        // Arrange
+        let (app, settles) = app_with_facilitator(mode).await;
+        let payer = app.payer();
+        let before = app.balance(payer.address()).await;
+        let payload = app.sign(&payer, &app.requirements("counted", json!({})).await);
+        // Act: the first answer may be the result or "pending"; the retry must be the result.
+        let first = app.pay("counted", json!({}), &payload).await;
+        let first_status = first["structuredContent"]["error"].clone();
+        assert!(first["isError"] == false || first_status == "payment_confirmation_pending", "{first}");
+        let retry = app.pay("counted", json!({}), &payload).await;
+        // Assert: one charge, one run, one receipt.
+        assert_eq!(retry["isError"], false, "{retry}");
+        assert!(retry["_meta"]["tollgate/receipt"].is_object(), "{retry}");
+        assert_eq!(before - app.balance(payer.address()).await, U256::from(COUNTED_PRICE));
+        assert_eq!((settles.load(Ordering::SeqCst), app.runs()), (1, 1));
+        assert_eq!(app.state.store.receipt_count().await.unwrap(), 1);
+        app.shutdown().await;
+    }
 }
 
 #[tokio::test]
@@ -139,17 +187,17 @@ async fn a_facilitator_5xx_is_pending_never_served_and_fails_once_the_authorizat
 }
 
 #[tokio::test]
-async fn a_facilitator_timeout_after_settling_is_pending_then_the_retry_gets_the_result() {
+async fn a_facilitator_timeout_after_settling_is_resolved_from_the_chain_and_charged_once() {
     let (app, settles) = app_with_facilitator(Mode::SettleThenHang).await;
     let payer = app.payer();
     let before = app.balance(payer.address()).await;
     let payload = app.sign(&payer, &app.requirements("counted", json!({})).await);
+    // The facilitator's answer never comes; the chain already shows the paired transfer, so
+    // the call is served at once instead of waiting for a retry.
     let result = app.pay("counted", json!({}), &payload).await;
-    assert_eq!(result["structuredContent"]["error"], "payment_confirmation_pending", "{result}");
-    assert_eq!(app.runs(), 0);
-    // The retry finds the AuthorizationUsed log on chain and serves the paid result.
+    assert_eq!(result["isError"], false, "{result}");
     let retry = app.pay("counted", json!({}), &payload).await;
-    assert_eq!(retry["isError"], false, "{retry}");
+    assert_eq!(retry, result, "the retry gets the stored result");
     assert_eq!(before - app.balance(payer.address()).await, U256::from(COUNTED_PRICE));
     assert_eq!((settles.load(Ordering::SeqCst), app.runs()), (1, 1), "settled once, ran once");
     app.shutdown().await;

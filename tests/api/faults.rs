@@ -122,12 +122,15 @@ async fn an_rpc_that_drops_the_answer_after_the_transaction_was_sent_leaves_a_pe
     let payer = app.payer();
     let before = app.balance(payer.address()).await;
     let payload = app.sign(&payer, &app.requirements("counted", json!({})).await);
-    // Act: the transaction reaches the chain, its acknowledgement does not.
+    // Act: the transaction reaches the node's mempool, its acknowledgement does not.
+    app.anvil_rpc("evm_setAutomine", json!([false])).await;
     armed.store(true, Ordering::SeqCst);
     let first = app.pay("counted", json!({}), &payload).await;
-    // Assert: pending (money may have moved), never a new price; then resolved from the chain.
+    // Assert: pending (money may move), never a new price; then resolved from the chain.
     assert_eq!(first["structuredContent"]["error"], "payment_confirmation_pending", "{first}");
     assert_eq!(app.runs(), 0);
+    app.anvil_rpc("evm_mine", json!([])).await;
+    app.anvil_rpc("evm_setAutomine", json!([true])).await;
     Reconciler::new(app.state.gate.clone(), Duration::ZERO).tick().await.unwrap();
     assert!(app.state.store.unresolved(10).await.unwrap().is_empty(), "resolved from chain state");
     let paid = app.pay("counted", json!({}), &payload).await;
@@ -200,5 +203,38 @@ async fn a_relayer_out_of_gas_is_unready_and_refuses_payments_without_charging()
     assert_eq!(app.balance(payer.address()).await, before);
     assert_eq!(app.runs(), 0);
     assert!(app.state.store.unresolved(10).await.unwrap().is_empty(), "the claim was released");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_rpc_failure_while_resolving_a_pending_payment_never_says_nothing_was_charged() {
+    // Arrange: a pending payment (its block not mined yet), the chain reached through a relay.
+    let relay = Arc::new(std::sync::OnceLock::<Relay>::new());
+    let slot = relay.clone();
+    let app = spawn_app_with(move |c| {
+        c.payment.settle_timeout_secs = 1;
+        let relay = futures_block_on_relay(c.network.rpc_url_port());
+        c.network.rpc_url = format!("http://127.0.0.1:{}", relay.port).into();
+        let _ = slot.set(relay);
+    })
+    .await;
+    let relay = relay.get().unwrap();
+    let payer = app.payer();
+    let payload = app.sign(&payer, &app.requirements("counted", json!({})).await);
+    app.anvil_rpc("evm_setAutomine", json!([false])).await;
+    let pending = app.pay("counted", json!({}), &payload).await;
+    assert_eq!(pending["structuredContent"]["error"], "payment_confirmation_pending", "{pending}");
+    // Act: the RPC goes away, and the payer retries.
+    relay.up.store(false, Ordering::SeqCst);
+    let retry = app.pay("counted", json!({}), &payload).await;
+    // Assert: still pending (a transaction exists), never "unavailable, nothing charged".
+    let body = &retry["structuredContent"];
+    assert_eq!(body["error"], "payment_confirmation_pending", "{retry}");
+    assert!(body.get("charged").is_none() && body.get("accepts").is_none(), "{retry}");
+    relay.up.store(true, Ordering::SeqCst);
+    app.anvil_rpc("evm_mine", json!([])).await;
+    let paid = app.pay("counted", json!({}), &payload).await;
+    assert_eq!(paid["isError"], false, "{paid}");
+    assert_eq!(app.runs(), 1);
     app.shutdown().await;
 }

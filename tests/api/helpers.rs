@@ -171,7 +171,8 @@ pub struct Server {
 impl Server {
     pub async fn start(mut config: Config, clock: ManualClock, runs: Arc<AtomicUsize>) -> Server {
         config.server.bind = "127.0.0.1:0".parse().unwrap();
-        let deps = Deps { clock: Arc::new(clock), extra_tools: vec![counted_tool(runs)] };
+        let deps =
+            Deps { clock: Arc::new(clock), extra_tools: vec![counted_tool(runs.clone()), slow_tool(runs)] };
         let app = App::build_with(config, deps).await.expect("app builds");
         let addr = app.local_addr();
         let state = app.state();
@@ -342,6 +343,28 @@ fn counted_tool(runs: Arc<AtomicUsize>) -> (Builtin, UsdcAmount) {
         description: "Counts its runs (tests only).",
         input_schema: json!({ "type": "object", "properties": { "text": { "type": "string" } } }),
         handler: Arc::new(Counted(runs)),
+    };
+    (tool, UsdcAmount::from_atomic(COUNTED_PRICE))
+}
+
+/// A priced tool that counts its run at once, then sleeps `secs` seconds (real time: it stands
+/// for a slow upstream API, which no injected clock can speed up).
+fn slow_tool(runs: Arc<AtomicUsize>) -> (Builtin, UsdcAmount) {
+    struct Slow(Arc<AtomicUsize>);
+    #[async_trait::async_trait]
+    impl ToolHandler for Slow {
+        async fn call(&self, args: JsonObject) -> CallToolResult {
+            let n = self.0.fetch_add(1, Ordering::SeqCst) + 1;
+            let secs = args.get("secs").and_then(Value::as_u64).unwrap_or(0);
+            tokio::time::sleep(Duration::from_secs(secs)).await;
+            CallToolResult::structured(json!({ "run": n, "slept": secs }))
+        }
+    }
+    let tool = Builtin {
+        name: "slow",
+        description: "Sleeps, then answers (tests only).",
+        input_schema: json!({ "type": "object", "properties": { "secs": { "type": "integer" } } }),
+        handler: Arc::new(Slow(runs)),
     };
     (tool, UsdcAmount::from_atomic(COUNTED_PRICE))
 }

@@ -2,7 +2,9 @@
 
 mod helpers;
 
+mod attacks;
 mod audit;
+mod charging;
 mod client;
 mod concurrency;
 mod config_cli;

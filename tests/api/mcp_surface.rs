@@ -140,7 +140,7 @@ async fn session_clients_and_sessionless_requests_both_work() {
     // Assert: the same challenge either way.
     assert!(with_session.session.as_deref().is_some_and(|s| !s.is_empty()));
     assert_eq!(in_session["structuredContent"], sessionless["structuredContent"]);
-    assert_eq!(listed.len(), 4, "three built-ins and the counted test tool");
+    assert_eq!(listed.len(), 5, "three built-ins and the counted and slow test tools");
     app.shutdown().await;
 }
 
@@ -176,7 +176,7 @@ async fn server_keeps_serving_after_malformed_jsonrpc_and_oversized_bodies() {
         }
     }
     // ... and the server still serves.
-    assert_eq!(mcp.list_tools().await.len(), 4);
+    assert_eq!(mcp.list_tools().await.len(), 5);
     app.shutdown().await;
 }
 

@@ -60,7 +60,7 @@ async fn the_listing_describes_the_server_for_the_mcp_registry_and_x402_discover
     let discovery = &docs["x402_discovery"];
     assert_eq!(discovery["type"], "mcp");
     let accepts = discovery["accepts"].as_array().unwrap();
-    assert_eq!(accepts.len(), 3, "one entry per priced tool: sha256, quote_of_the_day, counted");
+    assert_eq!(accepts.len(), 4, "one entry per priced tool: sha256, quote_of_the_day, counted, slow");
     assert_eq!(discovery["metadata"]["tools"][0]["info"]["input"]["type"], "mcp");
     app.shutdown().await;
 }

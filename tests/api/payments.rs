@@ -314,21 +314,3 @@ async fn insufficient_balance_is_refused_and_the_authorization_stays_usable() {
     assert_eq!(app.runs(), 1);
     app.shutdown().await;
 }
-
-#[tokio::test]
-async fn an_authorization_already_used_on_chain_is_refused_without_running_the_handler() {
-    // Arrange: the payer's authorization is spent directly on chain, outside tollgate.
-    let app = spawn_app().await;
-    let payer = app.payer();
-    let requirements = app.requirements("counted", json!({})).await;
-    let payload = app.sign(&payer, &requirements);
-    crate::helpers::submit_on_chain(&app.chain.anvil.endpoint(), app.chain.token, &payload).await;
-    let before = balances(&app, &payer).await;
-    // Act
-    let result = app.pay("counted", json!({}), &payload).await;
-    // Assert
-    assert_eq!(result["structuredContent"]["error"], "invalid_exact_evm_nonce_already_used", "{result}");
-    assert_eq!(app.runs(), 0);
-    assert_eq!(balances(&app, &payer).await, before);
-    app.shutdown().await;
-}

@@ -19,6 +19,7 @@ fn payment(nonce: usize) -> NewPayment {
         valid_before: 0,
         payload_json: "{}".into(),
         args_json: None,
+        args_hash: String::new(),
         now: 0,
     }
 }

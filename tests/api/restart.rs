@@ -106,8 +106,11 @@ async fn kill_9_while_writing_the_receipt_then_restart_finishes_the_call_and_the
     let before = app.balance(payer.address()).await;
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let database = fresh_pg_url().await;
-    let env =
-        [("TOLLGATE_SERVER__REQUEST_TIMEOUT_SECS", "4"), ("TOLLGATE_PAYMENT__SETTLE_TIMEOUT_SECS", "3")];
+    let env = [
+        ("TOLLGATE_SERVER__REQUEST_TIMEOUT_SECS", "4"),
+        ("TOLLGATE_PAYMENT__SETTLE_TIMEOUT_SECS", "3"),
+        ("TOLLGATE_TOOLS__TIMEOUT_SECS", "3"),
+    ];
     let mut victim = serve_on(&app, port, &database, &env);
     wait_listening(port).await;
     let url = format!("http://127.0.0.1:{port}");

@@ -32,6 +32,7 @@ fn payment(nonce: &str) -> NewPayment {
         valid_before: 2_000_000_000,
         payload_json: "{}".into(),
         args_json: None,
+        args_hash: String::new(),
         now: 1_700_000_000,
     }
 }
@@ -87,7 +88,12 @@ async fn transitions_are_compare_and_set() {
             .await
             .unwrap();
         assert!(first && !second, "{backend}: CAS lets exactly one through");
-        let t = Transition { tx_hash: Some("0xtx"), block_number: Some(12), error: None };
+        let t = Transition {
+            tx_hash: Some("0xtx"),
+            block_number: Some(12),
+            error: None,
+            ..Transition::default()
+        };
         assert!(
             store.transition(row.id, &[PaymentState::Settling], PaymentState::Settled, t, 2).await.unwrap()
         );
@@ -178,7 +184,8 @@ async fn a_settled_call_is_unfinished_until_its_receipt_is_stored() {
             async move { store.unfinished(idle_since, 10).await.unwrap().iter().map(|r| r.id).collect::<Vec<_>>() }
         };
         assert!(unfinished(100).await.is_empty(), "{backend}: not settled yet");
-        let t = Transition { tx_hash: Some("0xtx"), block_number: Some(3), error: None };
+        let t =
+            Transition { tx_hash: Some("0xtx"), block_number: Some(3), error: None, ..Transition::default() };
         store.transition(row.id, &[PaymentState::Claimed], PaymentState::Settled, t, 10).await.unwrap();
         assert!(unfinished(10).await.is_empty(), "{backend}: its request may still be running");
         assert_eq!(unfinished(11).await, [row.id], "{backend}: idle since settlement");
