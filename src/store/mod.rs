@@ -233,9 +233,10 @@ pub trait Store: Send + Sync + 'static {
         t: Transition<'_>,
         now: i64,
     ) -> Result<bool, StoreError>;
-    /// Deletes a claim that never reached the chain, so the authorization stays usable.
-    /// Only a `claimed` or `settling` row can be released; callers release only when they know
-    /// nothing was broadcast.
+    /// Deletes a claim whose payment cannot move money, so the authorization stays usable.
+    /// Only an unresolved row (`claimed`, `settling`, `pending`) can be released; callers
+    /// release only when nothing was broadcast, or when the chain proves the authorization
+    /// unused and our transaction unable to land.
     async fn release(&self, id: i64) -> Result<bool, StoreError>;
     /// Takes the lease to run the handler of a settled payment. `seen` is the lease the caller
     /// observed (None for a fresh settlement); exactly one caller with a given `seen` wins.

@@ -296,7 +296,7 @@ macro_rules! impl_store {
 
             async fn release(&self, id: i64) -> Result<bool, StoreError> {
                 let done =
-                    sqlx::query("delete from payments where id = $1 and state in ('claimed', 'settling')")
+                    sqlx::query("delete from payments where id = $1 and state in ('claimed', 'settling', 'pending')")
                         .bind(id)
                         .execute(&self.pool)
                         .await?;

@@ -1,7 +1,7 @@
 //! `tollgate call`: the paying client, against tollgate itself (and, in interop, others).
 
 use alloy::primitives::U256;
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::process::Command;
 
 use crate::helpers::{COUNTED_PRICE, TestApp, spawn_app};
@@ -74,4 +74,86 @@ async fn tollgate_call_keeps_a_total_cap_across_calls() {
     assert_eq!(spent["spent"], COUNTED_PRICE.to_string());
     assert_eq!(app.runs(), 1);
     app.shutdown().await;
+}
+
+/// A fake x402 MCP server: a price, then for the paid call an internal error without a
+/// charging claim, then a bare HTTP 500, then the paid result. It records every payment.
+#[derive(Clone, Default)]
+struct Flaky {
+    payments: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+}
+
+async fn flaky(
+    axum::extract::State(fake): axum::extract::State<Flaky>,
+    axum::Json(request): axum::Json<Value>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let reply =
+        |result: Value| axum::Json(json!({ "jsonrpc": "2.0", "id": request["id"], "result": result }));
+    match request["method"].as_str().unwrap_or_default() {
+        "initialize" => {
+            reply(json!({ "protocolVersion": "2025-06-18", "capabilities": {}, "serverInfo": { "name": "flaky", "version": "0" } }))
+                .into_response()
+        }
+        "tools/call" => {
+            let Some(payment) = request.pointer("/params/_meta/x402~1payment").cloned() else {
+                let accepts = json!([{
+                    "scheme": "exact", "network": "eip155:31337", "amount": "1000",
+                    "asset": "0x5FbDB2315678afecb367f032d93F642f64180aa3",
+                    "payTo": "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC",
+                    "maxTimeoutSeconds": 300, "extra": { "name": "USD Coin", "version": "2" },
+                }]);
+                let required = json!({ "x402Version": 2, "error": "payment required", "resource": { "url": "mcp://tool/t" }, "accepts": accepts });
+                let text = required.to_string();
+                return reply(json!({ "isError": true, "structuredContent": required, "content": [{ "type": "text", "text": text }] }))
+                    .into_response();
+            };
+            let attempt = {
+                let mut payments = fake.payments.lock().unwrap();
+                payments.push(payment);
+                payments.len()
+            };
+            match attempt {
+                1 => reply(json!({ "isError": true, "structuredContent": { "error": "internal_error", "message": "boom" },
+                                   "content": [{ "type": "text", "text": "boom" }] }))
+                .into_response(),
+                2 => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response(),
+                _ => reply(json!({ "isError": false, "structuredContent": { "ok": true }, "content": [{ "type": "text", "text": "ok" }],
+                                   "_meta": { "x402/payment-response": { "success": true, "transaction": "0x01", "network": "eip155:31337" } } }))
+                .into_response(),
+            }
+        }
+        _ => axum::http::StatusCode::ACCEPTED.into_response(),
+    }
+}
+
+#[tokio::test]
+async fn tollgate_call_resends_the_same_payment_until_an_answer_proves_the_outcome() {
+    // Arrange
+    let fake = Flaky::default();
+    let router = axum::Router::new().route("/mcp", axum::routing::post(flaky)).with_state(fake.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/mcp", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("payer.key");
+    std::fs::write(&key, tollgate::chain::anvil::DEV_KEYS[6]).unwrap();
+    // Act
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["call", "--url", &url, "--tool", "t", "--json"])
+        .arg("--key-file")
+        .arg(&key)
+        .args(["--allow-asset", "eip155:31337:0x5FbDB2315678afecb367f032d93F642f64180aa3"])
+        .output()
+        .await
+        .unwrap();
+    // Assert: three attempts, one authorization; the user is told why it was resent.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let payments = fake.payments.lock().unwrap().clone();
+    assert_eq!(payments.len(), 3, "{stderr}");
+    assert!(payments.iter().all(|p| *p == payments[0]), "never a second signature: {payments:?}");
+    assert!(stderr.contains("resending the same payment (never a new one)"), "{stderr}");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["paymentResponse"]["success"], true, "{report}");
 }

@@ -73,14 +73,21 @@ impl RpcPort for tollgate::config::NetworkConfig {
 
 /// A JSON-RPC proxy that forwards everything to anvil but, while armed, loses the answer to
 /// `eth_sendRawTransaction` *after* anvil accepted the transaction.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 struct LossyRpc {
     anvil: String,
     armed: Arc<AtomicBool>,
+    /// While set, the next `eth_sendRawTransaction` never reaches anvil: the node "refuses" it.
+    swallow: Arc<AtomicBool>,
 }
 
 async fn lossy(State(rpc): State<LossyRpc>, body: Bytes) -> Response {
     let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    if request["method"] == "eth_sendRawTransaction" && rpc.swallow.swap(false, Ordering::SeqCst) {
+        let refused = json!({ "jsonrpc": "2.0", "id": request["id"],
+            "error": { "code": -32000, "message": "txpool is full" } });
+        return axum::Json(refused).into_response();
+    }
     let answer = reqwest::Client::new()
         .post(&rpc.anvil)
         .header("content-type", "application/json")
@@ -97,18 +104,14 @@ async fn lossy(State(rpc): State<LossyRpc>, body: Bytes) -> Response {
     ([("content-type", "application/json")], answer).into_response()
 }
 
-#[tokio::test]
-async fn an_rpc_that_drops_the_answer_after_the_transaction_was_sent_leaves_a_pending_payment_that_resolves()
-{
-    // Arrange
-    let armed = Arc::new(AtomicBool::new(false));
+/// tollgate whose RPC goes through `rpc` (a proxy to the test's own anvil).
+async fn spawn_behind(rpc: LossyRpc) -> crate::helpers::TestApp {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let proxy_port = listener.local_addr().unwrap().port();
-    let flag = armed.clone();
-    let app = spawn_app_with(move |c| {
+    spawn_app_with(move |c| {
         let anvil = tollgate::config::secret_opt(&c.network.rpc_url).unwrap().to_owned();
-        let router = axum::Router::new().fallback(lossy).with_state(LossyRpc { anvil, armed: flag });
+        let router = axum::Router::new().fallback(lossy).with_state(LossyRpc { anvil, ..rpc });
         std::thread::spawn(move || {
             let rt = tokio::runtime::Runtime::new().unwrap();
             rt.block_on(async move {
@@ -118,7 +121,48 @@ async fn an_rpc_that_drops_the_answer_after_the_transaction_was_sent_leaves_a_pe
         });
         c.network.rpc_url = format!("http://127.0.0.1:{proxy_port}").into();
     })
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn a_broadcast_the_node_refused_is_pending_until_its_nonce_is_taken_then_released_uncharged() {
+    // Arrange: the node refuses our first broadcast (an explicit error is still ambiguous: in a
+    // load-balanced pool, another node may have taken it).
+    let rpc = LossyRpc::default();
+    let swallow = rpc.swallow.clone();
+    let app = spawn_behind(rpc).await;
+    let payer = app.payer();
+    let before = app.balance(payer.address()).await;
+    let first = app.sign(&payer, &app.requirements("counted", json!({})).await);
+    swallow.store(true, Ordering::SeqCst);
+    let pending = app.pay("counted", json!({}), &first).await;
+    assert_eq!(pending["structuredContent"]["error"], "payment_confirmation_pending", "{pending}");
+    // Act: the next settlement takes the same relayer nonce and is mined; then the payer retries.
+    let second = app.sign(&payer, &app.requirements("counted", json!({})).await);
+    let paid = app.pay("counted", json!({}), &second).await;
+    assert_eq!(paid["isError"], false, "{paid}");
+    let retry = app.pay("counted", json!({}), &first).await;
+    // Assert: our transaction can never land and the authorization is unused: released, with
+    // the truth (nothing charged); the same payment then pays for the call, once.
+    // (The reconciler may have released it first; then the retry itself is a fresh payment.)
+    if retry["isError"] != false {
+        assert_eq!(retry["structuredContent"]["error"], "settlement_dropped", "{retry}");
+        assert_eq!(retry["structuredContent"]["charged"], false, "{retry}");
+        let resent = app.pay("counted", json!({}), &first).await;
+        assert_eq!(resent["isError"], false, "{resent}");
+    }
+    assert_eq!(before - app.balance(payer.address()).await, U256::from(2 * COUNTED_PRICE));
+    assert_eq!(app.runs(), 2);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_rpc_that_drops_the_answer_after_the_transaction_was_sent_leaves_a_pending_payment_that_resolves()
+{
+    // Arrange
+    let rpc = LossyRpc::default();
+    let armed = rpc.armed.clone();
+    let app = spawn_behind(rpc).await;
     let payer = app.payer();
     let before = app.balance(payer.address()).await;
     let payload = app.sign(&payer, &app.requirements("counted", json!({})).await);
