@@ -10,7 +10,6 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use metrics_exporter_prometheus::PrometheusHandle;
 use secrecy::SecretString;
 
 use crate::ceiling::Ceiling;
@@ -30,21 +29,10 @@ use crate::payment::settle::{FacilitatorSettler, SelfSettler, Settler};
 use crate::store::{self, Store};
 use crate::tools::builtin::{self, Builtin};
 use crate::tools::catalog::Catalog;
+use crate::tools::paid_call::{CallSettings, PaidCall};
 use crate::tools::upstream::{Upstream, UpstreamTool};
 
-/// Everything a request needs, shared read-only across the server.
-pub struct AppState {
-    pub config: Config,
-    pub network: Network,
-    pub catalog: Catalog,
-    pub store: Arc<dyn Store>,
-    pub clock: SharedClock,
-    pub gate: Arc<PaymentGate>,
-    pub limits: WalletLimits,
-    pub ceiling: Arc<Ceiling>,
-    pub metrics: PrometheusHandle,
-    pub receipts: Arc<Receipts>,
-}
+pub use crate::state::AppState;
 
 /// What tests and embedders may inject; production uses the defaults.
 pub struct Deps {
@@ -106,6 +94,16 @@ impl App {
             store: store.clone(),
             server_id: config.server.server_id.clone(),
         });
+        let limits = Arc::new(limits);
+        let settings = CallSettings {
+            valid_before_margin_secs: config.payment.valid_before_margin_secs,
+            request_timeout: Duration::from_secs(config.server.request_timeout_secs),
+            tool_timeout: Duration::from_secs(config.tools.timeout_secs),
+            pay_to: config.payment.pay_to.clone(),
+        };
+        let paid =
+            Arc::new(PaidCall::new(gate.clone(), limits.clone(), receipts.clone(), clock.clone(), settings));
+        let catalog = Arc::new(catalog);
         let state = Arc::new(AppState {
             config,
             network,
@@ -117,6 +115,7 @@ impl App {
             ceiling,
             metrics,
             receipts,
+            paid,
         });
         Ok(App { listener, state })
     }
@@ -165,12 +164,11 @@ impl App {
 /// died, every `RECONCILE_INTERVAL`; the first pass runs at once, so work left by a crash
 /// resumes as soon as the server is back.
 async fn recover(reconciler: Reconciler, state: Arc<AppState>, cancel: CancellationToken) {
-    let finisher = crate::tools::paid_call::Finisher::new(state);
     loop {
         if let Err(e) = reconciler.tick().await {
             tracing::warn!(error = %e, "reconciler pass failed; will retry");
         }
-        if let Err(e) = finisher.start().await {
+        if let Err(e) = state.paid.finish_abandoned(&state.catalog).await {
             tracing::warn!(error = %e, "finishing abandoned calls failed; will retry");
         }
         tokio::select! {

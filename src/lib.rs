@@ -17,6 +17,7 @@
 
 pub mod app;
 pub mod audit;
+pub mod canonical;
 pub mod ceiling;
 pub mod chain;
 pub mod cli;
@@ -31,6 +32,7 @@ pub mod payment;
 pub mod public_api;
 pub mod receipt;
 pub mod router;
+pub mod state;
 pub mod store;
 pub mod telemetry;
 pub mod tools;

@@ -3,7 +3,7 @@
 
 use serde_json::{Value, json};
 
-use crate::app::AppState;
+use crate::state::AppState;
 
 /// The MCP registry schema the `server.json` follows.
 pub const SERVER_SCHEMA: &str =

@@ -15,8 +15,8 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
-use crate::app::AppState;
 use crate::ceiling::guard::Guarded;
+use crate::state::AppState;
 use crate::transport::{McpTransport, mcp_endpoint};
 
 /// The whole server: the ceiling in front (1), then the router and its layers (0, 2…).

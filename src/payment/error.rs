@@ -120,16 +120,25 @@ impl PaymentError {
         )
     }
 
-    /// What this answer can prove about money: `Some(false)` when nothing can have moved for
-    /// this request, `None` when a transaction may exist (the answer then makes no claim).
-    pub fn charged(&self) -> Option<bool> {
+    /// What this refusal can prove about money. Once a transaction may exist, the answer must
+    /// not claim that nothing was charged.
+    pub fn money(&self) -> Money {
         match self {
             PaymentError::Pending { .. }
             | PaymentError::InProgress
             | PaymentError::OutcomeUnknown { .. }
             | PaymentError::Corrupt(_)
-            | PaymentError::StoreUnavailable => None,
-            _ => Some(false),
+            | PaymentError::StoreUnavailable => Money::MayHaveMoved,
+            _ => Money::Unmoved,
         }
     }
+}
+
+/// What a refusal can prove about the payer's money, for this request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Money {
+    /// Nothing moved, provably: the answer says `charged: false`.
+    Unmoved,
+    /// A transaction may exist: the answer makes no claim either way.
+    MayHaveMoved,
 }

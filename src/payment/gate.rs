@@ -121,7 +121,7 @@ fn unrecorded(tx: Option<String>) -> impl FnOnce(StoreError) -> PaymentError {
 
 /// SHA-256 (hex) of the canonical arguments: what makes a replay "the same call".
 pub fn args_hash(args: &serde_json::Map<String, serde_json::Value>) -> String {
-    crate::receipt::sha256_hex(crate::receipt::canonical(args).as_bytes())
+    crate::canonical::hash_of(args)
 }
 
 impl PaymentGate {

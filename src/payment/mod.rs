@@ -10,4 +10,4 @@ pub mod settle;
 pub mod verify;
 pub mod wire;
 
-pub use error::PaymentError;
+pub use error::{Money, PaymentError};

@@ -17,7 +17,6 @@ use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use rmcp::model::{CallToolResult, JsonObject};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 
 use crate::config::{ReceiptsConfig, secret_opt};
 use crate::payment::gate::Settlement;
@@ -68,14 +67,7 @@ pub struct SignedReceipt {
     pub signature: String,
 }
 
-/// RFC 8785 canonical JSON: the exact bytes that are signed and hashed.
-pub fn canonical<T: Serialize>(value: &T) -> String {
-    serde_json_canonicalizer::to_string(value).expect("serialisable value canonicalises")
-}
-
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
-}
+pub use crate::canonical::{canonical, sha256_hex};
 
 impl SignedReceipt {
     /// The RFC 6962 leaf hash of this receipt in the log.
@@ -121,18 +113,21 @@ pub struct ReceiptSigner {
 pub enum ReceiptError {
     #[error("no receipt signing key configured")]
     NoKey,
+    #[error("receipts.key must be a 32-byte hex ed25519 seed (tollgate keygen)")]
+    BadKey,
+    #[error("receipts.previous_public_keys: {0:?} is not a hex ed25519 public key")]
+    BadPreviousKey(String),
     #[error("receipt store: {0}")]
     Store(#[from] StoreError),
 }
 
 impl ReceiptSigner {
     pub fn from_config(c: &ReceiptsConfig) -> Result<ReceiptSigner, ReceiptError> {
-        let key = secret_opt(&c.key).and_then(keys::parse_seed).ok_or(ReceiptError::NoKey)?;
-        let mut signer = ReceiptSigner::new(key);
+        let key = secret_opt(&c.key).ok_or(ReceiptError::NoKey)?;
+        let mut signer = ReceiptSigner::new(keys::parse_seed(key).ok_or(ReceiptError::BadKey)?);
         for public in &c.previous_public_keys {
-            if let Some(k) = keys::parse_public(public) {
-                signer.published.push((keys::key_id(&k), k));
-            }
+            let k = keys::parse_public(public).ok_or_else(|| ReceiptError::BadPreviousKey(public.clone()))?;
+            signer.published.push((keys::key_id(&k), k));
         }
         Ok(signer)
     }

@@ -12,8 +12,8 @@ use sha2::{Digest, Sha256};
 use super::catalog::ToolHandler;
 use crate::clock::SharedClock;
 
-/// Every built-in tool name, for config validation.
-pub const NAMES: [&str; 3] = ["echo", "sha256", "quote_of_the_day"];
+/// Every built-in tool name: the keys `[tools.prices]` accepts, which config owns.
+pub const NAMES: [&str; 3] = crate::config::BUILTIN_TOOLS;
 
 /// A built-in tool's definition: name, description, input schema and handler.
 pub struct Builtin {

@@ -3,7 +3,6 @@
 
 pub mod builtin;
 pub mod catalog;
-pub mod mcp;
 pub mod paid_call;
 pub mod results;
 pub mod upstream;

@@ -1,18 +1,50 @@
-//! How each outcome of a tool call is rendered as an MCP `CallToolResult`.
+//! The renderer: the one place that turns a call's outcome, or its error, into an MCP
+//! `CallToolResult`.
 //!
-//! Side-effect free. A challenge carries `x402Version` + `accepts` (the only shape a client may
-//! pay from); every other refusal deliberately carries neither, so no client mistakes it for
-//! a price.
+//! Side-effect free: no logging, no metrics, no I/O. A challenge carries `x402Version` +
+//! `accepts` (the only shape a client may pay from); every other refusal deliberately carries
+//! neither, so no client mistakes it for a price. A refusal says `charged: false` only when its
+//! error proves no money moved (`Money::Unmoved`); otherwise it makes no claim.
 
 use rmcp::model::{CallToolResult, ContentBlock};
 use serde_json::{Value, json};
 
+use super::catalog::ToolEntry;
+use super::paid_call::{CallError, Paid};
 use crate::limits::LimitError;
-use crate::payment::PaymentError;
 use crate::payment::gate::Settlement;
 use crate::payment::requirements::Quote;
 use crate::payment::wire::{META_PAYMENT_RESPONSE, PaymentRequired};
+use crate::payment::{Money, PaymentError};
 use crate::receipt::{META_RECEIPT, SignedReceipt};
+
+/// The `error` text of a first challenge.
+pub const PAYMENT_REQUIRED: &str = "Payment required to access this resource";
+
+/// Renders what `PaidCall::try_call` returned.
+pub fn render(entry: &ToolEntry, outcome: Result<Paid, CallError>) -> CallToolResult {
+    match outcome {
+        Ok(Paid::Free(result) | Paid::Settled(result) | Paid::Replayed(result)) => result,
+        Err(e) => render_error(entry.quote.as_ref(), &e),
+    }
+}
+
+/// Renders a refusal. `quote` is the tool's price, for the answers that carry one.
+pub fn render_error(quote: Option<&Quote>, error: &CallError) -> CallToolResult {
+    match (error, quote) {
+        (CallError::Arguments(e), _) => invalid_arguments(&e.tool, e.problems.clone()),
+        (CallError::PaymentRequired, Some(quote)) => {
+            payment_required(&quote.payment_required(PAYMENT_REQUIRED))
+        }
+        (CallError::Payment(e), Some(quote)) => payment_error(quote, e),
+        (CallError::Limited(e), _) => limited(e),
+        (CallError::Unavailable(why), _) => {
+            let extra = json!({ "retry_after_seconds": 5 });
+            refusal("tool_unavailable", &why.0, error.money(), extra)
+        }
+        (CallError::PaymentRequired | CallError::Payment(_) | CallError::Internal(_), _) => internal_error(),
+    }
+}
 
 /// The x402 MCP-transport PaymentRequired (reference/x402.md §4.1): `isError: true`,
 /// `structuredContent` = the object, `content[0].text` = the same JSON, from one serialisation.
@@ -34,24 +66,11 @@ pub fn invalid_arguments(tool: &str, problems: Vec<String>) -> CallToolResult {
     }))
 }
 
-/// What an answer may say about money. Once a transaction may exist, only `Unknown` or `Yes`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Charged {
-    /// Nothing moved for this request, provably.
-    No,
-    /// Money may have moved: the answer makes no claim either way.
-    Unknown,
-    /// The payment settled.
-    Yes,
-}
-
 /// A refusal that is not a price: a reason code, a message, and what is known about money.
-pub fn refusal(error: &str, message: &str, charged: Charged, extra: Value) -> CallToolResult {
+fn refusal(error: &str, message: &str, money: Money, extra: Value) -> CallToolResult {
     let mut body = json!({ "error": error, "message": message });
-    match charged {
-        Charged::No => body["charged"] = json!(false),
-        Charged::Yes => body["charged"] = json!(true),
-        Charged::Unknown => {}
+    if money == Money::Unmoved {
+        body["charged"] = json!(false);
     }
     if let (Value::Object(body), Value::Object(extra)) = (&mut body, extra) {
         body.extend(extra);
@@ -76,13 +95,7 @@ pub fn payment_error(quote: &Quote, error: &PaymentError) -> CallToolResult {
             "settlement": "pending",
             "transaction": transaction,
         })),
-        _ => {
-            let charged = match error.charged() {
-                Some(false) => Charged::No,
-                _ => Charged::Unknown,
-            };
-            refusal(error.code(), &error.to_string(), charged, json!({}))
-        }
+        _ => refusal(error.code(), &error.to_string(), error.money(), json!({})),
     }
 }
 
@@ -108,9 +121,19 @@ pub fn internal_error() -> CallToolResult {
     refusal(
         "internal_error",
         "the server failed while processing this payment; resend the same payment (never a new one) to get its outcome",
-        Charged::Unknown,
+        Money::MayHaveMoved,
         json!({}),
     )
+}
+
+/// The answer recorded for a paid call whose tool was withdrawn before it could run: the
+/// payment settled, so the receipt carries this (and says so).
+pub fn withdrawn(tool: &str) -> CallToolResult {
+    CallToolResult::structured_error(json!({
+        "error": "tool_withdrawn",
+        "message": format!("the tool `{tool}` was withdrawn before this paid call could run"),
+        "charged": true,
+    }))
 }
 
 /// A tool ran past `tools.timeout_secs` and was stopped. On a paid call the payment settled
@@ -120,14 +143,6 @@ pub fn tool_timeout(tool: &str, secs: u64) -> CallToolResult {
         "error": "tool_timeout",
         "message": format!("the tool `{tool}` did not finish within {secs}s and was stopped"),
     }))
-}
-
-/// The result stored for a completed payment, served again to a replay.
-pub fn stored(json: &str) -> CallToolResult {
-    serde_json::from_str(json).unwrap_or_else(|e| {
-        tracing::error!(error = %e, "stored result does not parse");
-        internal_error()
-    })
 }
 
 /// A wallet-limit refusal: never a price, and nothing was charged or claimed.

@@ -48,6 +48,13 @@ async fn a_store_failure_while_recording_a_settlement_never_says_nothing_was_cha
     until_submitted(&app).await;
     // Act: the store goes away, then the block with our transfer arrives.
     relay.up.store(false, Ordering::SeqCst);
+    let cut = async {
+        // The relay drops live connections within 20 ms: wait until the store really fails.
+        while app.state.store.ping().await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), cut).await.expect("the store is cut off");
     app.anvil_rpc("evm_mine", json!([])).await;
     let answer = call.await.unwrap();
     // Assert: the money moved and could not be recorded: say so, never "not charged".

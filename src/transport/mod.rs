@@ -18,8 +18,11 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
-use crate::app::AppState;
-use crate::tools::mcp::McpServer;
+use crate::state::AppState;
+
+pub mod mcp;
+
+use mcp::McpServer;
 
 pub const SESSION_HEADER: &str = "mcp-session-id";
 

@@ -1,5 +1,5 @@
 //! The MCP face of tollgate: an rmcp `ServerHandler` that lists the catalog and sends every
-//! `tools/call` through [`paid_call`](super::paid_call::paid_call).
+//! `tools/call` through [`PaidCall`](crate::tools::paid_call::PaidCall).
 //!
 //! This adapter only translates: it finds the tool, gathers the call's payment (from
 //! `_meta["x402/payment"]` or the `PAYMENT-SIGNATURE` header) and the caller's identity from
@@ -14,11 +14,11 @@ use rmcp::model::{
 use rmcp::service::RequestContext;
 use rmcp::{ErrorData as McpError, RoleServer, ServerHandler};
 
-use super::paid_call::{ToolCall, paid_call};
-use crate::app::AppState;
 use crate::ceiling::ClientKey;
 use crate::payment::decode::PaymentInput;
 use crate::payment::wire::META_PAYMENT;
+use crate::state::AppState;
+use crate::tools::paid_call::ToolCall;
 
 /// HTTP header carrying a base64 PaymentPayload (x402 v2 HTTP transport), also honoured on MCP.
 pub const PAYMENT_SIGNATURE_HEADER: &str = "payment-signature";
@@ -82,6 +82,6 @@ impl ServerHandler for McpServer {
                 Some(PaymentInput::Header(header.as_bytes().to_vec()))
             });
         let call = ToolCall { arguments: request.arguments.clone().unwrap_or_default(), payment, agent };
-        Ok(paid_call(&self.app, entry, call).await.into())
+        Ok(self.app.paid.call(entry, call).await.into())
     }
 }

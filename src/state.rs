@@ -1,0 +1,35 @@
+//! `AppState`: everything a request needs, shared read-only across the server.
+//!
+//! It sits above the stages (it holds them) and below everything that serves requests
+//! (`transport`, `router`, `public_api`, `listing`), so those depend on it and it on none of
+//! them; `app` only assembles it and runs the server.
+
+use std::sync::Arc;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::ceiling::Ceiling;
+use crate::chain::Network;
+use crate::clock::SharedClock;
+use crate::config::Config;
+use crate::limits::WalletLimits;
+use crate::payment::gate::PaymentGate;
+use crate::receipt::Receipts;
+use crate::store::Store;
+use crate::tools::catalog::Catalog;
+use crate::tools::paid_call::PaidCall;
+
+pub struct AppState {
+    pub config: Config,
+    pub network: Network,
+    pub catalog: Arc<Catalog>,
+    pub store: Arc<dyn Store>,
+    pub clock: SharedClock,
+    pub gate: Arc<PaymentGate>,
+    pub limits: Arc<WalletLimits>,
+    pub ceiling: Arc<Ceiling>,
+    pub metrics: PrometheusHandle,
+    pub receipts: Arc<Receipts>,
+    /// Steps 3–10 of every `tools/call`.
+    pub paid: Arc<PaidCall>,
+}

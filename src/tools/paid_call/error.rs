@@ -1,0 +1,52 @@
+//! `CallError`: every way a `tools/call` ends without the tool's own answer, by stage.
+//!
+//! Each variant says what is known about money through [`CallError::money`]: the renderer
+//! turns `Money::Unmoved` into `charged: false` and makes no claim for `Money::MayHaveMoved`.
+
+use crate::limits::LimitError;
+use crate::payment::{Money, PaymentError};
+
+/// The arguments do not match the tool's input schema (checked before any quote).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("arguments for `{tool}` do not match its input schema")]
+pub struct ArgumentError {
+    pub tool: String,
+    /// Readable problems, at most ten.
+    pub problems: Vec<String>,
+}
+
+/// The tool cannot run now (its upstream is down), so no payment is taken for it.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct ToolUnavailable(pub String);
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CallError {
+    #[error(transparent)]
+    Arguments(#[from] ArgumentError),
+    /// A priced tool called without a payment: the challenge.
+    #[error("payment required")]
+    PaymentRequired,
+    #[error(transparent)]
+    Payment(#[from] PaymentError),
+    #[error(transparent)]
+    Limited(#[from] LimitError),
+    #[error(transparent)]
+    Unavailable(#[from] ToolUnavailable),
+    /// Our side failed after the payment was verified; nothing more is known.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl CallError {
+    pub fn money(&self) -> Money {
+        match self {
+            CallError::Payment(e) => e.money(),
+            CallError::Internal(_) => Money::MayHaveMoved,
+            CallError::Arguments(_)
+            | CallError::PaymentRequired
+            | CallError::Limited(_)
+            | CallError::Unavailable(_) => Money::Unmoved,
+        }
+    }
+}

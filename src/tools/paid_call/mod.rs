@@ -1,0 +1,295 @@
+//! `PaidCall`: the stages of one `tools/call`, in order. [`PaidCall::try_call`] is the one place
+//! that shows the pipeline after the HTTP layers (ARCHITECTURE.md, steps 3–10); the renderer in
+//! `tools::results` is the one place that turns its outcome into an MCP result.
+//!
+//! Guarantees: arguments are checked before any quote; a payment is verified locally before it
+//! is claimed; wallet limits and tool readiness are checked before the claim, except for a
+//! payment already held (a retry is answered, never re-limited); the handler runs only after
+//! settlement, at most once per payment (a lease in the store, and a tool timeout shorter than
+//! the lease); every settled call ends in a receipt. Does not render answers.
+
+mod error;
+mod finish;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use alloy::sol_types::Eip712Domain;
+use rmcp::model::{CallToolResult, JsonObject};
+
+pub use error::{ArgumentError, CallError, ToolUnavailable};
+
+use super::catalog::ToolEntry;
+use super::results;
+use crate::clock::SharedClock;
+use crate::limits::{LimitRequest, WalletLimits};
+use crate::payment::PaymentError;
+use crate::payment::decode::PaymentInput;
+use crate::payment::gate::{Claimed, PaymentGate, Settlement};
+use crate::payment::verify::{VerifiedPayment, verify};
+use crate::receipt::{ReceiptInput, Receipts};
+
+/// One `tools/call` for a known tool.
+#[derive(Debug, Clone)]
+pub struct ToolCall {
+    pub arguments: JsonObject,
+    pub payment: Option<PaymentInput>,
+    /// The caller's client key (from the ceiling), for the `agent` limit axis.
+    pub agent: String,
+}
+
+/// What a call produced, ready to serve.
+#[derive(Debug, Clone)]
+pub enum Paid {
+    /// A free tool's answer.
+    Free(CallToolResult),
+    /// A paid answer: the handler's result with its settlement response and receipt.
+    Settled(CallToolResult),
+    /// The stored answer of a payment already served (a retry, or a replay of the same call).
+    Replayed(CallToolResult),
+}
+
+/// The config values a paid call needs.
+#[derive(Debug, Clone)]
+pub struct CallSettings {
+    /// An authorization must stay valid at least this long after we receive it.
+    pub valid_before_margin_secs: u64,
+    /// The HTTP request timeout, which is also the handler lease.
+    pub request_timeout: Duration,
+    /// Longest a tool may run: below the lease, so a cut-off handler never runs twice at once.
+    pub tool_timeout: Duration,
+    /// The payee, as configured (the receipt binds it).
+    pub pay_to: String,
+}
+
+/// A paid call answers before the HTTP request timeout, by this much: past it the client is
+/// told the payment is pending (and resends the same payment), never given a bare 408.
+const ANSWER_MARGIN: Duration = Duration::from_secs(2);
+
+/// Abandoned calls finished concurrently, at most.
+const FINISHERS: usize = 8;
+
+/// Runs priced and free tool calls through the pipeline.
+pub struct PaidCall {
+    gate: Arc<PaymentGate>,
+    limits: Arc<WalletLimits>,
+    receipts: Arc<Receipts>,
+    clock: SharedClock,
+    /// The token's EIP-712 domain, every authorization is signed against.
+    domain: Eip712Domain,
+    settings: CallSettings,
+    /// Finishing abandoned calls: a bound on concurrent tasks, and the rows being finished.
+    finishers: Arc<tokio::sync::Semaphore>,
+    finishing: Arc<Mutex<HashSet<i64>>>,
+}
+
+impl PaidCall {
+    pub fn new(
+        gate: Arc<PaymentGate>,
+        limits: Arc<WalletLimits>,
+        receipts: Arc<Receipts>,
+        clock: SharedClock,
+        settings: CallSettings,
+    ) -> PaidCall {
+        let domain = gate.network.domain();
+        let finishers = Arc::new(tokio::sync::Semaphore::new(FINISHERS));
+        PaidCall { gate, limits, receipts, clock, domain, settings, finishers, finishing: Default::default() }
+    }
+
+    /// Runs one call and renders its outcome.
+    pub async fn call(self: &Arc<Self>, entry: &Arc<ToolEntry>, call: ToolCall) -> CallToolResult {
+        results::render(entry, self.try_call(entry, call).await)
+    }
+
+    /// Steps 3–10, in order.
+    pub async fn try_call(
+        self: &Arc<Self>,
+        entry: &Arc<ToolEntry>,
+        call: ToolCall,
+    ) -> Result<Paid, CallError> {
+        let tool = entry.tool.name.to_string();
+        // 3. Arguments are checked before anything is quoted or charged.
+        entry.validate(&call.arguments).map_err(|problems| ArgumentError { tool: tool.clone(), problems })?;
+        let Some(quote) = &entry.quote else {
+            metrics::counter!("tollgate_calls_total", "tool" => tool, "kind" => "free").increment(1);
+            return Ok(Paid::Free(self.run_bounded(entry, &call.arguments).await));
+        };
+        // 4. No payment: the challenge.
+        let Some(payment) = call.payment else {
+            metrics::counter!("tollgate_challenges_total", "tool" => tool).increment(1);
+            return Err(CallError::PaymentRequired);
+        };
+        // 5. Local verification; from here on the payer is the recovered signer.
+        let margin = self.settings.valid_before_margin_secs;
+        let verified = verify(&payment, quote, &self.domain, self.clock.now_unix(), margin)?;
+        tracing::info!(payment.payer = %verified.payer, tool = %quote.tool, "payment verified");
+        // A payment already held (a retry, or a replay) is answered for what it is: it never
+        // spends the payer's wallet limits again, nor is refused for a tool's readiness.
+        let known = self.gate.known(&verified, quote, &call.arguments).await?;
+        if known.is_none() {
+            // 6. Wallet limits, on the recovered payer, before anything is claimed or charged.
+            let limit = LimitRequest {
+                payer: verified.payer,
+                tool: &quote.tool,
+                agent: &call.agent,
+                amount: quote.amount,
+            };
+            self.limits.check(&limit, self.clock.now_millis()).await?;
+            // A tool that cannot run now (its upstream is down) must not take a payment.
+            entry.ready().await.map_err(ToolUnavailable)?;
+        }
+        // 7–10 run in their own task: once a claim exists, a dropped connection must not
+        // abandon the settlement halfway; the outcome is stored and a retry gets it.
+        let task =
+            tokio::spawn(self.clone().claim_settle_run(entry.clone(), verified, call.arguments, known));
+        self.answer_in_time(task).await
+    }
+
+    /// Waits for a paid call's task until just before the HTTP timeout. The task goes on either
+    /// way; a late client is told to resend the same payment, which then gets the outcome.
+    async fn answer_in_time(
+        &self,
+        task: tokio::task::JoinHandle<Result<Paid, CallError>>,
+    ) -> Result<Paid, CallError> {
+        let deadline =
+            self.settings.request_timeout.saturating_sub(ANSWER_MARGIN).max(Duration::from_secs(1));
+        match tokio::time::timeout(deadline, task).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "payment task failed");
+                Err(CallError::Internal("the payment task failed".into()))
+            }
+            Err(_) => Err(PaymentError::Pending { transaction: None }.into()),
+        }
+    }
+
+    /// Steps 7–10: claim (unless held), settle, run once, receipt.
+    async fn claim_settle_run(
+        self: Arc<Self>,
+        entry: Arc<ToolEntry>,
+        v: VerifiedPayment,
+        args: JsonObject,
+        known: Option<Claimed>,
+    ) -> Result<Paid, CallError> {
+        let quote = entry
+            .quote
+            .as_ref()
+            .ok_or_else(|| CallError::Internal("a free tool reached settlement".into()))?;
+        // 7. The atomic claim (unless the payment was already held).
+        let claimed = match known {
+            Some(known) => known,
+            None => self.gate.claim(&v, quote, &args).await?,
+        };
+        let (settled, lease, args) = match claimed {
+            // 8. Settlement, confirmed on chain, before the handler.
+            Claimed::Fresh(row) => (self.gate.settle(&row, &v, quote).await?, None, args),
+            Claimed::AlreadySettled(row, settlement) => match row.result_json {
+                Some(stored) => return stored_answer(&stored).map(Paid::Replayed),
+                // Settled after its request ended: run what was paid for, with the stored
+                // arguments (equal by hash to these, or the claim would have refused it).
+                None => (
+                    settlement,
+                    row.handler_started_at,
+                    stored_args(row.args_json.as_deref()).unwrap_or(args),
+                ),
+            },
+        };
+        // 9. The handler, at most once per settlement; 10. its receipt.
+        self.run_once(&entry, &settled, lease, args).await.map(Paid::Settled)
+    }
+
+    /// Runs a tool, bounded by the tool timeout (shorter than the handler lease, so a handler
+    /// cut off here can never still be running when a retry takes the lease over).
+    async fn run_bounded(&self, entry: &ToolEntry, args: &JsonObject) -> CallToolResult {
+        let limit = self.settings.tool_timeout;
+        match tokio::time::timeout(limit, entry.run(args)).await {
+            Ok(result) => result,
+            Err(_) => {
+                metrics::counter!("tollgate_tool_timeouts_total", "tool" => entry.tool.name.to_string())
+                    .increment(1);
+                results::tool_timeout(&entry.tool.name, limit.as_secs())
+            }
+        }
+    }
+
+    /// Runs the handler under the payment's lease, then finishes the call. `lease` is the
+    /// handler lease the caller saw on the row (`None` for a fresh settlement).
+    async fn run_once(
+        &self,
+        entry: &ToolEntry,
+        settled: &Settlement,
+        lease: Option<i64>,
+        args: JsonObject,
+    ) -> Result<CallToolResult, CallError> {
+        let now = self.clock.now_unix() as i64;
+        // A lease younger than the request timeout belongs to a request that may still be running.
+        let expired = lease.is_none_or(|t| now - t > self.settings.request_timeout.as_secs() as i64);
+        let leased =
+            expired && self.gate.store.start_handler(settled.row_id, lease, now).await.unwrap_or(false);
+        if !leased {
+            return Err(PaymentError::InProgress.into());
+        }
+        metrics::counter!("tollgate_calls_total", "tool" => entry.tool.name.to_string(), "kind" => "paid")
+            .increment(1);
+        let result = self.run_bounded(entry, &args).await;
+        Ok(self.finish(&entry.tool.name, settled, &args, result).await)
+    }
+
+    /// Step 10: the signed receipt, appended to the log, beside the standard payment response;
+    /// the answer is stored for retries of the same payment.
+    async fn finish(
+        &self,
+        tool: &str,
+        settled: &Settlement,
+        args: &JsonObject,
+        result: CallToolResult,
+    ) -> CallToolResult {
+        let now = self.clock.now_unix();
+        let pay_to = &self.settings.pay_to;
+        let input = ReceiptInput { tool, args, result: &result, settlement: settled, pay_to, now };
+        let receipt = self.issue_receipt(&input).await;
+        let answer = results::paid(result, settled, receipt.as_ref());
+        let json = serde_json::to_string(&answer).expect("CallToolResult serialises");
+        if let Err(e) = self.gate.store.save_result(settled.row_id, &json, now as i64).await {
+            // The answer is still served; a retry will re-run under an expired lease.
+            tracing::error!(error = %e, payment.row = settled.row_id, "could not store the paid result");
+        }
+        answer
+    }
+
+    /// Issues the receipt, retrying transient store failures: a paid call must not end without one.
+    async fn issue_receipt(&self, input: &ReceiptInput<'_>) -> Option<crate::receipt::SignedReceipt> {
+        let mut delay = Duration::from_millis(20);
+        for attempt in 1..=5 {
+            match self.receipts.issue(input).await {
+                Ok(receipt) => return Some(receipt),
+                Err(e) if attempt < 5 => {
+                    tracing::warn!(error = %e, attempt, "receipt not stored yet; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 3;
+                }
+                Err(e) => {
+                    // Paid and run: serve it. The audit will show the missing receipt, and the
+                    // payment row still proves the settlement.
+                    tracing::error!(error = %e, payment.row = input.settlement.row_id, "could not issue the receipt");
+                    metrics::counter!("tollgate_receipt_failures_total").increment(1);
+                }
+            }
+        }
+        None
+    }
+}
+
+fn stored_args(json: Option<&str>) -> Option<JsonObject> {
+    json.and_then(|a| serde_json::from_str(a).ok())
+}
+
+/// The answer stored for a served payment. One that does not parse is our damage to report,
+/// never a reason to run the handler again.
+fn stored_answer(json: &str) -> Result<CallToolResult, CallError> {
+    serde_json::from_str(json).map_err(|e| {
+        tracing::error!(error = %e, "stored result does not parse");
+        CallError::Internal("the stored result of this payment is damaged".into())
+    })
+}
