@@ -41,6 +41,13 @@ pub enum TxStatus {
     Reverted { block: u64 },
 }
 
+/// The chain's latest block, as far as the node knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    pub number: u64,
+    pub timestamp: u64,
+}
+
 /// What one mined transaction did with an authorization.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthEffect {
@@ -102,6 +109,33 @@ impl ChainClient {
             .map_err(unavailable)
     }
 
+    /// The authorization's state as of block `at`: read together with that block's time, it
+    /// proves expiry (no later block can carry an earlier timestamp).
+    pub async fn authorization_used_at(
+        &self,
+        authorizer: Address,
+        nonce: B256,
+        at: u64,
+    ) -> Result<bool, ChainError> {
+        Usdc::new(self.asset, &self.provider)
+            .authorizationState(authorizer, nonce)
+            .block(at.into())
+            .call()
+            .await
+            .map_err(unavailable)
+    }
+
+    /// The latest block: its number and timestamp (the chain's own clock).
+    pub async fn head(&self) -> Result<Head, ChainError> {
+        let block = self
+            .provider
+            .get_block_by_number(alloy::eips::BlockNumberOrTag::Latest)
+            .await
+            .map_err(unavailable)?
+            .ok_or_else(|| ChainError::Unavailable("no latest block".into()))?;
+        Ok(Head { number: block.header.number, timestamp: block.header.timestamp })
+    }
+
     pub async fn balance_of(&self, owner: Address) -> Result<U256, ChainError> {
         Usdc::new(self.asset, &self.provider).balanceOf(owner).call().await.map_err(unavailable)
     }
@@ -151,7 +185,7 @@ impl ChainClient {
     /// Hosted RPCs refuse `eth_getLogs` over wide ranges (1k–10k blocks), so the search walks
     /// windows of `window` blocks: forward from `anchor` (the head when the payment was
     /// checked) to the head, then backward from `anchor` until a block older than
-    /// `valid_after`, before which the token refuses the authorization anyway. At most
+    /// `not_before`, before which the authorization cannot have been spent. At most
     /// `MAX_WINDOWS` windows are read per call; a search that runs out says so, so the caller
     /// keeps the payment pending rather than concluding anything.
     pub async fn find_spent(&self, q: &SpentQuery) -> Result<Option<Spent>, ChainError> {
@@ -175,7 +209,7 @@ impl ChainClient {
             if let Some(found) = self.spent_in(q, lo, top).await? {
                 return Ok(Some(found));
             }
-            if lo == 0 || self.block_time(lo).await? <= q.valid_after {
+            if lo == 0 || self.block_time(lo).await? <= q.not_before {
                 break;
             }
             budget = budget.checked_sub(1).ok_or(ChainError::SearchExhausted)?;
@@ -222,8 +256,9 @@ pub struct SpentQuery {
     pub nonce: B256,
     /// The head when the payment was checked; `None` searches back from the current head.
     pub anchor: Option<u64>,
-    /// The authorization's `validAfter`: no block at or before it can have spent it.
-    pub valid_after: u64,
+    /// No block at or before this time can have spent it: the later of `validAfter` and the
+    /// earliest the authorization can have been signed (validBefore less the longest validity).
+    pub not_before: u64,
     /// Blocks per `eth_getLogs` request.
     pub window: u64,
 }

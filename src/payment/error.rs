@@ -27,6 +27,10 @@ pub enum PaymentError {
     Expired { margin_secs: u64 },
     #[error("authorization is not valid yet (validAfter is in the future)")]
     NotYetValid,
+    #[error(
+        "authorization stays valid too long (validBefore may be at most maxTimeoutSeconds = {max_secs}s away)"
+    )]
+    TooLong { max_secs: u64 },
     #[error("authorization.value must equal the price exactly")]
     WrongAmount,
     #[error("the payment-identifier is malformed (16-128 characters of [A-Za-z0-9_-])")]
@@ -59,11 +63,6 @@ pub enum PaymentError {
          same payment (never a new one) to get its result"
     )]
     OutcomeUnknown { transaction: Option<String> },
-    #[error(
-        "the settlement transaction was dropped before it could land and nothing was charged; \
-         resend the same payment"
-    )]
-    Dropped,
     #[error("the server holds a damaged record of this payment; resend the same payment later")]
     Corrupt(String),
 
@@ -87,6 +86,7 @@ impl PaymentError {
             PaymentError::RecipientMismatch => "invalid_exact_evm_recipient_mismatch",
             PaymentError::Expired { .. } => "invalid_exact_evm_payload_authorization_valid_before",
             PaymentError::NotYetValid => "invalid_exact_evm_payload_authorization_valid_after",
+            PaymentError::TooLong { .. } => "invalid_exact_evm_payload_authorization_valid_before",
             PaymentError::WrongAmount => "invalid_exact_evm_authorization_value",
             PaymentError::BadPaymentIdentifier => "invalid_payment_identifier",
             PaymentError::NonceReused => "invalid_exact_evm_nonce_already_used",
@@ -96,7 +96,6 @@ impl PaymentError {
             PaymentError::AlreadyUsed => "payment_already_used",
             PaymentError::OutcomeUnknown { .. } => "payment_outcome_unknown",
             PaymentError::Corrupt(_) => "internal_error",
-            PaymentError::Dropped => "settlement_dropped",
             PaymentError::Pending { .. } => "payment_confirmation_pending",
             PaymentError::InProgress => "payment_in_progress",
             PaymentError::ChainUnavailable => "chain_unavailable",
@@ -113,7 +112,6 @@ impl PaymentError {
                 | PaymentError::OutcomeUnknown { .. }
                 | PaymentError::Corrupt(_)
                 | PaymentError::AlreadyUsed
-                | PaymentError::Dropped
                 | PaymentError::IdentifierConflict
                 | PaymentError::ChainUnavailable
                 | PaymentError::StoreUnavailable

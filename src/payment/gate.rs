@@ -2,11 +2,12 @@
 //!
 //! Guarantees:
 //! - one authorization is claimed by exactly one request fleet-wide;
-//! - a claim is released (the authorization stays usable) only when the chain proves that
-//!   nothing moved and nothing can: nothing was broadcast, or the authorization is unused and
-//!   our transaction can no longer land (validBefore passed, or its relayer nonce was taken);
+//! - a claim is released (the authorization stays usable) only when nothing was broadcast;
+//!   once a transaction may exist its row is kept, bound to the call it paid for, because its
+//!   payload may be public and anyone may still land it;
 //! - once a transaction may exist, the payment is never dropped: it ends `settled`, `failed`
-//!   (the chain proves it paid us nothing), or `pending` for the reconciler;
+//!   (the chain proves it paid us nothing: spent elsewhere, cancelled, or unused at a block
+//!   whose timestamp is past validBefore), or `pending` for the reconciler;
 //! - `settled` is written only when the token's `AuthorizationUsed(from, nonce)` log is followed
 //!   by its paired `Transfer(from, payTo, price)` (see `ExpectedTransfer::effect_in`), with the
 //!   configured confirmations, in whichever transaction spent it: ours, a facilitator's, or a
@@ -192,8 +193,15 @@ impl PaymentGate {
         }
         // The payload is public once settled (calldata), so anyone can rebuild it: it buys the
         // stored answer only for the very call it paid for, and reveals nothing otherwise.
-        let same_call =
-            row.tool == quote.tool && row.args_hash.as_deref().is_none_or(|h| h == args_hash(args));
+        // Rows older than the arguments hash compare their kept arguments; with neither, the
+        // call cannot be proven the same, so nothing is served.
+        let paid_for = row.args_hash.clone().or_else(|| {
+            let kept = row.args_json.as_deref()?;
+            serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(kept)
+                .ok()
+                .map(|a| args_hash(&a))
+        });
+        let same_call = row.tool == quote.tool && paid_for.is_some_and(|h| h == args_hash(args));
         if !same_call {
             return Err(PaymentError::AlreadyUsed);
         }
@@ -253,12 +261,14 @@ impl PaymentGate {
         if used {
             // Spent already: by a facilitator, a stranger who saw the authorization, or the
             // payer's own cancellation. The chain says which; only a paired transfer to us pays.
+            // Parked as pending first: money may have moved, so the row must outlive this
+            // request (a claimed row would be released by the reconciler).
+            let parked = [PaymentState::Claimed];
             self.store
-                .transition(row.id, &[PaymentState::Claimed], PaymentState::Claimed, t, self.now())
+                .transition(row.id, &parked, PaymentState::Pending, t, self.now())
                 .await
-                .map_err(store_down)?;
-            let row = self.reload(row).await?;
-            return self.resolve(&row).await;
+                .map_err(unrecorded(None))?;
+            return self.resolve(&self.reload(row).await?).await;
         }
         if balance < a.value {
             self.store.release(row.id).await.map_err(store_down)?;
@@ -353,35 +363,44 @@ impl PaymentGate {
     /// exist, so "unavailable" must not read as "nothing was charged".
     pub async fn resolve(&self, row: &PaymentRecord) -> Result<Settlement, PaymentError> {
         let expect = expected_transfer(row)?;
-        let pending = || PaymentError::Pending { transaction: row.tx_hash.clone() };
         let ours = row.tx_hash.as_deref().and_then(|t| t.parse::<B256>().ok());
         if let Some(tx) = ours {
             // Not mined yet, reverted, or mined without paying: the authorization decides below.
-            let status = self.chain.tx_status(tx, &expect).await.map_err(|_| pending())?;
+            let Ok(status) = self.chain.tx_status(tx, &expect).await else {
+                return Err(self.still_pending(row).await);
+            };
             if let TxStatus::Mined { block, confirmations, effect: AuthEffect::Paid } = status {
                 return self.settled_or_pending(row, tx, block, confirmations).await;
             }
         }
-        let used = self.chain.authorization_used(expect.from, expect.nonce).await.map_err(|_| pending())?;
+        // The authorization's state and the chain's time, read at one block.
+        let pinned = async {
+            let head = self.chain.head().await?;
+            let used = self.chain.authorization_used_at(expect.from, expect.nonce, head.number).await?;
+            Ok::<_, crate::chain::client::ChainError>((head, used))
+        };
+        let Ok((head, used)) = pinned.await else {
+            return Err(self.still_pending(row).await);
+        };
         if used {
             return self.resolve_spent(row, &expect).await;
         }
-        if self.now() >= row.valid_before {
-            // Expired without being spent: it can never move money now.
-            self.fail(row.id, EXPIRED).await?;
-            return Err(PaymentError::SettlementFailed { reason: EXPIRED.into() });
+        if head.timestamp >= row.valid_before as u64 {
+            // Unused at a block already past validBefore: no later block can spend it, so it
+            // can never move money now. The chain's clock decides, not ours.
+            return Err(self.fail_with(row.id, EXPIRED).await);
         }
-        if self.our_tx_replaced(row, ours).await.map_err(|_| pending())? {
-            // Unused, and our transaction can never land: release, so the same payment can be
-            // sent again (if a copy of it lands meanwhile, that retry finds and honours it).
-            tracing::warn!(payment.row = row.id, "settlement transaction replaced; releasing the claim");
-            self.store.release(row.id).await.map_err(store_down)?;
-            return Err(PaymentError::Dropped);
+        Err(self.still_pending(row).await)
+    }
+
+    /// Records that a transaction may exist and nothing is concluded yet; the answer to give.
+    async fn still_pending(&self, row: &PaymentRecord) -> PaymentError {
+        if row.state != PaymentState::Pending
+            && let Err(e) = self.mark_pending(row.id, row.tx_hash.clone()).await
+        {
+            return e;
         }
-        if row.state != PaymentState::Pending {
-            self.mark_pending(row.id, row.tx_hash.clone()).await?;
-        }
-        Err(pending())
+        PaymentError::Pending { transaction: row.tx_hash.clone() }
     }
 
     /// The authorization is spent: find the transaction that spent it, whoever sent it, and
@@ -391,45 +410,39 @@ impl PaymentGate {
         row: &PaymentRecord,
         expect: &ExpectedTransfer,
     ) -> Result<Settlement, PaymentError> {
-        let pending = || PaymentError::Pending { transaction: row.tx_hash.clone() };
         let payload = stored_payload(row)?;
         let query = SpentQuery {
             authorizer: expect.from,
             nonce: expect.nonce,
             anchor: row.from_block.and_then(|b| u64::try_from(b).ok()),
-            valid_after: payload.valid_after,
+            not_before: payload
+                .valid_after
+                .max(payload.valid_before.saturating_sub(payload.longest_validity())),
             window: self.log_window,
         };
-        let spent = self.chain.find_spent(&query).await.map_err(|e| {
-            tracing::warn!(error = %e, payment.row = row.id, "could not find the spending transaction");
-            pending()
-        })?;
-        let tx = match spent {
-            Some(Spent::Used(tx)) => tx,
-            Some(Spent::Canceled(_)) => {
-                self.fail(row.id, CANCELED).await?;
-                return Err(PaymentError::SettlementFailed { reason: CANCELED.into() });
-            }
-            // Used, yet no log in reach (a reorg in progress, or beyond the search budget):
-            // nothing can be concluded; the reconciler asks again.
-            None => {
-                self.mark_pending(row.id, row.tx_hash.clone()).await?;
-                return Err(pending());
+        let spent = match self.chain.find_spent(&query).await {
+            Ok(spent) => spent,
+            Err(e) => {
+                tracing::warn!(error = %e, payment.row = row.id, "could not find the spending transaction");
+                return Err(self.still_pending(row).await);
             }
         };
-        match self.chain.tx_status(tx, expect).await.map_err(|_| pending())? {
-            TxStatus::Mined { block, confirmations, effect: AuthEffect::Paid } => {
+        let tx = match spent {
+            Some(Spent::Used(tx)) => tx,
+            Some(Spent::Canceled(_)) => return Err(self.fail_with(row.id, CANCELED).await),
+            // Used, yet no log in reach (a reorg in progress, or beyond the search budget):
+            // nothing can be concluded; the reconciler asks again.
+            None => return Err(self.still_pending(row).await),
+        };
+        match self.chain.tx_status(tx, expect).await {
+            Ok(TxStatus::Mined { block, confirmations, effect: AuthEffect::Paid }) => {
                 self.settled_or_pending(row, tx, block, confirmations).await
             }
-            TxStatus::Mined { effect: AuthEffect::SpentOtherwise, .. } => {
+            Ok(TxStatus::Mined { effect: AuthEffect::SpentOtherwise, .. }) => {
                 tracing::warn!(payment.row = row.id, payment.tx = %tx, "authorization spent without paying payTo the price");
-                self.fail(row.id, SPENT_ELSEWHERE).await?;
-                Err(PaymentError::SettlementFailed { reason: SPENT_ELSEWHERE.into() })
+                Err(self.fail_with(row.id, SPENT_ELSEWHERE).await)
             }
-            _ => {
-                self.mark_pending(row.id, row.tx_hash.clone()).await?;
-                Err(pending())
-            }
+            _ => Err(self.still_pending(row).await),
         }
     }
 
@@ -446,19 +459,6 @@ impl PaymentGate {
         let transaction = Some(format!("{tx:#x}"));
         self.mark_pending(row.id, transaction.clone()).await?;
         Err(PaymentError::Pending { transaction })
-    }
-
-    /// Whether our own transaction can no longer land: its relayer nonce is mined, by another
-    /// transaction (ours would have been found mined above).
-    async fn our_tx_replaced(
-        &self,
-        row: &PaymentRecord,
-        ours: Option<B256>,
-    ) -> Result<bool, crate::chain::client::ChainError> {
-        let (Some(_), Some(nonce), Some(relayer)) = (ours, row.tx_nonce, self.settler.relayer()) else {
-            return Ok(false);
-        };
-        Ok(self.chain.mined_nonce(relayer).await? > nonce as u64)
     }
 
     async fn mark_settled(
@@ -483,6 +483,14 @@ impl PaymentGate {
             metrics::counter!("tollgate_payments_total", "outcome" => "settled").increment(1);
             let amount = row.amount.parse::<u64>().unwrap_or(0);
             metrics::counter!("tollgate_revenue_atomic_total", "tool" => row.tool.clone()).increment(amount);
+        } else {
+            // Someone else moved the row first: only their `settled` agrees with the chain.
+            let now = self.store.payment(row.id).await.map_err(unrecorded(Some(transaction.clone())))?;
+            let state = now.map(|r| r.state);
+            if state != Some(PaymentState::Settled) {
+                tracing::error!(payment.row = row.id, payment.tx = %transaction, ?state, "a confirmed payment's row is not settled");
+                return Err(PaymentError::OutcomeUnknown { transaction: Some(transaction) });
+            }
         }
         tracing::info!(payment.row = row.id, payment.tx = %transaction, payment.block = block, "payment settled");
         Ok(Settlement {
@@ -515,6 +523,15 @@ impl PaymentGate {
         Ok(())
     }
 
+    /// Records that the chain proved this payment paid us nothing, and says so to the payer
+    /// (or, if the store fails, that it should retry).
+    async fn fail_with(&self, id: i64, reason: &str) -> PaymentError {
+        match self.fail(id, reason).await {
+            Ok(()) => PaymentError::SettlementFailed { reason: reason.to_owned() },
+            Err(e) => e,
+        }
+    }
+
     /// Records that the chain proved this payment paid us nothing.
     async fn fail(&self, id: i64, reason: &str) -> Result<(), PaymentError> {
         let t = Transition { error: Some(reason), ..Default::default() };
@@ -530,6 +547,16 @@ impl PaymentGate {
 struct StoredPayload {
     to: Address,
     valid_after: u64,
+    valid_before: u64,
+    /// `accepted.maxTimeoutSeconds`: verification bounds validBefore by it.
+    max_timeout_seconds: u64,
+}
+
+impl StoredPayload {
+    /// The longest an authorization we accept may have been valid for when it reached us.
+    fn longest_validity(&self) -> u64 {
+        self.max_timeout_seconds + super::verify::VALIDITY_SKEW_SECS
+    }
 }
 
 /// Damaged stored data is our fault: an internal error, never a fresh challenge.
@@ -543,9 +570,13 @@ fn stored_payload(row: &PaymentRecord) -> Result<StoredPayload, PaymentError> {
     let field =
         |name: &str| payload.pointer(&format!("/payload/authorization/{name}")).and_then(|v| v.as_str());
     let to = field("to").and_then(|s| s.parse::<Address>().ok()).ok_or_else(|| corrupt("recipient"))?;
-    let valid_after =
-        field("validAfter").and_then(|s| s.parse::<u64>().ok()).ok_or_else(|| corrupt("validAfter"))?;
-    Ok(StoredPayload { to, valid_after })
+    let number = |name: &str| field(name).and_then(|s| s.parse::<u64>().ok()).ok_or_else(|| corrupt(name));
+    let (valid_after, valid_before) = (number("validAfter")?, number("validBefore")?);
+    let max_timeout_seconds = payload
+        .pointer("/accepted/maxTimeoutSeconds")
+        .and_then(|v| v.as_u64())
+        .ok_or_else(|| corrupt("accepted"))?;
+    Ok(StoredPayload { to, valid_after, valid_before, max_timeout_seconds })
 }
 
 /// The transfer a stored payment must produce on chain.
@@ -570,9 +601,15 @@ impl TxRecorder for RowRecorder<'_> {
     async fn record(&self, tx: B256, nonce: u64) -> Result<(), StoreError> {
         let hash = format!("{tx:#x}");
         let t = Transition { tx_hash: Some(&hash), tx_nonce: Some(nonce as i64), ..Default::default() };
-        self.store
+        let recorded = self
+            .store
             .transition(self.row, &[PaymentState::Settling], PaymentState::Settling, t, self.now)
             .await?;
+        // The row left `settling` (the reconciler took it over): broadcasting now would put a
+        // transaction on chain that no row knows of.
+        if !recorded {
+            return Err(StoreError::Corrupt("the payment is no longer settling".into()));
+        }
         Ok(())
     }
 }

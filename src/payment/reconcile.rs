@@ -3,8 +3,7 @@
 //!
 //! For each unresolved row: a spent authorization with our transfer confirmed → `settled` (a
 //! retry of the same payment then gets its result); expired and unspent → `failed` (nothing
-//! moved); a claim that never reached submission, or whose transaction was replaced before it
-//! could land, with the authorization unused → released. Rows touched by a live request
+//! moved); a claim that never reached submission → released. Rows touched by a live request
 //! within `stale_after` are left to that request. All transitions are compare-and-set, so any
 //! number of replicas may run this at once without harm.
 
@@ -60,7 +59,6 @@ impl Reconciler {
             match gate.resolve(&row).await {
                 Ok(_) => report.settled += 1,
                 Err(PaymentError::SettlementFailed { .. }) => report.failed += 1,
-                Err(PaymentError::Dropped) => report.released += 1,
                 Err(_) => {
                     // Abandoned mid-submission: tell retries it is pending, not in progress.
                     if row.state == PaymentState::Settling {

@@ -240,6 +240,11 @@ impl Settler for FacilitatorSettler {
             .map_err(|e| SettleError::NotSent(format!("facilitator /verify: {e}")))?;
         match verdict.as_ref().and_then(|v| v.get("isValid")).and_then(Value::as_bool) {
             Some(true) => {}
+            // Spent already (by a front-runner, or through another route): the gate asks the
+            // chain who spent it, as it does when our own simulation says so.
+            Some(false) if invalid_reason(verdict.as_ref()).contains("nonce_already_used") => {
+                return Err(SettleError::Refused(PaymentError::NonceReused));
+            }
             Some(false) => return Err(refused(verdict.as_ref(), "invalidReason")),
             None => return Err(SettleError::NotSent(format!("facilitator /verify answered HTTP {status}"))),
         }
@@ -263,6 +268,10 @@ impl Settler for FacilitatorSettler {
             }
         }
     }
+}
+
+fn invalid_reason(body: Option<&Value>) -> &str {
+    body.and_then(|b| b.get("invalidReason")).and_then(Value::as_str).unwrap_or_default()
 }
 
 fn refused(body: Option<&Value>, field: &str) -> SettleError {

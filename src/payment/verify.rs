@@ -3,7 +3,8 @@
 //! Guarantees, in this order (reference/x402.md §2.3): x402 v2; `accepted` equals this tool's
 //! requirements; the EIP-712 TransferWithAuthorization signature recovers to
 //! `authorization.from` (that address becomes the [`Payer`]); recipient is our payTo; the
-//! validity window holds with a safety margin; the value is the price exactly.
+//! validity window holds with a safety margin, and is no longer than the offer's
+//! `maxTimeoutSeconds` (plus clock skew); the value is the price exactly.
 //! Does NOT check: chain state (nonce unused, balance) — the settle stage does, after the claim.
 
 use std::fmt;
@@ -86,7 +87,7 @@ pub fn verify(
     if authorization.to != pay_to {
         return Err(PaymentError::RecipientMismatch);
     }
-    assert_time_window(&authorization, now, margin_secs)?;
+    assert_time_window(&authorization, now, margin_secs, quote.requirements.max_timeout_seconds)?;
     if authorization.value != U256::from(quote.amount.atomic()) {
         return Err(PaymentError::WrongAmount);
     }
@@ -182,9 +183,23 @@ fn assert_signed_by_from(
     Ok(Payer(recovered))
 }
 
-fn assert_time_window(a: &TransferWithAuthorization, now: u64, margin_secs: u64) -> Result<(), PaymentError> {
+/// How far a payer's clock may run ahead of ours when it sets validBefore.
+pub const VALIDITY_SKEW_SECS: u64 = 60;
+
+fn assert_time_window(
+    a: &TransferWithAuthorization,
+    now: u64,
+    margin_secs: u64,
+    max_timeout_secs: u64,
+) -> Result<(), PaymentError> {
     if a.validBefore < U256::from(now.saturating_add(margin_secs)) {
         return Err(PaymentError::Expired { margin_secs });
+    }
+    // The offer says how long an authorization may live; a longer one is not what we offered,
+    // and would keep its payment unresolvable (and its log search running) for as long.
+    let longest = max_timeout_secs.saturating_add(VALIDITY_SKEW_SECS);
+    if a.validBefore > U256::from(now.saturating_add(longest)) {
+        return Err(PaymentError::TooLong { max_secs: max_timeout_secs });
     }
     // The token requires block.timestamp > validAfter; a block mined now has timestamp ≥ now.
     if a.validAfter > U256::from(now) {

@@ -463,3 +463,70 @@ async fn a_pending_payment_is_not_settled_by_a_transfer_paired_with_another_auth
     assert_eq!(receipts(&app).await, 0);
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn our_reverted_settlement_keeps_the_payment_bound_to_its_call() {
+    // Arrange: tollgate's settlement waits in the mempool; the payer's balance is then drained
+    // (ahead of it) by another authorization, so ours reverts with its calldata on chain.
+    let app = spawn_app().await;
+    let payer = app.payer();
+    let requirements = app.requirements("counted", json!({"text": "mine"})).await;
+    let payload = app.sign(&payer, &requirements);
+    let balance: u64 = app.balance(payer.address()).await.to();
+    let elsewhere = Address::repeat_byte(0x42);
+    let drain =
+        sign_with(&app, &payer, &requirements, B256::from(rand::random::<[u8; 32]>()), elsewhere, balance);
+    app.anvil_rpc("evm_setAutomine", json!([false])).await;
+    let url = app.mcp_url();
+    let sent = payload.clone();
+    let call = tokio::spawn(async move {
+        let meta = json!({ "x402/payment": sent });
+        crate::helpers::Mcp::sessionless(&url).call_tool("counted", json!({"text": "mine"}), Some(meta)).await
+    });
+    until_submitted(&app, 1).await;
+    send_ahead(&app, app.chain.token, authorization_call(&drain)).await;
+    app.anvil_rpc("evm_mine", json!([])).await;
+    app.anvil_rpc("evm_setAutomine", json!([true])).await;
+    // Act
+    let answer = call.await.unwrap();
+    let stolen = app.pay("counted", json!({"text": "thief"}), &payload).await;
+    // Assert: not "nothing charged" (the authorization is still valid and public), and the
+    // payment stays bound to the call it was signed for: a stranger's arguments get nothing.
+    assert_eq!(answer["structuredContent"]["error"], "payment_confirmation_pending", "{answer}");
+    assert!(answer["structuredContent"].get("charged").is_none(), "{answer}");
+    assert_eq!(stolen["structuredContent"]["error"], "payment_already_used", "{stolen}");
+    assert_eq!(app.runs(), 0);
+    // Refunded and landed by anyone later, it pays for the payer's own call, once.
+    let minter = tollgate::chain::parse_private_key(DEV_KEYS[0]).unwrap();
+    let provider = ProviderBuilder::new()
+        .wallet(EthereumWallet::from(minter))
+        .connect_http(app.chain.anvil.endpoint().parse().unwrap());
+    tollgate::chain::usdc::mint(&provider, app.chain.token, payer.address(), U256::from(COUNTED_PRICE))
+        .await
+        .unwrap();
+    crate::helpers::submit_on_chain(&app.chain.anvil.endpoint(), app.chain.token, &payload).await;
+    let served = app.pay("counted", json!({"text": "mine"}), &payload).await;
+    assert_eq!(served["structuredContent"]["echo"], "mine", "{served}");
+    assert_eq!(app.runs(), 1);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_authorization_valid_for_longer_than_offered_is_refused() {
+    // Arrange: validBefore a day away, where the offer allows maxTimeoutSeconds (300 s).
+    let app = spawn_app().await;
+    let payer = app.payer();
+    let requirements = app.requirements("counted", json!({})).await;
+    let mut params = SignParams::standard(app.clock.now_unix(), 86_400);
+    params.nonce = B256::from(rand::random::<[u8; 32]>());
+    let payload = sign_payment(&payer, &requirements, None, &params).unwrap();
+    // Act
+    let refused = app.pay("counted", json!({}), &payload).await;
+    // Assert
+    assert_eq!(
+        refused["structuredContent"]["error"], "invalid_exact_evm_payload_authorization_valid_before",
+        "{refused}"
+    );
+    assert_eq!(app.runs(), 0);
+    app.shutdown().await;
+}

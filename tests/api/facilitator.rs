@@ -136,7 +136,7 @@ async fn a_facilitator_success_false_without_a_transfer_is_pending_and_then_expi
     assert!(body.get("accepts").is_none() && body.get("charged").is_none(), "{result}");
     assert_eq!(app.runs(), 0);
     // It never lands: once it expires, the reconciler fails it; nothing was charged.
-    app.clock.advance(400);
+    app.advance_time(400).await;
     let reconciler = tollgate::payment::reconcile::Reconciler::new(app.state.gate.clone(), Duration::ZERO);
     assert_eq!(reconciler.tick().await.unwrap().failed, 1);
     assert_eq!(app.balance(payer.address()).await, before);
@@ -178,7 +178,7 @@ async fn a_facilitator_5xx_is_pending_never_served_and_fails_once_the_authorizat
     assert_eq!(result["structuredContent"]["error"], "payment_confirmation_pending", "{result}");
     assert_eq!(app.runs(), 0);
     // The authorization expires unspent: the reconciler fails it; nothing was charged.
-    app.clock.advance(400);
+    app.advance_time(400).await;
     let reconciler = tollgate::payment::reconcile::Reconciler::new(app.state.gate.clone(), Duration::ZERO);
     assert_eq!(reconciler.tick().await.unwrap().failed, 1);
     assert_eq!(app.balance(payer.address()).await, before);

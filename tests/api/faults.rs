@@ -125,9 +125,9 @@ async fn spawn_behind(rpc: LossyRpc) -> crate::helpers::TestApp {
 }
 
 #[tokio::test]
-async fn a_broadcast_the_node_refused_is_pending_until_its_nonce_is_taken_then_released_uncharged() {
+async fn a_broadcast_the_node_refused_stays_pending_until_chain_time_passes_its_expiry() {
     // Arrange: the node refuses our first broadcast (an explicit error is still ambiguous: in a
-    // load-balanced pool, another node may have taken it).
+    // load-balanced pool, another node may have taken it, and its payload may be public).
     let rpc = LossyRpc::default();
     let swallow = rpc.swallow.clone();
     let app = spawn_behind(rpc).await;
@@ -137,22 +137,29 @@ async fn a_broadcast_the_node_refused_is_pending_until_its_nonce_is_taken_then_r
     swallow.store(true, Ordering::SeqCst);
     let pending = app.pay("counted", json!({}), &first).await;
     assert_eq!(pending["structuredContent"]["error"], "payment_confirmation_pending", "{pending}");
-    // Act: the next settlement takes the same relayer nonce and is mined; then the payer retries.
+    // Act: the next settlement takes the same relayer nonce and is mined; the payer retries.
     let second = app.sign(&payer, &app.requirements("counted", json!({})).await);
     let paid = app.pay("counted", json!({}), &second).await;
     assert_eq!(paid["isError"], false, "{paid}");
     let retry = app.pay("counted", json!({}), &first).await;
-    // Assert: our transaction can never land and the authorization is unused: released, with
-    // the truth (nothing charged); the same payment then pays for the call, once.
-    // (The reconciler may have released it first; then the retry itself is a fresh payment.)
-    if retry["isError"] != false {
-        assert_eq!(retry["structuredContent"]["error"], "settlement_dropped", "{retry}");
-        assert_eq!(retry["structuredContent"]["charged"], false, "{retry}");
-        let resent = app.pay("counted", json!({}), &first).await;
-        assert_eq!(resent["isError"], false, "{resent}");
-    }
-    assert_eq!(before - app.balance(payer.address()).await, U256::from(2 * COUNTED_PRICE));
-    assert_eq!(app.runs(), 2);
+    // Assert: while anyone could still land it, it stays pending and claims nothing…
+    assert_eq!(retry["structuredContent"]["error"], "payment_confirmation_pending", "{retry}");
+    assert!(retry["structuredContent"].get("charged").is_none(), "{retry}");
+    // … and once a block's time is past its validBefore, it fails, uncharged.
+    app.advance_time(400).await;
+    let report = Reconciler::new(app.state.gate.clone(), Duration::ZERO).tick().await.unwrap();
+    assert_eq!(report.failed, 1, "{report:?}");
+    let after = app.pay("counted", json!({}), &first).await;
+    assert_eq!(
+        after["structuredContent"]["error"], "invalid_exact_evm_payload_authorization_valid_before",
+        "{after}"
+    );
+    assert_eq!(
+        before - app.balance(payer.address()).await,
+        U256::from(COUNTED_PRICE),
+        "only the second paid"
+    );
+    assert_eq!(app.runs(), 1);
     app.shutdown().await;
 }
 
@@ -221,7 +228,7 @@ async fn a_reorg_that_drops_the_settlement_is_detected_and_nothing_is_served_bef
     assert_eq!(app.state.store.receipt_count().await.unwrap(), 0, "no receipt before confirmations");
     assert_eq!(app.balance(payer.address()).await, before, "the reorg undid the transfer");
     // Expiry: the reconciler fails it; nothing was charged.
-    app.clock.advance(400);
+    app.advance_time(400).await;
     let report = Reconciler::new(app.state.gate.clone(), Duration::ZERO).tick().await.unwrap();
     assert_eq!(report.failed, 1, "{report:?}");
     assert_eq!(app.balance(payer.address()).await, before);

@@ -116,6 +116,14 @@ impl TestApp {
         self.sessionless().call_tool(tool, args, Some(meta)).await
     }
 
+    /// Moves time forward by `secs` for tollgate (its injected clock) and for the chain (the next
+    /// block's timestamp): expiry is judged by the chain's clock.
+    pub async fn advance_time(&self, secs: u64) {
+        self.clock.advance(secs);
+        self.anvil_rpc("evm_increaseTime", json!([secs])).await;
+        self.anvil_rpc("evm_mine", json!([])).await;
+    }
+
     /// Sends a raw JSON-RPC call to anvil (mining control and the like).
     pub async fn anvil_rpc(&self, method: &str, params: Value) -> Value {
         let body = json!({ "jsonrpc": "2.0", "id": 1, "method": method, "params": params });

@@ -74,7 +74,7 @@ async fn a_pending_payment_that_never_lands_fails_after_expiry_and_charges_nothi
     let reconciler = Reconciler::new(app.state.gate.clone(), Duration::ZERO);
     // Act: before expiry it stays pending; after expiry (injected clock) it fails.
     let early = reconciler.tick().await.unwrap();
-    app.clock.advance(400);
+    app.advance_time(400).await;
     let late = reconciler.tick().await.unwrap();
     // Assert
     assert_eq!(early.still_pending, 1, "{early:?}");

@@ -108,6 +108,7 @@ impl PaidCall {
         entry: &Arc<ToolEntry>,
         call: ToolCall,
     ) -> Result<Paid, CallError> {
+        let started = tokio::time::Instant::now();
         let tool = entry.tool.name.to_string();
         // 3. Arguments are checked before anything is quoted or charged.
         entry.validate(&call.arguments).map_err(|problems| ArgumentError { tool: tool.clone(), problems })?;
@@ -143,18 +144,19 @@ impl PaidCall {
         // abandon the settlement halfway; the outcome is stored and a retry gets it.
         let task =
             tokio::spawn(self.clone().claim_settle_run(entry.clone(), verified, call.arguments, known));
-        self.answer_in_time(task).await
+        self.answer_in_time(started, task).await
     }
 
     /// Waits for a paid call's task until just before the HTTP timeout. The task goes on either
     /// way; a late client is told to resend the same payment, which then gets the outcome.
     async fn answer_in_time(
         &self,
+        started: tokio::time::Instant,
         task: tokio::task::JoinHandle<Result<Paid, CallError>>,
     ) -> Result<Paid, CallError> {
-        let deadline =
-            self.settings.request_timeout.saturating_sub(ANSWER_MARGIN).max(Duration::from_secs(1));
-        match tokio::time::timeout(deadline, task).await {
+        // Counted from the request's start: the checks before the task took time too.
+        let budget = self.settings.request_timeout.saturating_sub(ANSWER_MARGIN).max(Duration::from_secs(1));
+        match tokio::time::timeout_at(started + budget, task).await {
             Ok(Ok(outcome)) => outcome,
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "payment task failed");
@@ -184,16 +186,20 @@ impl PaidCall {
         let (settled, lease, args) = match claimed {
             // 8. Settlement, confirmed on chain, before the handler.
             Claimed::Fresh(row) => (self.gate.settle(&row, &v, quote).await?, None, args),
-            Claimed::AlreadySettled(row, settlement) => match row.result_json {
-                Some(stored) => return stored_answer(&stored).map(Paid::Replayed),
-                // Settled after its request ended: run what was paid for, with the stored
-                // arguments (equal by hash to these, or the claim would have refused it).
-                None => (
-                    settlement,
-                    row.handler_started_at,
-                    stored_args(row.args_json.as_deref()).unwrap_or(args),
-                ),
-            },
+            Claimed::AlreadySettled(row, settlement) => {
+                match (row.result_json, stored_args(row.args_json.as_deref())) {
+                    (Some(stored), _) => return stored_answer(&stored).map(Paid::Replayed),
+                    // Settled after its request ended: run what was paid for, with the stored
+                    // arguments, never the caller's (a hash match is no proof of equal arguments).
+                    (None, Some(paid_for)) => (settlement, row.handler_started_at, paid_for),
+                    // Its receipt was issued (which drops the arguments) but its answer was not
+                    // kept: it ran, and must not run again.
+                    (None, None) => {
+                        tracing::error!(payment.row = row.id, "a receipted call has no stored answer");
+                        return Err(CallError::Internal("the answer of this paid call was not kept".into()));
+                    }
+                }
+            }
         };
         // 9. The handler, at most once per settlement; 10. its receipt.
         self.run_once(&entry, &settled, lease, args).await.map(Paid::Settled)
