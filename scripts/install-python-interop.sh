@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the official x402 Python package (client and MCP server wrapper) into .tollgate/py,
-# for the interop tests. Pinned per reference/x402.md §6.1a: x402 2.25.0 needs the 1.x MCP SDK.
+# for the interop tests. Pinned: x402 2.25.0 imports mcp.server.fastmcp, which the 2.x MCP SDK removed, so it needs mcp<2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.tollgate/py

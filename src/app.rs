@@ -139,7 +139,7 @@ impl App {
         let grace = Duration::from_secs(self.state.config.server.shutdown_grace_secs);
         let router = crate::router::router(self.state.clone(), cancel.child_token());
         let reconciler = Reconciler::new(self.state.gate.clone(), self.stale_after());
-        tokio::spawn(recover(reconciler, self.state.clone(), cancel.child_token()));
+        recover(reconciler, self.state.clone(), cancel.child_token());
         crate::ceiling::spawn_sweeper(self.state.ceiling.clone(), SWEEP_INTERVAL, cancel.child_token());
         let every = Duration::from_secs(self.state.config.receipts.checkpoint_interval_secs);
         let (receipts, clock) = (self.state.receipts.clone(), self.state.clock.clone());
@@ -163,19 +163,19 @@ impl App {
 /// Resolves unresolved payments from chain state, then finishes settled calls whose requests
 /// died, every `RECONCILE_INTERVAL`; the first pass runs at once, so work left by a crash
 /// resumes as soon as the server is back.
-async fn recover(reconciler: Reconciler, state: Arc<AppState>, cancel: CancellationToken) {
-    loop {
-        if let Err(e) = reconciler.tick().await {
-            tracing::warn!(error = %e, "reconciler pass failed; will retry");
+fn recover(reconciler: Reconciler, state: Arc<AppState>, cancel: CancellationToken) {
+    let reconciler = Arc::new(reconciler);
+    crate::background::every(RECONCILE_INTERVAL, cancel, move || {
+        let (reconciler, state) = (reconciler.clone(), state.clone());
+        async move {
+            if let Err(e) = reconciler.tick().await {
+                tracing::warn!(error = %e, "reconciler pass failed; will retry");
+            }
+            if let Err(e) = state.paid.finish_abandoned(&state.catalog).await {
+                tracing::warn!(error = %e, "finishing abandoned calls failed; will retry");
+            }
         }
-        if let Err(e) = state.paid.finish_abandoned(&state.catalog).await {
-            tracing::warn!(error = %e, "finishing abandoned calls failed; will retry");
-        }
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            () = tokio::time::sleep(RECONCILE_INTERVAL) => {}
-        }
-    }
+    });
 }
 
 /// How often idle rate-limit keys are forgotten.
@@ -213,7 +213,7 @@ fn payment_gate(
     };
     Ok(PaymentGate {
         store,
-        chain: ChainClient::connect(rpc_url, network.asset)?,
+        chain: Arc::new(ChainClient::connect(rpc_url, network.asset)?),
         settler,
         network: network.clone(),
         clock,

@@ -1,7 +1,7 @@
 //! tollgate: sell MCP tool calls for USDC on Base, per call, over x402.
 //!
-//! The request path (DESIGN.md §1), visible in two places — `router.rs` for the HTTP layers and
-//! `tools::paid_call::paid_call` for the stages of a priced call:
+//! The request path (ARCHITECTURE.md), visible in two places — `router.rs` for the HTTP layers
+//! and `tools::paid_call::PaidCall::try_call` for the stages of a priced call:
 //!
 //! 1. ceiling — per-session token bucket, before the body is parsed;
 //! 2. transport — rmcp Streamable HTTP (sessions or sessionless);
@@ -17,6 +17,7 @@
 
 pub mod app;
 pub mod audit;
+pub mod background;
 pub mod canonical;
 pub mod ceiling;
 pub mod chain;
@@ -25,6 +26,7 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod dev;
+pub mod jsonrpc;
 pub mod limits;
 pub mod listing;
 pub mod money;

@@ -186,15 +186,8 @@ impl CeilingHttp {
             "retry_after_seconds": retry_after_secs,
             "charged": false,
         });
-        let body = serde_json::json!({
-            "jsonrpc": "2.0",
-            "id": null,
-            "error": {
-                "code": -32000,
-                "message": format!("rate limited (per-{key_kind} ceiling): retry in {retry_after_secs}s"),
-                "data": data,
-            },
-        });
+        let message = format!("rate limited (per-{key_kind} ceiling): retry in {retry_after_secs}s");
+        let body = crate::jsonrpc::error_body(-32000, &message, data);
         let state = format!("\"ceiling\";r=0;t={retry_after_secs}");
         Refusal {
             body: body.to_string().into(),

@@ -306,13 +306,9 @@ impl<C: GovernorClock + Clone> Ceiling<C> {
 
 /// Runs `sweep` every `every` until the process ends.
 pub fn spawn_sweeper(ceiling: Arc<Ceiling>, every: Duration, cancel: tokio_util::sync::CancellationToken) {
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                () = tokio::time::sleep(every) => ceiling.sweep(),
-            }
-        }
+    crate::background::every(every, cancel, move || {
+        ceiling.sweep();
+        std::future::ready(())
     });
 }
 

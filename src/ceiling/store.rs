@@ -34,7 +34,7 @@ impl Cell {
 }
 
 pub struct BoundedStore {
-    /// Keyed by a keyed hash of the client key (see `Ceiling::key_hash`): no allocation per lookup.
+    /// Keyed by a keyed hash of the client key (see `Ceiling::hash_parts`): no allocation per lookup.
     cells: DashMap<u64, Cell, nohash_hasher::BuildNoHashHasher<u64>>,
     overflow: Cell,
     max_keys: usize,

@@ -69,6 +69,64 @@ pub enum Spent {
     Canceled(B256),
 }
 
+/// What the payment stage reads from the chain. [`ChainClient`] is the real one; the
+/// payment state machine's unit tests drive fakes of it.
+#[async_trait::async_trait]
+pub trait Chain: Send + Sync + 'static {
+    async fn authorization_used(&self, authorizer: Address, nonce: B256) -> Result<bool, ChainError>;
+    /// As of block `at` (read together with that block's time, it proves expiry).
+    async fn authorization_used_at(
+        &self,
+        authorizer: Address,
+        nonce: B256,
+        at: u64,
+    ) -> Result<bool, ChainError>;
+    async fn balance_of(&self, owner: Address) -> Result<U256, ChainError>;
+    async fn block_number(&self) -> Result<u64, ChainError>;
+    async fn head(&self) -> Result<Head, ChainError>;
+    async fn tx_status(&self, tx: B256, expect: &ExpectedTransfer) -> Result<TxStatus, ChainError>;
+    async fn find_spent(&self, q: &SpentQuery) -> Result<Option<Spent>, ChainError>;
+    async fn chain_id(&self) -> Result<u64, ChainError>;
+    /// Native (gas) balance in wei.
+    async fn gas_balance(&self, who: Address) -> Result<U256, ChainError>;
+}
+
+#[async_trait::async_trait]
+impl Chain for ChainClient {
+    async fn authorization_used(&self, authorizer: Address, nonce: B256) -> Result<bool, ChainError> {
+        ChainClient::authorization_used(self, authorizer, nonce).await
+    }
+    async fn authorization_used_at(
+        &self,
+        authorizer: Address,
+        nonce: B256,
+        at: u64,
+    ) -> Result<bool, ChainError> {
+        ChainClient::authorization_used_at(self, authorizer, nonce, at).await
+    }
+    async fn balance_of(&self, owner: Address) -> Result<U256, ChainError> {
+        ChainClient::balance_of(self, owner).await
+    }
+    async fn block_number(&self) -> Result<u64, ChainError> {
+        ChainClient::block_number(self).await
+    }
+    async fn head(&self) -> Result<Head, ChainError> {
+        ChainClient::head(self).await
+    }
+    async fn tx_status(&self, tx: B256, expect: &ExpectedTransfer) -> Result<TxStatus, ChainError> {
+        ChainClient::tx_status(self, tx, expect).await
+    }
+    async fn find_spent(&self, q: &SpentQuery) -> Result<Option<Spent>, ChainError> {
+        ChainClient::find_spent(self, q).await
+    }
+    async fn chain_id(&self) -> Result<u64, ChainError> {
+        ChainClient::chain_id(self).await
+    }
+    async fn gas_balance(&self, who: Address) -> Result<U256, ChainError> {
+        ChainClient::gas_balance(self, who).await
+    }
+}
+
 /// A read-only handle on the chain and the USDC contract.
 #[derive(Clone)]
 pub struct ChainClient {
@@ -168,16 +226,6 @@ impl ChainClient {
 
     pub async fn block_number(&self) -> Result<u64, ChainError> {
         self.provider.get_block_number().await.map_err(unavailable)
-    }
-
-    /// The relayer account's mined transaction count: nonces below it are final.
-    pub async fn mined_nonce(&self, who: Address) -> Result<u64, ChainError> {
-        self.provider.get_transaction_count(who).latest().await.map_err(unavailable)
-    }
-
-    /// Whether the node knows `tx` at all (mined or in its mempool).
-    pub async fn knows_tx(&self, tx: B256) -> Result<bool, ChainError> {
-        Ok(self.provider.get_transaction_by_hash(tx).await.map_err(unavailable)?.is_some())
     }
 
     /// Finds how `(authorizer, nonce)` was spent or cancelled, whoever did it.

@@ -96,7 +96,7 @@ mod tests {
 
     #[test]
     fn base_domain_separators_match_the_reference_vectors() {
-        // Vectors from reference/x402.md §2.1 (FiatToken's domain on Base and Base Sepolia).
+        // FiatToken's DOMAIN_SEPARATOR() on Base and Base Sepolia.
         let cases = [
             (NetworkPreset::Base, "0x02fa7265e7c5d81118673727957699e4d68f74cd74b7db77da710fe8a2c7834f"),
             (

@@ -1,6 +1,6 @@
 //! Spend controls for the paying client: which assets may be paid, how much per call, and a
 //! running total kept in a local file. The same protections the official x402 clients offer
-//! (reference/x402.md §6.1a), with errors that say which limit refused and why.
+//! (as the official x402 clients' spend controls do), with errors that say which limit refused and why.
 
 use std::path::{Path, PathBuf};
 

@@ -1,5 +1,5 @@
 //! Signing an x402 "exact" EVM payment: an EIP-3009 TransferWithAuthorization over the token's
-//! EIP-712 domain, as the official clients do (reference/x402.md §2.2).
+//! EIP-712 domain, as the official clients do (x402 exact EVM scheme).
 
 use alloy::primitives::{Address, B256, U256};
 use alloy::signers::SignerSync;

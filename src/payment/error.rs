@@ -74,7 +74,7 @@ pub enum PaymentError {
 }
 
 impl PaymentError {
-    /// The x402 reason code (reference/x402.md §2.3), or tollgate's own for statuses.
+    /// The x402 reason code (the x402 exact EVM scheme's codes; SDKs spell some differently), or tollgate's own for statuses.
     pub fn code(&self) -> &str {
         match self {
             PaymentError::Malformed(_) | PaymentError::TooLarge { .. } => "invalid_payload",

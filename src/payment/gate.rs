@@ -27,7 +27,7 @@ use super::settle::{SettleError, SettleRequest, Settler, TxRecorder};
 use super::verify::VerifiedPayment;
 use super::wire::SettlementResponse;
 use crate::chain::Network;
-use crate::chain::client::{AuthEffect, ChainClient, ExpectedTransfer, Spent, SpentQuery, TxStatus};
+use crate::chain::client::{AuthEffect, Chain, ExpectedTransfer, Spent, SpentQuery, TxStatus};
 use crate::clock::SharedClock;
 use crate::store::{
     Claim, NewPayment, PaymentKey, PaymentRecord, PaymentState, Store, StoreError, Transition,
@@ -96,7 +96,7 @@ pub enum Claimed {
 
 pub struct PaymentGate {
     pub store: Arc<dyn Store>,
-    pub chain: ChainClient,
+    pub chain: Arc<dyn Chain>,
     pub settler: Arc<dyn Settler>,
     pub network: Network,
     pub clock: SharedClock,

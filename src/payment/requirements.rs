@@ -1,7 +1,7 @@
 //! Price table → x402 `accepts`: one [`Quote`] per priced tool, built once at startup.
 //!
 //! Guarantees that a tool's `accepts` is byte-for-byte the same in every challenge, because
-//! clients echo it verbatim and servers match by deep equality (reference/x402.md §6.2).
+//! clients echo it verbatim and servers match by deep equality (the official clients pick an entry of `accepts` and send it back as `accepted`).
 
 use alloy::primitives::Address;
 use serde_json::{Map, Value, json};
@@ -97,7 +97,7 @@ impl Quote {
     }
 }
 
-/// The bazaar extension for an MCP tool (reference/x402.md §5.1).
+/// The bazaar extension for an MCP tool (x402 bazaar extension, input type `mcp`).
 fn bazaar(tool: &str, description: &str, input_schema: &Map<String, Value>) -> Value {
     json!({
         "info": {

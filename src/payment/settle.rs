@@ -200,7 +200,7 @@ fn classify_rejection(e: RpcError<TransportErrorKind>) -> SettleError {
     SettleError::Refused(reason)
 }
 
-/// Submits through an x402 facilitator (reference/x402.md §3.1).
+/// Submits through an x402 facilitator (x402 v2 specification §7, the facilitator API).
 pub struct FacilitatorSettler {
     http: reqwest::Client,
     base_url: String,

@@ -1,6 +1,6 @@
 //! Local verification: everything about a payment that can be checked without the network.
 //!
-//! Guarantees, in this order (reference/x402.md §2.3): x402 v2; `accepted` equals this tool's
+//! Guarantees, in this order (the x402 exact EVM scheme, specs/schemes/exact/scheme_exact_evm.md in the x402 repository): x402 v2; `accepted` equals this tool's
 //! requirements; the EIP-712 TransferWithAuthorization signature recovers to
 //! `authorization.from` (that address becomes the [`Payer`]); recipient is our payTo; the
 //! validity window holds with a safety margin, and is no longer than the offer's

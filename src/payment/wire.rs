@@ -1,4 +1,4 @@
-//! x402 v2 wire types (reference/x402.md §1.2–1.4), as tollgate emits and accepts them.
+//! x402 v2 wire types (x402 v2 specification §5), as tollgate emits and accepts them.
 //!
 //! Emitted types have a fixed field order so their JSON is byte-stable between a challenge and
 //! the paid retry. Accepted types are lenient: unknown fields are ignored and optional fields
@@ -67,7 +67,7 @@ pub struct PaymentRequired {
     pub extensions: serde_json::Map<String, Value>,
 }
 
-/// The client's payment (reference/x402.md §1.3), decoded leniently.
+/// The client's payment (x402 v2 specification §5.2), decoded leniently.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PaymentPayload {

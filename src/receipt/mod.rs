@@ -288,14 +288,11 @@ pub fn spawn_checkpointer(
     every: std::time::Duration,
     cancel: tokio_util::sync::CancellationToken,
 ) {
-    tokio::spawn(async move {
-        loop {
+    crate::background::every(every, cancel, move || {
+        let (receipts, clock) = (receipts.clone(), clock.clone());
+        async move {
             if let Err(e) = receipts.checkpoint(clock.now_unix()).await {
                 tracing::warn!(error = %e, "log checkpoint failed; will retry");
-            }
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                () = tokio::time::sleep(every) => {}
             }
         }
     });

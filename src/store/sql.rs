@@ -225,8 +225,9 @@ macro_rules! impl_store {
                     (None, Some(pid)) => self.by_payment_id(pid).await?,
                     (None, None) => None,
                 };
-                // A row released between our insert and our read: report it as taken by
-                // nobody is impossible to express, so treat it as transient unavailability.
+                // A row released between our insert and our read cannot be reported as taken;
+                // the error makes the payment stage answer `store_unavailable`, and the client's
+                // retry of the same payment finds the authorization claimable again.
                 existing
                     .map(Claim::Taken)
                     .ok_or_else(|| StoreError::Corrupt("claim conflicted but no row found".into()))
@@ -480,16 +481,18 @@ macro_rules! impl_store {
     };
 }
 
+/// Postgres advisory locks, by purpose (ids are bigints no other program on the database uses;
+/// 6962 is the log's RFC). The receipt append lock (id 6962001) is held for each append's
+/// transaction, so log indices are dense fleet-wide; the checkpointer's leader holds
+/// `LEADER_LOCK` for as long as its connection lives.
+const APPEND_LOCK_SQL: &str = "select pg_advisory_xact_lock(6962001)";
+const LEADER_LOCK: i64 = 6_962_002;
+
 // SQLite: BEGIN IMMEDIATE takes the write lock up front (waiting out busy_timeout); a deferred
 // transaction that reads then writes fails at once with SQLITE_BUSY when another connection
 // is writing, which under load dropped receipts.
 impl_store!(SqliteStore, sqlx::migrate!("migrations/sqlite"), None::<&str>, "BEGIN IMMEDIATE");
-impl_store!(
-    PgStore,
-    sqlx::migrate!("migrations/postgres"),
-    Some("select pg_advisory_xact_lock(6962001)"),
-    "BEGIN"
-);
+impl_store!(PgStore, sqlx::migrate!("migrations/postgres"), Some(APPEND_LOCK_SQL), "BEGIN");
 
 impl SqliteStore {
     /// SQLite serves one process: it always leads.
@@ -511,7 +514,7 @@ impl PgStore {
         }
         let mut conn = self.pool.acquire().await?;
         let (won,): (bool,) =
-            sqlx::query_as("select pg_try_advisory_lock(6962002)").fetch_one(&mut *conn).await?;
+            sqlx::query_as("select pg_try_advisory_lock($1)").bind(LEADER_LOCK).fetch_one(&mut *conn).await?;
         if won {
             *leader = Some(conn);
         }

@@ -46,7 +46,7 @@ pub fn render_error(quote: Option<&Quote>, error: &CallError) -> CallToolResult 
     }
 }
 
-/// The x402 MCP-transport PaymentRequired (reference/x402.md §4.1): `isError: true`,
+/// The x402 MCP-transport PaymentRequired (x402 MCP transport, specs/transports-v2/mcp.md): `isError: true`,
 /// `structuredContent` = the object, `content[0].text` = the same JSON, from one serialisation.
 pub fn payment_required(required: &PaymentRequired) -> CallToolResult {
     let text = serde_json::to_string(required).expect("PaymentRequired serialises");

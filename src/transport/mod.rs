@@ -131,11 +131,7 @@ async fn structured(response: Response) -> Response {
 
 /// A JSON-RPC error body for a request we refuse before parsing it.
 pub fn jsonrpc_error(status: StatusCode, code: i64, message: &str, data: serde_json::Value) -> Response {
-    let body = serde_json::json!({
-        "jsonrpc": "2.0",
-        "id": null,
-        "error": { "code": code, "message": message, "data": data },
-    });
+    let body = crate::jsonrpc::error_body(code, message, data);
     (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
 }
 

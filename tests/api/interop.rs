@@ -1,4 +1,4 @@
-//! Interop with the official x402 Python package (PyPI `x402` 2.25.0, reference/x402.md §6.1a):
+//! Interop with the official x402 Python package (PyPI `x402` 2.25.0, with the 1.x MCP SDK its MCP wrapper needs):
 //! its MCP client pays tollgate unchanged, and `tollgate call` pays its MCP server wrapper.
 
 use std::path::PathBuf;

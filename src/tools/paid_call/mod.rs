@@ -10,6 +10,8 @@
 
 mod error;
 mod finish;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
