@@ -238,8 +238,8 @@ async fn upstream_tools(config: &Config, terms: &PayTerms, catalog: &mut Catalog
             }
             let price = match (c.free.contains(&remote), c.prices.get(&remote)) {
                 (true, _) => UsdcAmount::ZERO,
-                (false, Some(p)) => UsdcAmount::parse(p)?,
-                (false, None) => UsdcAmount::parse(&c.default_price)?,
+                (false, Some(price)) => *price,
+                (false, None) => c.default_price,
             };
             let name = format!("{}{remote}", c.prefix);
             let description = tool.description.as_deref().unwrap_or_default().to_owned();
@@ -255,10 +255,7 @@ async fn upstream_tools(config: &Config, terms: &PayTerms, catalog: &mut Catalog
 fn builtin_catalog(config: &Config, terms: &PayTerms, clock: SharedClock) -> anyhow::Result<Catalog> {
     let mut catalog = Catalog::default();
     for tool in builtin::all(clock) {
-        let price = match config.tools.prices.get(tool.name) {
-            Some(p) => UsdcAmount::parse(p)?,
-            None => UsdcAmount::ZERO,
-        };
+        let price = config.tools.prices.get(tool.name).copied().unwrap_or(UsdcAmount::ZERO);
         catalog.insert(tool.name, tool.description, tool.input_schema, price, terms, tool.handler)?;
     }
     Ok(catalog)

@@ -55,10 +55,10 @@ pub struct UpstreamConfig {
     pub prefix: String,
     /// Price of tools not listed in `prices`, atomic units ("0" = free).
     #[serde(default = "zero_price")]
-    pub default_price: String,
+    pub default_price: UsdcAmount,
     /// Per-tool prices (upstream tool names, without the prefix).
     #[serde(default)]
-    pub prices: BTreeMap<String, String>,
+    pub prices: BTreeMap<String, UsdcAmount>,
     /// Tools that are free whatever the default price.
     #[serde(default)]
     pub free: Vec<String>,
@@ -67,8 +67,25 @@ pub struct UpstreamConfig {
     pub hidden: Vec<String>,
 }
 
-fn zero_price() -> String {
-    "0".to_owned()
+/// A whole number written as a string ("1000000000000000") or a plain integer: wei amounts
+/// outgrow TOML's integers, and an environment variable's value arrives either way.
+fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u128, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Text(String),
+        Number(u64),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Text(s) => {
+            s.trim().parse().map_err(|_| serde::de::Error::custom(format!("{s:?} is not a whole number")))
+        }
+        Raw::Number(n) => Ok(u128::from(n)),
+    }
+}
+
+fn zero_price() -> UsdcAmount {
+    UsdcAmount::ZERO
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -145,8 +162,9 @@ pub struct LimitRule {
     pub window_secs: u64,
     #[serde(default)]
     pub requests: u64,
+    /// USDC (atomic units) per window; none for a requests-only rule.
     #[serde(default)]
-    pub spend: String,
+    pub spend: Option<UsdcAmount>,
     #[serde(default)]
     pub tool: String,
 }
@@ -208,7 +226,8 @@ pub struct PaymentConfig {
     pub confirmations: u64,
     pub settle_timeout_secs: u64,
     /// Below this relayer balance (wei) the server reports unready: it could not settle.
-    pub min_relayer_balance_wei: String,
+    #[serde(deserialize_with = "whole_number")]
+    pub min_relayer_balance_wei: u128,
     pub facilitator: FacilitatorConfig,
 }
 
@@ -251,7 +270,7 @@ pub struct ToolsConfig {
     /// Longest a tool may run; below `server.request_timeout_secs` (the handler lease).
     pub timeout_secs: u64,
     /// Built-in tool name → price in atomic units; "0" is free.
-    pub prices: BTreeMap<String, String>,
+    pub prices: BTreeMap<String, UsdcAmount>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -259,7 +278,7 @@ pub struct ToolsConfig {
 pub struct DevConfig {
     pub anvil_port: u16,
     pub state_dir: PathBuf,
-    pub demo_payer_funding: String,
+    pub demo_payer_funding: UsdcAmount,
 }
 
 /// A configuration problem, always naming the key at fault.
@@ -346,9 +365,6 @@ impl Config {
             return Err(invalid("server.max_body_bytes", "must be at least 1024"));
         }
         let p = &self.payment;
-        if p.min_relayer_balance_wei.parse::<u128>().is_err() {
-            return Err(invalid("payment.min_relayer_balance_wei", "must be a whole number of wei"));
-        }
         if !p.pay_to.is_empty() && parse_address(&p.pay_to).is_none_or(|a| a.is_zero()) {
             return Err(invalid("payment.pay_to", "must be a 0x-prefixed 20-byte hex address, not zero"));
         }
@@ -405,33 +421,23 @@ impl Config {
         if self.database.max_connections == 0 {
             return Err(invalid("database.max_connections", "must be at least 1"));
         }
-        for (tool, price) in &self.tools.prices {
+        for tool in self.tools.prices.keys() {
             if !BUILTIN_TOOLS.contains(&tool.as_str()) {
                 return Err(ConfigError::Invalid {
                     key: "tools.prices",
                     reason: format!("unknown tool `{tool}` (built-in tools: {})", BUILTIN_TOOLS.join(", ")),
                 });
             }
-            UsdcAmount::parse(price).map_err(|e| ConfigError::Invalid {
-                key: "tools.prices",
-                reason: format!("price of `{tool}`: {e}"),
-            })?;
         }
         self.validate_limits()?;
         for u in &self.upstream {
             if u.command.is_empty() == u.url.is_empty() {
                 return Err(invalid("upstream", format!("`{}` needs exactly one of command or url", u.name)));
             }
-            for price in std::iter::once(&u.default_price).chain(u.prices.values()) {
-                UsdcAmount::parse(price)
-                    .map_err(|e| invalid("upstream.prices", format!("upstream `{}`: {e}", u.name)))?;
-            }
         }
         if self.receipts.checkpoint_interval_secs == 0 {
             return Err(invalid("receipts.checkpoint_interval_secs", "must be at least 1"));
         }
-        UsdcAmount::parse(&self.dev.demo_payer_funding)
-            .map_err(|e| invalid("dev.demo_payer_funding", e.to_string()))?;
         Ok(())
     }
 
@@ -457,11 +463,8 @@ impl Config {
             if rule.window_secs == 0 || rule.window_secs > 86_400 * 31 {
                 return Err(invalid("limits.rules", "window_secs must be between 1 and 2678400"));
             }
-            if rule.requests == 0 && rule.spend.is_empty() {
+            if rule.requests == 0 && rule.spend.is_none() {
                 return Err(invalid("limits.rules", "each rule needs requests and/or spend"));
-            }
-            if !rule.spend.is_empty() {
-                UsdcAmount::parse(&rule.spend).map_err(|e| invalid("limits.rules", format!("spend: {e}")))?;
             }
         }
         Ok(())
@@ -513,7 +516,7 @@ mod tests {
         let config = load_with("").expect("defaults are valid");
         assert_eq!(config.server.bind.port(), 8402);
         assert_eq!(config.network.preset, NetworkPreset::Local);
-        assert_eq!(config.tools.prices["sha256"], "1000");
+        assert_eq!(config.tools.prices["sha256"], UsdcAmount::from_atomic(1000));
     }
 
     #[test]

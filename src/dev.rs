@@ -18,7 +18,6 @@ use crate::app::App;
 use crate::chain::anvil::{self, Anvil, DEV_KEYS};
 use crate::chain::{parse_private_key, usdc};
 use crate::config::{Config, NetworkPreset};
-use crate::money::UsdcAmount;
 
 /// anvil's chain id.
 pub const ANVIL_CHAIN_ID: u64 = 31337;
@@ -47,7 +46,7 @@ impl DevChain {
         let n = &config.network;
         let token = usdc::deploy_test_usdc(&provider, &n.eip712_name, &n.eip712_version).await?;
         let payer = load_or_create_key(payer_key_file)?.address();
-        let funding = UsdcAmount::parse(&config.dev.demo_payer_funding)?;
+        let funding = config.dev.demo_payer_funding;
         usdc::mint(&provider, token, payer, funding.into()).await?;
         Ok(DevChain {
             anvil,
@@ -107,7 +106,7 @@ pub async fn run(
     println!(
         "  demo payer  {} funded with {} (key in {})",
         chain.payer,
-        UsdcAmount::parse(&state.config.dev.demo_payer_funding)?.display_usdc(),
+        state.config.dev.demo_payer_funding.display_usdc(),
         chain.payer_key_file.display()
     );
     for entry in state.catalog.entries() {

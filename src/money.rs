@@ -59,6 +59,37 @@ impl fmt::Display for UsdcAmount {
     }
 }
 
+impl std::str::FromStr for UsdcAmount {
+    type Err = AmountError;
+    fn from_str(s: &str) -> Result<Self, AmountError> {
+        UsdcAmount::parse(s)
+    }
+}
+
+/// Written as x402 writes amounts: a decimal string of atomic units.
+impl serde::Serialize for UsdcAmount {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Read from a decimal string ("2500"), as config files and x402 write amounts, or from a
+/// plain integer (as an environment variable's value arrives).
+impl<'de> serde::Deserialize<'de> for UsdcAmount {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Text(String),
+            Number(u64),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Text(s) => UsdcAmount::parse(&s).map_err(serde::de::Error::custom),
+            Raw::Number(n) => Ok(UsdcAmount(n)),
+        }
+    }
+}
+
 impl From<UsdcAmount> for alloy::primitives::U256 {
     fn from(a: UsdcAmount) -> Self {
         alloy::primitives::U256::from(a.0)

@@ -85,7 +85,7 @@ async fn readyz(State(app): State<Arc<AppState>>) -> impl IntoResponse {
     };
     check("chain", chain);
     if let Some(relayer) = app.gate.settler.relayer() {
-        let floor: u128 = app.config.payment.min_relayer_balance_wei.parse().unwrap_or(0);
+        let floor = app.config.payment.min_relayer_balance_wei;
         let balance = tokio::time::timeout(probe, app.gate.chain.gas_balance(relayer)).await;
         let outcome = match balance {
             Ok(Ok(wei)) => {

@@ -106,8 +106,8 @@ impl WalletLimits {
                     window_seconds: r.window_secs,
                 });
             }
-            if !r.spend.is_empty() {
-                let rate = Rate { limit: UsdcAmount::parse(&r.spend)?.atomic(), window_us };
+            if let Some(spend) = r.spend {
+                let rate = Rate { limit: spend.atomic(), window_us };
                 rules.push(Rule {
                     axis: r.axis,
                     tool,

@@ -295,7 +295,7 @@ async fn a_payload_rebuilt_from_calldata_buys_nothing_for_other_arguments() {
             axis: tollgate::config::Axis::Wallet,
             window_secs: 3600,
             requests: 1,
-            spend: String::new(),
+            spend: None,
             tool: String::new(),
         };
         c.limits.rules = vec![rule];

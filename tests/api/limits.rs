@@ -9,7 +9,8 @@ use tollgate::config::{Axis, LimitBackend, LimitRule};
 use crate::helpers::{COUNTED_PRICE, Mcp, TestApp, fresh_schema, spawn_app_with};
 
 fn rule(axis: Axis, requests: u64, spend: &str) -> LimitRule {
-    LimitRule { axis, window_secs: 60, requests, spend: spend.into(), tool: String::new() }
+    let spend = (!spend.is_empty()).then(|| spend.parse().expect("an amount"));
+    LimitRule { axis, window_secs: 60, requests, spend, tool: String::new() }
 }
 
 async fn fund(app: &TestApp, who: Address) {

@@ -2,6 +2,8 @@
 
 use serde_json::{Value, json};
 
+use tollgate::money::UsdcAmount;
+
 use crate::helpers::{Mcp, spawn_app, spawn_app_with};
 
 #[tokio::test]
@@ -73,7 +75,7 @@ async fn unpaid_priced_call_returns_the_x402_challenge() {
 async fn challenge_carries_the_configured_eip712_domain() {
     let app = spawn_app_with(|c| {
         c.network.eip712_name = "USDC".into();
-        c.tools.prices.insert("echo".into(), "7".into());
+        c.tools.prices.insert("echo".into(), UsdcAmount::from_atomic(7));
     })
     .await;
     let result = app.sessionless().call_tool("echo", json!({ "text": "hi" }), None).await;

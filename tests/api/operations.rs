@@ -23,7 +23,7 @@ async fn readiness_checks_store_chain_and_relayer_gas() {
     app.shutdown().await;
     // A relayer that cannot pay for gas makes the server unready: no challenge it cannot settle.
     let poor =
-        spawn_app_with(|c| c.payment.min_relayer_balance_wei = "1000000000000000000000000".into()).await;
+        spawn_app_with(|c| c.payment.min_relayer_balance_wei = 1_000_000_000_000_000_000_000_000).await;
     let (status, body) = readyz(&poor).await;
     assert_eq!(status, 503);
     assert!(body["checks"]["relayer_gas"].as_str().unwrap().contains("below"), "{body}");

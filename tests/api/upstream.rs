@@ -9,6 +9,7 @@ use alloy::primitives::U256;
 use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 use tollgate::config::{Config, UpstreamConfig};
+use tollgate::money::UsdcAmount;
 
 use crate::helpers::{TestApp, repo_root, spawn_app_with};
 
@@ -32,7 +33,7 @@ fn upstream(name: &str) -> UpstreamConfig {
         command: vec![],
         url: String::new(),
         prefix: "up_".into(),
-        default_price: PRICE.to_string(),
+        default_price: UsdcAmount::from_atomic(PRICE),
         prices: Default::default(),
         free: vec!["ping".into()],
         hidden: vec!["admin".into()],
