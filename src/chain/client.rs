@@ -48,6 +48,23 @@ pub struct Head {
     pub timestamp: u64,
 }
 
+impl TxStatus {
+    /// The status a mined transaction's receipt shows, with the chain head at `head`.
+    pub fn of(
+        receipt: &TransactionReceipt,
+        expect: &ExpectedTransfer,
+        asset: Address,
+        head: u64,
+    ) -> TxStatus {
+        let block = receipt.block_number.unwrap_or_default();
+        if !receipt.status() {
+            return TxStatus::Reverted { block };
+        }
+        let confirmations = head.max(block).saturating_sub(block) + 1;
+        TxStatus::Mined { block, confirmations, effect: expect.effect_in(receipt, asset) }
+    }
+}
+
 /// What one mined transaction did with an authorization.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthEffect {
@@ -212,16 +229,11 @@ impl ChainClient {
         let Some(receipt) = self.provider.get_transaction_receipt(tx).await.map_err(unavailable)? else {
             return Ok(TxStatus::NotMined);
         };
-        let block = receipt.block_number.unwrap_or_default();
-        if !receipt.status() {
-            return Ok(TxStatus::Reverted { block });
-        }
-        let head = self.provider.get_block_number().await.map_err(unavailable)?;
-        Ok(TxStatus::Mined {
-            block,
-            confirmations: head.saturating_sub(block) + 1,
-            effect: expect.effect_in(&receipt, self.asset),
-        })
+        let head = match receipt.status() {
+            true => self.provider.get_block_number().await.map_err(unavailable)?,
+            false => 0,
+        };
+        Ok(TxStatus::of(&receipt, expect, self.asset, head))
     }
 
     pub async fn block_number(&self) -> Result<u64, ChainError> {

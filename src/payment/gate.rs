@@ -23,7 +23,7 @@ use alloy::primitives::{Address, B256, U256};
 
 use super::error::PaymentError;
 use super::requirements::Quote;
-use super::settle::{SettleError, SettleRequest, Settler, TxRecorder};
+use super::settle::{SettleError, SettleRequest, Settler, Submitted, TxRecorder};
 use super::verify::VerifiedPayment;
 use super::wire::SettlementResponse;
 use crate::chain::Network;
@@ -287,7 +287,7 @@ impl PaymentGate {
         let recorder = RowRecorder { store: self.store.as_ref(), row: row.id, now: self.now() };
         let request = SettleRequest { payment: v, requirements: &quote.requirements, payload: &v.raw };
         let settled = match self.settler.submit(&request, &recorder).await {
-            Ok(tx) => self.confirm(row, tx).await,
+            Ok(submitted) => self.confirm(row, submitted).await,
             Err(SettleError::NotSent(why)) => {
                 tracing::warn!(reason = %why, "settlement not sent; releasing the claim");
                 self.store.release(row.id).await.map_err(store_down)?;
@@ -324,9 +324,18 @@ impl PaymentGate {
         }
     }
 
-    /// Waits for our `tx` to be mined with enough confirmations, until the settle timeout.
-    async fn confirm(&self, row: &PaymentRecord, tx: B256) -> Result<Settlement, PaymentError> {
+    /// Waits for our transaction to be mined with enough confirmations, until the settle
+    /// timeout. A receipt that came with the broadcast (EIP-7966) is the first answer, at once.
+    async fn confirm(&self, row: &PaymentRecord, submitted: Submitted) -> Result<Settlement, PaymentError> {
         let expect = expected_transfer(row)?;
+        let tx = submitted.tx;
+        if let Some(receipt) = &submitted.receipt
+            && let TxStatus::Mined { block, confirmations, effect: AuthEffect::Paid } =
+                TxStatus::of(receipt, &expect, self.network.asset, 0)
+            && confirmations >= self.confirmations
+        {
+            return self.mark_settled(row, tx, block).await;
+        }
         let deadline = tokio::time::Instant::now() + self.settle_timeout;
         let mut poll = CONFIRM_POLL_FIRST;
         loop {

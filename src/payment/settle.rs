@@ -11,10 +11,12 @@
 use std::time::Duration;
 
 use alloy::consensus::{Transaction as _, TxEnvelope};
+use alloy::eips::eip1559::Eip1559Estimation;
+use alloy::eips::eip2718::Encodable2718;
 use alloy::network::{EthereumWallet, NetworkTransactionBuilder, TransactionBuilder};
 use alloy::primitives::{Address, B256, U256};
 use alloy::providers::{DynProvider, Provider, ProviderBuilder};
-use alloy::rpc::types::TransactionRequest;
+use alloy::rpc::types::{TransactionReceipt, TransactionRequest};
 use alloy::signers::local::PrivateKeySigner;
 use alloy::transports::{RpcError, TransportErrorKind};
 use secrecy::{ExposeSecret, SecretString};
@@ -51,11 +53,29 @@ pub struct SettleRequest<'a> {
     pub payload: &'a Value,
 }
 
+/// A broadcast settlement: its hash, and its receipt when the node returned it with the answer
+/// (EIP-7966 `eth_sendRawTransactionSync`), which spares the confirmation polling.
+#[derive(Debug, Clone)]
+pub struct Submitted {
+    pub tx: B256,
+    pub receipt: Option<TransactionReceipt>,
+}
+
+impl From<B256> for Submitted {
+    fn from(tx: B256) -> Self {
+        Submitted { tx, receipt: None }
+    }
+}
+
 #[async_trait::async_trait]
 pub trait Settler: Send + Sync + 'static {
-    /// Submits the settlement and returns its transaction hash once broadcast (self) or once
-    /// the facilitator reports it settled.
-    async fn submit(&self, req: &SettleRequest<'_>, recorder: &dyn TxRecorder) -> Result<B256, SettleError>;
+    /// Submits the settlement and returns its transaction once broadcast (self) or once the
+    /// facilitator reports it settled.
+    async fn submit(
+        &self,
+        req: &SettleRequest<'_>,
+        recorder: &dyn TxRecorder,
+    ) -> Result<Submitted, SettleError>;
     /// The relayer address, when tollgate pays gas itself.
     fn relayer(&self) -> Option<Address> {
         None
@@ -68,10 +88,46 @@ pub struct SelfSettler {
     wallet: EthereumWallet,
     relayer: Address,
     asset: Address,
-    /// Serialises nonce → sign → record → broadcast, so each transaction takes the relayer's
-    /// pending nonce fresh from the node: a transaction that is never broadcast cannot leave a
-    /// nonce gap that would stall every later settlement (a risk with a locally cached nonce).
-    submit_lock: tokio::sync::Mutex<()>,
+    /// The relayer's next nonce, kept here so a settlement costs no nonce round trip. Taken
+    /// under this lock with the signing and recording, so nonces go out in order; dropped on
+    /// any broadcast error, and read again from the node (its pending count), so a transaction
+    /// that never reached a mempool cannot leave a gap that stalls every later one.
+    next_nonce: tokio::sync::Mutex<Option<u64>>,
+    chain_id: tokio::sync::OnceCell<u64>,
+    fees: Cached<Eip1559Estimation>,
+    gas_money: Cached<U256>,
+    /// Whether the node answers `eth_sendRawTransactionSync` (EIP-7966); learnt once.
+    sync_send: std::sync::atomic::AtomicBool,
+}
+
+/// Fee estimates move with the base fee, block by block: a second-old one is good enough for
+/// a limit with 2x base-fee headroom (alloy's estimate), and saves a round trip per payment.
+const FEES_TTL: Duration = Duration::from_secs(2);
+/// The relayer's gas balance is a preflight only (the node has the last word), so it may be
+/// a few seconds old.
+const GAS_MONEY_TTL: Duration = Duration::from_secs(5);
+
+/// A value fetched from the chain, reused while young.
+struct Cached<T>(std::sync::Mutex<Option<(std::time::Instant, T)>>, Duration);
+
+impl<T: Clone> Cached<T> {
+    fn new(ttl: Duration) -> Self {
+        Cached(std::sync::Mutex::new(None), ttl)
+    }
+
+    async fn get<F, E>(&self, fetch: F) -> Result<T, E>
+    where
+        F: std::future::Future<Output = Result<T, E>>,
+    {
+        if let Some((at, value)) = self.0.lock().expect("not poisoned").clone()
+            && at.elapsed() < self.1
+        {
+            return Ok(value);
+        }
+        let value = fetch.await?;
+        *self.0.lock().expect("not poisoned") = Some((std::time::Instant::now(), value.clone()));
+        Ok(value)
+    }
 }
 
 impl SelfSettler {
@@ -86,44 +142,91 @@ impl SelfSettler {
             wallet: EthereumWallet::from(relayer),
             relayer: address,
             asset,
-            submit_lock: tokio::sync::Mutex::new(()),
+            next_nonce: tokio::sync::Mutex::new(None),
+            chain_id: tokio::sync::OnceCell::new(),
+            fees: Cached::new(FEES_TTL),
+            gas_money: Cached::new(GAS_MONEY_TTL),
+            sync_send: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
     /// The signed transaction, after a simulation (gas estimation) that must succeed. Everything
     /// that can refuse it is asked here, before broadcast, where a refusal still means "not
-    /// sent": after `eth_sendRawTransaction`, every error is ambiguous.
-    async fn build(&self, tx: TransactionRequest) -> Result<TxEnvelope, SettleError> {
+    /// sent": after the broadcast, every error is ambiguous. One round trip: the simulation,
+    /// beside reads that are cached (chain id, fees, gas money) or kept (the nonce).
+    async fn build(
+        &self,
+        tx: TransactionRequest,
+        nonce: &mut Option<u64>,
+    ) -> Result<TxEnvelope, SettleError> {
         let not_sent = |e: RpcError<TransportErrorKind>| {
             SettleError::NotSent(format!("RPC unavailable: {}", rpc_failure(&e)))
         };
-        let gas = self.provider.estimate_gas(tx.clone()).await.map_err(classify_rejection)?;
         let p = &self.provider;
-        let (chain_id, nonce, fees, balance) = tokio::try_join!(
-            async { p.get_chain_id().await },
-            async { p.get_transaction_count(self.relayer).pending().await },
-            async { p.estimate_eip1559_fees().await },
-            async { p.get_balance(self.relayer).await },
-        )
-        .map_err(not_sent)?;
+        let known_nonce = *nonce;
+        let (gas, (chain_id, fees, balance, pending)) = tokio::try_join!(
+            async { p.estimate_gas(tx.clone()).await.map_err(classify_rejection) },
+            async {
+                tokio::try_join!(
+                    self.chain_id.get_or_try_init(|| async { p.get_chain_id().await }),
+                    self.fees.get(p.estimate_eip1559_fees()),
+                    self.gas_money.get(async { p.get_balance(self.relayer).await }),
+                    async {
+                        match known_nonce {
+                            Some(n) => Ok(n),
+                            None => p.get_transaction_count(self.relayer).pending().await,
+                        }
+                    },
+                )
+                .map_err(not_sent)
+            },
+        )?;
         // Headroom over the estimate: state can shift between simulation and inclusion.
         let gas_limit = gas.saturating_mul(12) / 10;
         if balance < U256::from(gas_limit) * U256::from(fees.max_fee_per_gas) {
             return Err(SettleError::NotSent("the relayer cannot pay for gas".into()));
         }
         let tx = tx
-            .with_chain_id(chain_id)
-            .with_nonce(nonce)
+            .with_chain_id(*chain_id)
+            .with_nonce(pending)
             .with_gas_limit(gas_limit)
             .with_max_fee_per_gas(fees.max_fee_per_gas)
             .with_max_priority_fee_per_gas(fees.max_priority_fee_per_gas);
-        tx.build(&self.wallet).await.map_err(|_| SettleError::NotSent("relayer could not sign".into()))
+        let envelope = tx
+            .build(&self.wallet)
+            .await
+            .map_err(|_| SettleError::NotSent("relayer could not sign".into()))?;
+        *nonce = Some(pending + 1);
+        Ok(envelope)
+    }
+
+    /// Broadcasts, returning the receipt with the answer when the node can (EIP-7966).
+    async fn broadcast(&self, hash: B256, raw: &[u8]) -> Result<Submitted, RpcError<TransportErrorKind>> {
+        use std::sync::atomic::Ordering;
+        if self.sync_send.load(Ordering::Relaxed) {
+            match self.provider.send_raw_transaction_sync(raw).await {
+                Ok(receipt) => return Ok(Submitted { tx: hash, receipt: Some(receipt) }),
+                // The node does not know the method: nothing was processed, send it plainly.
+                Err(RpcError::ErrorResp(e)) if e.code == -32601 => {
+                    tracing::info!("the node has no eth_sendRawTransactionSync; confirming by polling");
+                    self.sync_send.store(false, Ordering::Relaxed);
+                }
+                // EIP-7966 code 4: in the mempool, not mined within the node's wait: poll for it.
+                Err(RpcError::ErrorResp(e)) if e.code == 4 => return Ok(hash.into()),
+                Err(e) => return Err(e),
+            }
+        }
+        self.provider.send_raw_transaction(raw).await.map(|_| hash.into())
     }
 }
 
 #[async_trait::async_trait]
 impl Settler for SelfSettler {
-    async fn submit(&self, req: &SettleRequest<'_>, recorder: &dyn TxRecorder) -> Result<B256, SettleError> {
+    async fn submit(
+        &self,
+        req: &SettleRequest<'_>,
+        recorder: &dyn TxRecorder,
+    ) -> Result<Submitted, SettleError> {
         let a = &req.payment.authorization;
         let sig = &req.payment.signature;
         let usdc = Usdc::new(self.asset, &self.provider);
@@ -139,29 +242,71 @@ impl Settler for SelfSettler {
             sig.s().into(),
         );
         let tx = call.into_transaction_request().with_from(self.relayer);
-        let _serial = self.submit_lock.lock().await;
-        let envelope = self.build(tx).await?;
-        let hash = *envelope.tx_hash();
-        let nonce = envelope.nonce();
-        recorder
-            .record(hash, nonce)
-            .await
-            .map_err(|e| SettleError::NotSent(format!("cannot record tx: {e}")))?;
-        match self.provider.send_tx_envelope(envelope).await {
-            Ok(_) => Ok(hash),
-            // Any error from here on is ambiguous, even a node's explicit refusal: "already
-            // known", a timeout, or one node of a load-balanced pool refusing what another
-            // already took. The gate resolves it from chain state (the authorization, and
-            // whether this nonce was taken by another transaction), never by assumption.
-            Err(e) => {
-                tracing::warn!(reason = %rpc_failure(&e), payment.tx = %hash, "broadcast refused or unanswered");
-                Err(SettleError::Ambiguous { tx: Some(hash) })
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let (envelope, nonce) = {
+                // Nonce, signing and recording in order; the broadcast itself runs unlocked, so
+                // a settlement waiting for its block (sync send) does not hold up the next one.
+                let mut next = self.next_nonce.lock().await;
+                let envelope = self.build(tx.clone(), &mut next).await?;
+                let nonce = envelope.nonce();
+                if let Err(e) = recorder.record(*envelope.tx_hash(), nonce).await {
+                    *next = None;
+                    return Err(SettleError::NotSent(format!("cannot record tx: {e}")));
+                }
+                (envelope, nonce)
+            };
+            let hash = *envelope.tx_hash();
+            let error = match self.broadcast(hash, &envelope.encoded_2718()).await {
+                Ok(submitted) => return Ok(submitted),
+                Err(e) => e,
+            };
+            *self.next_nonce.lock().await = None;
+            match Refusal::of(&error) {
+                // This very transaction is in the node's mempool already.
+                Some(Refusal::AlreadyKnown) => return Ok(hash.into()),
+                // Its nonce belongs to another transaction (another replica on the same key, a
+                // stale local nonce): this one can never be mined. Sign again with a fresh nonce;
+                // should the first have landed after all, the second reverts, and the logs
+                // still show who spent the authorization.
+                Some(Refusal::NonceTaken) if attempts < 3 => {
+                    tracing::info!(payment.tx = %hash, relayer.nonce = nonce, "relayer nonce taken; signing again");
+                }
+                // Anything else after a broadcast is ambiguous, even a node's explicit refusal
+                // (in a load-balanced pool another node may hold it): the gate resolves it from
+                // chain state, never by assumption.
+                _ => {
+                    tracing::warn!(reason = %rpc_failure(&error), payment.tx = %hash, relayer.nonce = nonce, "broadcast refused or unanswered");
+                    return Err(SettleError::Ambiguous { tx: Some(hash) });
+                }
             }
         }
     }
 
     fn relayer(&self) -> Option<Address> {
         Some(self.relayer)
+    }
+}
+
+/// Node answers to a broadcast that prove what became of the transaction.
+enum Refusal {
+    AlreadyKnown,
+    NonceTaken,
+}
+
+impl Refusal {
+    fn of(e: &RpcError<TransportErrorKind>) -> Option<Refusal> {
+        let RpcError::ErrorResp(resp) = e else { return None };
+        let message = resp.message.to_ascii_lowercase();
+        if message.contains("already known") {
+            Some(Refusal::AlreadyKnown)
+        } else if message.contains("nonce too low") || message.contains("replacement transaction underpriced")
+        {
+            Some(Refusal::NonceTaken)
+        } else {
+            None
+        }
     }
 }
 
@@ -227,7 +372,11 @@ impl FacilitatorSettler {
 
 #[async_trait::async_trait]
 impl Settler for FacilitatorSettler {
-    async fn submit(&self, req: &SettleRequest<'_>, _recorder: &dyn TxRecorder) -> Result<B256, SettleError> {
+    async fn submit(
+        &self,
+        req: &SettleRequest<'_>,
+        _recorder: &dyn TxRecorder,
+    ) -> Result<Submitted, SettleError> {
         let body = json!({
             "x402Version": 2,
             "paymentPayload": req.payload,
@@ -256,7 +405,7 @@ impl Settler for FacilitatorSettler {
         };
         let tx = settled.get("transaction").and_then(Value::as_str).and_then(|t| t.parse::<B256>().ok());
         match settled.get("success").and_then(Value::as_bool) {
-            Some(true) => tx.ok_or(SettleError::Ambiguous { tx: None }),
+            Some(true) => tx.map(Submitted::from).ok_or(SettleError::Ambiguous { tx: None }),
             // Upstream's non-terminal outcome: submitted, not confirmed.
             // `success:false` from /settle is not proof that nothing moved: a facilitator may
             // broadcast, then fail waiting for the receipt (or report `settlement_pending`).

@@ -83,7 +83,7 @@ struct LossyRpc {
 
 async fn lossy(State(rpc): State<LossyRpc>, body: Bytes) -> Response {
     let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    if request["method"] == "eth_sendRawTransaction" && rpc.swallow.swap(false, Ordering::SeqCst) {
+    if is_broadcast(&request) && rpc.swallow.swap(false, Ordering::SeqCst) {
         let refused = json!({ "jsonrpc": "2.0", "id": request["id"],
             "error": { "code": -32000, "message": "txpool is full" } });
         return axum::Json(refused).into_response();
@@ -98,7 +98,7 @@ async fn lossy(State(rpc): State<LossyRpc>, body: Bytes) -> Response {
         .bytes()
         .await
         .unwrap();
-    if request["method"] == "eth_sendRawTransaction" && rpc.armed.swap(false, Ordering::SeqCst) {
+    if is_broadcast(&request) && rpc.armed.swap(false, Ordering::SeqCst) {
         return (axum::http::StatusCode::BAD_GATEWAY, "connection lost").into_response();
     }
     ([("content-type", "application/json")], answer).into_response()
@@ -288,4 +288,9 @@ async fn an_rpc_failure_while_resolving_a_pending_payment_never_says_nothing_was
     assert_eq!(paid["isError"], false, "{paid}");
     assert_eq!(app.runs(), 1);
     app.shutdown().await;
+}
+
+/// Either way of broadcasting: plain, or EIP-7966's synchronous send.
+fn is_broadcast(request: &Value) -> bool {
+    request["method"].as_str().is_some_and(|m| m.starts_with("eth_sendRawTransaction"))
 }

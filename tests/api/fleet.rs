@@ -53,7 +53,7 @@ backend = "redis"
 key_prefix = "{schema}"
 [[limits.rules]]
 axis = "wallet"
-window_secs = 60
+window_secs = 3600
 requests = 30
 [[upstream]]
 name = "py"

@@ -22,7 +22,7 @@ use crate::money::UsdcAmount;
 use crate::payment::decode::PaymentInput;
 use crate::payment::gate::PaymentGate;
 use crate::payment::requirements::PayTerms;
-use crate::payment::settle::{SettleError, SettleRequest, Settler, TxRecorder};
+use crate::payment::settle::{SettleError, SettleRequest, Settler, Submitted, TxRecorder};
 use crate::payment::{Money, PaymentError};
 use crate::receipt::{ReceiptSigner, Receipts};
 use crate::store::{
@@ -84,7 +84,11 @@ struct FakeSettler {
 
 #[async_trait::async_trait]
 impl Settler for FakeSettler {
-    async fn submit(&self, _: &SettleRequest<'_>, recorder: &dyn TxRecorder) -> Result<B256, SettleError> {
+    async fn submit(
+        &self,
+        _: &SettleRequest<'_>,
+        recorder: &dyn TxRecorder,
+    ) -> Result<Submitted, SettleError> {
         let tx = B256::from(rand::random::<[u8; 32]>());
         recorder.record(tx, 0).await.map_err(|e| SettleError::NotSent(e.to_string()))?;
         if self.mines {
@@ -92,7 +96,7 @@ impl Settler for FakeSettler {
             self.chain.mined.lock().unwrap().insert(tx, paid);
             self.chain.used.store(true, Ordering::SeqCst);
         }
-        if self.ambiguous { Err(SettleError::Ambiguous { tx: Some(tx) }) } else { Ok(tx) }
+        if self.ambiguous { Err(SettleError::Ambiguous { tx: Some(tx) }) } else { Ok(tx.into()) }
     }
 }
 
