@@ -4,7 +4,7 @@ It settles through an in-process x402 facilitator on the given chain, as a selle
 official SDK would. `tollgate call` must be able to pay it.
 
 Env: RPC_URL, CHAIN_ID, ASSET, PAY_TO, FACILITATOR_KEY, PORT, PRICE (atomic units).
-Tool: `weather` (city: str) -> JSON text.
+Tools: `weather` (city: str) -> JSON text, paid; `echo` (text: str), free (for benchmarks).
 """
 
 import json
@@ -48,6 +48,11 @@ paid = create_payment_wrapper(resource_server, accepts=accepts)
 @paid
 async def weather(city: str) -> str:
     return json.dumps({"city": city, "weather": "sunny", "seller": "x402-python"})
+
+
+@mcp.tool(name="echo", description="Returns the text it is given (free).")
+async def echo(text: str) -> str:
+    return text
 
 
 if __name__ == "__main__":
