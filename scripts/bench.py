@@ -28,6 +28,7 @@ N_PAID = int(os.environ.get("BENCH_PAID", "100"))
 WRK_SECS = os.environ.get("BENCH_WRK_SECS", "5")
 FACILITATOR_KEY = "0x7c852118294e51e653712a81e05800f419141751be58f605c371e15141b007a6"  # anvil #3
 PEER_PAY_TO = "0x9965507D1a55bcC2695C58ba16FB37d819B0A4dc"  # anvil #5
+CHAIN_FLOOR_KEY = "0x4bbbf85ce3377467afe5d46f804f221813b2bb87f24d81f60f1fcdbf7cbf4356"  # anvil #7
 
 children = []
 
@@ -179,6 +180,8 @@ def main():
     line("peer", "paid weather (httpx, session)",
          httpx(peer, "paid", "weather", {"city": "Paris"}, N_PAID, "session", payer_key), f50)
     print("peer      sessionless                          n/a (FastMCP serves sessions only)")
+    chain = httpx(dev["rpc"], "chain", "-", {}, N_PAID, "-", CHAIN_FLOOR_KEY)
+    line("anvil", "mined transfer (sendRawTransactionSync)", chain, f50)
 
     # Throughput from wrk.
     floor_rps, _ = wrk(floor, "echo", {"text": "hi"}, [])

@@ -1,7 +1,7 @@
 """Times MCP calls from httpx, the HTTP stack of the official MCP Python SDK.
 
-Usage: bench_httpx.py URL MODE TOOL ARGS_JSON N SESSION [PAYER_KEY]
-  MODE     free | challenge | paid
+Usage: bench_httpx.py URL MODE TOOL ARGS_JSON N SESSION [KEY]
+  MODE     free | challenge | paid | chain (URL is then the RPC, KEY a funded account's)
   SESSION  session (initialize first, as the SDK does) | sessionless
 For `paid`, each call carries a fresh EIP-3009 authorization for the server's first offer,
 signed before the clock starts (signing is the client's cost, not the server's).
@@ -97,6 +97,33 @@ def main(url, mode, tool, args, n, session, key=None):
                           "mean_ms": statistics.fmean(times), "errors": errors, "last": last}))
 
 
+
+
+def chain_floor(rpc, key, n):
+    """The chain's own cost of a mined transaction: eth_sendRawTransactionSync of a plain
+    transfer, the floor under any paid call settled on this chain."""
+    account = Account.from_key(key)
+    with httpx.Client(timeout=60) as http:
+        rpc_call = lambda method, params: http.post(rpc, json={"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).json()
+        nonce = int(rpc_call("eth_getTransactionCount", [account.address, "pending"])["result"], 16)
+        times = []
+        for i in range(n):
+            tx = {"nonce": nonce + i, "to": account.address, "value": 1, "gas": 21000, "maxFeePerGas": 10**10,
+                  "maxPriorityFeePerGas": 10**9, "chainId": int(rpc_call("eth_chainId", [])["result"], 16) if i == 0 else chain_id,
+                  "type": 2}
+            chain_id = tx["chainId"]
+            raw = "0x" + account.sign_transaction(tx).raw_transaction.hex().removeprefix("0x")
+            start = time.perf_counter()
+            rpc_call("eth_sendRawTransactionSync", [raw])
+            times.append((time.perf_counter() - start) * 1000)
+        times.sort()
+        print(json.dumps({"n": n, "p50_ms": statistics.median(times), "p99_ms": times[min(n - 1, int(n * 0.99))],
+                          "mean_ms": statistics.fmean(times), "errors": 0}))
+
+
 if __name__ == "__main__":
     a = sys.argv
-    main(a[1], a[2], a[3], json.loads(a[4]), int(a[5]), a[6], a[7] if len(a) > 7 else None)
+    if a[2] == "chain":
+        chain_floor(a[1], a[7], int(a[5]))
+    else:
+        main(a[1], a[2], a[3], json.loads(a[4]), int(a[5]), a[6], a[7] if len(a) > 7 else None)

@@ -27,7 +27,7 @@ use super::settle::{SettleError, SettleRequest, Settler, Submitted, TxRecorder};
 use super::verify::VerifiedPayment;
 use super::wire::SettlementResponse;
 use crate::chain::Network;
-use crate::chain::client::{AuthEffect, Chain, ExpectedTransfer, Spent, SpentQuery, TxStatus};
+use crate::chain::client::{AuthEffect, Chain, ChainError, ExpectedTransfer, Spent, SpentQuery, TxStatus};
 use crate::clock::SharedClock;
 use crate::store::{
     Claim, NewPayment, PaymentKey, PaymentRecord, PaymentState, Store, StoreError, Transition,
@@ -81,6 +81,14 @@ impl Settlement {
             nonce: row.nonce.clone(),
         })
     }
+}
+
+/// What the chain said before settlement.
+#[derive(Debug, Clone, Copy)]
+pub struct ChainChecks {
+    pub used: bool,
+    pub balance: U256,
+    pub head: u64,
 }
 
 /// What the claim found.
@@ -242,13 +250,36 @@ impl PaymentGate {
         v: &VerifiedPayment,
         quote: &Quote,
     ) -> Result<Settlement, PaymentError> {
+        let checks = self.check_chain(v).await;
+        self.settle_checked(row, v, quote, checks).await
+    }
+
+    /// The chain checks settlement starts from: is the authorization already used, does the
+    /// payer hold the price, and the head (where log searches start). They only read, so a
+    /// caller may ask them while the claim is being written.
+    pub async fn check_chain(&self, v: &VerifiedPayment) -> Result<ChainChecks, ChainError> {
         let a = &v.authorization;
-        // Cheap checks first, in parallel. A failure to ask has moved nothing: release.
-        let checks = tokio::try_join!(
+        let asked = std::time::Instant::now();
+        let (used, balance, head) = tokio::try_join!(
             self.chain.authorization_used(a.from, a.nonce),
             self.chain.balance_of(a.from),
             self.chain.block_number(),
-        );
+        )?;
+        tracing::debug!(timing.checks_us = asked.elapsed().as_micros() as u64, "chain checks answered");
+        Ok(ChainChecks { used, balance, head })
+    }
+
+    /// Step 8 with the chain checks already answered.
+    pub async fn settle_checked(
+        &self,
+        row: &PaymentRecord,
+        v: &VerifiedPayment,
+        quote: &Quote,
+        checks: Result<ChainChecks, ChainError>,
+    ) -> Result<Settlement, PaymentError> {
+        let a = &v.authorization;
+        // A failure to ask has moved nothing: release.
+        let checks = checks.map(|c| (c.used, c.balance, c.head));
         let (used, balance, head) = match checks {
             Ok(answers) => answers,
             Err(e) => {
@@ -286,7 +317,9 @@ impl PaymentGate {
         let started = std::time::Instant::now();
         let recorder = RowRecorder { store: self.store.as_ref(), row: row.id, now: self.now() };
         let request = SettleRequest { payment: v, requirements: &quote.requirements, payload: &v.raw };
-        let settled = match self.settler.submit(&request, &recorder).await {
+        let submitted = self.settler.submit(&request, &recorder).await;
+        tracing::debug!(timing.submit_us = started.elapsed().as_micros() as u64, "settlement submitted");
+        let settled = match submitted {
             Ok(submitted) => self.confirm(row, submitted).await,
             Err(SettleError::NotSent(why)) => {
                 tracing::warn!(reason = %why, "settlement not sent; releasing the claim");

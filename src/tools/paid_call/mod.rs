@@ -181,13 +181,26 @@ impl PaidCall {
             .as_ref()
             .ok_or_else(|| CallError::Internal("a free tool reached settlement".into()))?;
         // 7. The atomic claim (unless the payment was already held).
-        let claimed = match known {
-            Some(known) => known,
-            None => self.gate.claim(&v, quote, &args).await?,
+        let t0 = std::time::Instant::now();
+        let (claimed, checks) = match known {
+            Some(known) => (known, None),
+            // The chain checks only read: asked while the claim is written, one wait for both.
+            None => {
+                let (claimed, checks) =
+                    tokio::join!(self.gate.claim(&v, quote, &args), self.gate.check_chain(&v));
+                (claimed?, Some(checks))
+            }
         };
+        let t_claim = t0.elapsed();
         let (settled, lease, args) = match claimed {
             // 8. Settlement, confirmed on chain, before the handler.
-            Claimed::Fresh(row) => (self.gate.settle(&row, &v, quote).await?, None, args),
+            Claimed::Fresh(row) => {
+                let settled = match checks {
+                    Some(checks) => self.gate.settle_checked(&row, &v, quote, checks).await?,
+                    None => self.gate.settle(&row, &v, quote).await?,
+                };
+                (settled, None, args)
+            }
             Claimed::AlreadySettled(row, settlement) => {
                 match (row.result_json, stored_args(row.args_json.as_deref())) {
                     (Some(stored), _) => return stored_answer(&stored).map(Paid::Replayed),
@@ -203,8 +216,16 @@ impl PaidCall {
                 }
             }
         };
+        let t_settle = t0.elapsed() - t_claim;
         // 9. The handler, at most once per settlement; 10. its receipt.
-        self.run_once(&entry, &settled, lease, args).await.map(Paid::Settled)
+        let answer = self.run_once(&entry, &settled, lease, args).await.map(Paid::Settled);
+        tracing::debug!(
+            timing.claim_us = t_claim.as_micros() as u64,
+            timing.settle_us = t_settle.as_micros() as u64,
+            timing.run_and_receipt_us = (t0.elapsed() - t_claim - t_settle).as_micros() as u64,
+            "paid call stages"
+        );
+        answer
     }
 
     /// Runs a tool, bounded by the tool timeout (shorter than the handler lease, so a handler
