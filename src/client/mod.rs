@@ -8,7 +8,11 @@ pub mod sign;
 use std::time::Duration;
 
 use alloy::signers::local::PrivateKeySigner;
-use anyhow::{Context, bail};
+use anyhow::Context;
+use rmcp::model::{CallToolRequestParams, MetaObject, RequestMetaObject};
+use rmcp::service::RunningService;
+use rmcp::transport::StreamableHttpClientTransport;
+use rmcp::{RoleClient, ServiceExt};
 use serde_json::{Value, json};
 
 use crate::clock::{Clock, SystemClock};
@@ -17,94 +21,37 @@ use crate::payment::wire::{META_PAYMENT, META_PAYMENT_RESPONSE, PaymentRequireme
 use caps::SpendCaps;
 use sign::{SignParams, sign_payment};
 
-/// A JSON-RPC session with one MCP server (with `Mcp-Session-Id` when the server issues one).
+/// One MCP connection, through rmcp's Streamable HTTP client (the same stack the upstream
+/// proxy uses): sessions, SSE and JSON answers, and both protocol eras are rmcp's business.
 pub struct McpSession {
-    http: reqwest::Client,
-    url: String,
-    session: Option<String>,
-    next_id: std::sync::atomic::AtomicU64,
+    client: RunningService<RoleClient, ()>,
 }
 
-const PROTOCOL_VERSION: &str = "2025-06-18";
+/// Longest wait for one answer; a payment's outcome is then asked for again.
+const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 
 impl McpSession {
-    /// Performs the `initialize` handshake, which every MCP server generation accepts.
+    /// Connects and performs the MCP handshake.
     pub async fn connect(url: &str) -> anyhow::Result<McpSession> {
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(120)).build()?;
-        let mut s = McpSession { http, url: url.to_owned(), session: None, next_id: 1.into() };
-        let params = json!({
-            "protocolVersion": PROTOCOL_VERSION,
-            "capabilities": {},
-            "clientInfo": { "name": "tollgate-call", "version": env!("CARGO_PKG_VERSION") }
-        });
-        let response = s.send(&s.envelope("initialize", params)).await?;
-        s.session = response.headers().get("mcp-session-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
-        let init = read_jsonrpc(response).await?;
-        if let Some(error) = init.get("error") {
-            bail!("initialize failed: {error}");
-        }
-        s.send(&json!({ "jsonrpc": "2.0", "method": "notifications/initialized" })).await?;
-        Ok(s)
+        let transport = StreamableHttpClientTransport::from_uri(url.to_owned());
+        let client = ().serve(transport).await.with_context(|| format!("connecting to {url}"))?;
+        Ok(McpSession { client })
     }
 
-    fn envelope(&self, method: &str, params: Value) -> Value {
-        let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        json!({ "jsonrpc": "2.0", "id": id, "method": method, "params": params })
-    }
-
-    async fn send(&self, body: &Value) -> anyhow::Result<reqwest::Response> {
-        let mut request = self
-            .http
-            .post(&self.url)
-            .header("accept", "application/json, text/event-stream")
-            .header("mcp-protocol-version", PROTOCOL_VERSION)
-            .json(body);
-        if let Some(session) = &self.session {
-            request = request.header("mcp-session-id", session);
-        }
-        let response = request.send().await.with_context(|| format!("POST {}", self.url))?;
-        let status = response.status();
-        if !status.is_success() {
-            let text = response.text().await.unwrap_or_default();
-            bail!("HTTP {status} from {}: {}", self.url, text.chars().take(500).collect::<String>());
-        }
-        Ok(response)
-    }
-
-    /// `tools/call`; returns the `result` object.
+    /// `tools/call`, with `_meta` when given; returns the result as the server sent it.
     pub async fn call_tool(&self, name: &str, args: &Value, meta: Option<Value>) -> anyhow::Result<Value> {
-        let mut params = json!({ "name": name, "arguments": args });
-        if let Some(meta) = meta {
-            params["_meta"] = meta;
+        let arguments = args.as_object().cloned().context("the arguments must be a JSON object")?;
+        let mut params = CallToolRequestParams::new(name.to_owned()).with_arguments(arguments);
+        if let Some(Value::Object(meta)) = meta {
+            params.meta = Some(RequestMetaObject(MetaObject(meta)));
         }
-        let response = read_jsonrpc(self.send(&self.envelope("tools/call", params)).await?).await?;
-        if let Some(error) = response.get("error") {
-            bail!("tools/call {name} failed: {error}");
-        }
-        response.get("result").cloned().context("JSON-RPC response without a result")
+        let call = self.client.peer().call_tool(params);
+        let result = tokio::time::timeout(CALL_TIMEOUT, call)
+            .await
+            .with_context(|| format!("tools/call {name}: no answer within {}s", CALL_TIMEOUT.as_secs()))?
+            .with_context(|| format!("tools/call {name} failed"))?;
+        Ok(serde_json::to_value(result)?)
     }
-}
-
-/// Reads a JSON-RPC response sent as plain JSON or inside an SSE stream.
-pub async fn read_jsonrpc(response: reqwest::Response) -> anyhow::Result<Value> {
-    let is_sse = response
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"));
-    let text = response.text().await?;
-    if !is_sse {
-        return serde_json::from_str(&text).with_context(|| format!("not JSON: {}", truncate(&text)));
-    }
-    text.lines()
-        .filter_map(|line| line.strip_prefix("data:"))
-        .filter_map(|data| serde_json::from_str::<Value>(data.trim()).ok())
-        .find(|message| message.get("id").is_some())
-        .with_context(|| format!("no JSON-RPC response in the event stream: {}", truncate(&text)))
-}
-
-fn truncate(s: &str) -> String {
-    s.chars().take(300).collect()
 }
 
 /// The x402 PaymentRequired inside a tool result, if that is what it is.

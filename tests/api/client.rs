@@ -157,3 +157,47 @@ async fn tollgate_call_resends_the_same_payment_until_an_answer_proves_the_outco
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["paymentResponse"]["success"], true, "{report}");
 }
+
+/// Answers `tools/call` as an SSE event whose JSON spans two `data:` lines (joined by the SSE
+/// rules with a newline), as servers that pretty-print or chunk their events do.
+async fn multiline_sse(axum::Json(request): axum::Json<Value>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match request["method"].as_str().unwrap_or_default() {
+        "initialize" => axum::Json(json!({ "jsonrpc": "2.0", "id": request["id"], "result": {
+            "protocolVersion": "2025-06-18", "capabilities": { "tools": {} }, "serverInfo": { "name": "sse", "version": "0" } } }))
+        .into_response(),
+        "tools/call" => {
+            let id = &request["id"];
+            let event = format!(
+                "event: message\ndata: {{\"jsonrpc\":\"2.0\",\"id\":{id},\ndata: \"result\":{{\"content\":[{{\"type\":\"text\",\"text\":\"two lines\"}}],\"isError\":false}}}}\n\n"
+            );
+            ([("content-type", "text/event-stream")], event).into_response()
+        }
+        _ => axum::http::StatusCode::ACCEPTED.into_response(),
+    }
+}
+
+#[tokio::test]
+async fn tollgate_call_reads_an_sse_event_whose_data_spans_several_lines() {
+    // Arrange
+    let router = axum::Router::new().route("/mcp", axum::routing::post(multiline_sse));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/mcp", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("payer.key");
+    std::fs::write(&key, tollgate::chain::anvil::DEV_KEYS[6]).unwrap();
+    // Act
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["call", "--url", &url, "--tool", "t", "--json"])
+        .arg("--key-file")
+        .arg(&key)
+        .output()
+        .await
+        .unwrap();
+    // Assert
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["result"]["content"][0]["text"], "two lines", "{report}");
+}
