@@ -30,13 +30,13 @@ async fn appends_per_second(store: Arc<dyn Store>) -> f64 {
     for i in 0..RECEIPTS {
         let p = NewPayment {
             network: "eip155:8453".into(),
-            asset: "0x833589fcd6edb6e08f4c7c32d4f71b54bda02913".into(),
-            payer: format!("0x{:040x}", i % 20),
-            nonce: format!("0x{i:064x}"),
+            asset: tollgate::chain::BASE_USDC,
+            payer: alloy::primitives::Address::with_last_byte((i % 20) as u8),
+            nonce: alloy::primitives::B256::from(alloy::primitives::U256::from(i)),
             payload_hash: format!("h{i}"),
             payment_id: None,
             tool: "sha256".into(),
-            amount: "1000".into(),
+            amount: tollgate::money::UsdcAmount::from_atomic(1000),
             valid_before: 0,
             payload_json: "{}".into(),
             args_json: Some("{}".into()),
@@ -52,13 +52,13 @@ async fn appends_per_second(store: Arc<dyn Store>) -> f64 {
     for row in &rows {
         let settlement = Settlement {
             row_id: row.id,
-            transaction: format!("0x{:064x}", row.id),
+            transaction: alloy::primitives::B256::from(alloy::primitives::U256::from(row.id)),
             block: 1,
-            payer: row.payer.clone(),
+            payer: row.payer,
             network: row.network.clone(),
-            asset: row.asset.clone(),
-            amount: row.amount.clone(),
-            nonce: row.nonce.clone(),
+            asset: row.asset,
+            amount: row.amount,
+            nonce: row.nonce,
         };
         let input = ReceiptInput {
             tool: "sha256",

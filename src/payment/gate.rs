@@ -19,7 +19,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use alloy::primitives::{Address, B256, U256};
+use alloy::primitives::{Address, B256, TxHash, U256};
 
 use super::error::PaymentError;
 use super::requirements::Quote;
@@ -29,6 +29,7 @@ use super::wire::SettlementResponse;
 use crate::chain::Network;
 use crate::chain::client::{AuthEffect, Chain, ChainError, ExpectedTransfer, Spent, SpentQuery, TxStatus};
 use crate::clock::SharedClock;
+use crate::money::UsdcAmount;
 use crate::store::{
     Claim, NewPayment, PaymentKey, PaymentRecord, PaymentState, Store, StoreError, Transition,
 };
@@ -48,39 +49,46 @@ const SPENT_ELSEWHERE: &str = "invalid_exact_evm_authorization_spent_elsewhere";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settlement {
     pub row_id: i64,
-    pub transaction: String,
+    pub transaction: TxHash,
     pub block: u64,
-    pub payer: String,
+    pub payer: Address,
     pub network: String,
     /// From the payment row: what the receipt binds.
-    pub asset: String,
-    pub amount: String,
-    pub nonce: String,
+    pub asset: Address,
+    pub amount: UsdcAmount,
+    pub nonce: B256,
 }
 
 impl Settlement {
+    /// The standard x402 settlement response (hashes lower-case, addresses checksummed).
     pub fn response(&self) -> SettlementResponse {
         SettlementResponse {
             success: true,
             error_reason: None,
-            transaction: self.transaction.clone(),
+            transaction: format!("{:#x}", self.transaction),
             network: self.network.clone(),
-            payer: Some(self.payer.clone()),
+            payer: Some(self.payer.to_checksum(None)),
         }
     }
 
-    pub fn from_record(row: &PaymentRecord, payer: String) -> Option<Settlement> {
+    /// The settlement a settled row records (`None` if it is not settled).
+    pub fn from_record(row: &PaymentRecord) -> Option<Settlement> {
         Some(Settlement {
             row_id: row.id,
-            transaction: row.tx_hash.clone()?,
+            transaction: row.tx_hash?,
             block: u64::try_from(row.block_number?).ok()?,
-            payer,
+            payer: row.payer,
             network: row.network.clone(),
-            asset: row.asset.clone(),
-            amount: row.amount.clone(),
-            nonce: row.nonce.clone(),
+            asset: row.asset,
+            amount: row.amount,
+            nonce: row.nonce,
         })
     }
+}
+
+/// A transaction hash as answers carry it.
+fn hex(tx: TxHash) -> String {
+    format!("{tx:#x}")
 }
 
 /// What the chain said before settlement.
@@ -121,10 +129,10 @@ fn store_down(e: StoreError) -> PaymentError {
 }
 
 /// The store failed after a transaction may exist: the answer must not say nothing was charged.
-fn unrecorded(tx: Option<String>) -> impl FnOnce(StoreError) -> PaymentError {
+fn unrecorded(tx: Option<TxHash>) -> impl FnOnce(StoreError) -> PaymentError {
     move |e| {
         tracing::error!(error = %e, payment.tx = ?tx, "could not record a payment outcome");
-        PaymentError::OutcomeUnknown { transaction: tx }
+        PaymentError::OutcomeUnknown { transaction: tx.map(hex) }
     }
 }
 
@@ -146,9 +154,12 @@ impl PaymentGate {
         quote: &Quote,
         args: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<Option<Claimed>, PaymentError> {
-        let (payer, nonce) = (v.payer.key(), v.nonce_hex());
-        let asset = format!("{:#x}", self.network.asset);
-        let key = PaymentKey { network: &self.network.caip2, asset: &asset, payer: &payer, nonce: &nonce };
+        let key = PaymentKey {
+            network: &self.network.caip2,
+            asset: self.network.asset,
+            payer: v.payer.address(),
+            nonce: v.authorization.nonce,
+        };
         match self.store.by_key(&key).await.map_err(store_down)? {
             Some(row) => self.classify_taken(row, v, quote, args).await.map(Some),
             None => Ok(None),
@@ -164,13 +175,13 @@ impl PaymentGate {
     ) -> Result<Claimed, PaymentError> {
         let new = NewPayment {
             network: self.network.caip2.clone(),
-            asset: format!("{:#x}", self.network.asset),
-            payer: v.payer.key(),
-            nonce: v.nonce_hex(),
+            asset: self.network.asset,
+            payer: v.payer.address(),
+            nonce: v.authorization.nonce,
             payload_hash: v.payload_hash.clone(),
             payment_id: v.payment_id.clone(),
             tool: quote.tool.clone(),
-            amount: quote.amount.to_string(),
+            amount: quote.amount,
             valid_before: v.valid_before().min(i64::MAX as u64) as i64,
             payload_json: v.payload_json.clone(),
             args_json: Some(serde_json::Value::Object(args.clone()).to_string()),
@@ -192,7 +203,7 @@ impl PaymentGate {
     ) -> Result<Claimed, PaymentError> {
         if row.payload_hash != v.payload_hash {
             let same_id = v.payment_id.is_some() && row.payment_id == v.payment_id;
-            let same_key = row.payer == v.payer.key() && row.nonce == v.nonce_hex();
+            let same_key = row.payer == v.payer.address() && row.nonce == v.authorization.nonce;
             return Err(if same_id && !same_key {
                 PaymentError::IdentifierConflict
             } else {
@@ -215,7 +226,7 @@ impl PaymentGate {
         }
         match row.state {
             PaymentState::Settled => {
-                let settlement = Settlement::from_record(&row, v.payer.to_string())
+                let settlement = Settlement::from_record(&row)
                     .ok_or_else(|| PaymentError::Corrupt("settled payment lacks its transaction".into()))?;
                 Ok(Claimed::AlreadySettled(row, settlement))
             }
@@ -335,8 +346,7 @@ impl PaymentGate {
                 Err(refusal)
             }
             Err(SettleError::Ambiguous { tx }) => {
-                let transaction = tx.map(|t| format!("{t:#x}"));
-                self.mark_pending(row.id, transaction).await?;
+                self.mark_pending(row.id, tx).await?;
                 // Ask the chain at once: a facilitator that settled, then failed to say so,
                 // has already paid us.
                 self.resolve(&self.reload(row).await?).await
@@ -349,7 +359,7 @@ impl PaymentGate {
     }
 
     async fn reload(&self, row: &PaymentRecord) -> Result<PaymentRecord, PaymentError> {
-        let pending = unrecorded(row.tx_hash.clone());
+        let pending = unrecorded(row.tx_hash);
         match self.store.payment(row.id).await {
             Ok(Some(row)) => Ok(row),
             Ok(None) => Err(PaymentError::Corrupt("payment row vanished".into())),
@@ -388,9 +398,8 @@ impl PaymentGate {
                     return self.resolve(&self.reload(row).await?).await;
                 }
                 Ok(_) | Err(_) if tokio::time::Instant::now() >= deadline => {
-                    let transaction = Some(format!("{tx:#x}"));
-                    self.mark_pending(row.id, transaction.clone()).await?;
-                    return Err(PaymentError::Pending { transaction });
+                    self.mark_pending(row.id, Some(tx)).await?;
+                    return Err(PaymentError::Pending { transaction: Some(hex(tx)) });
                 }
                 Ok(_) | Err(_) => {
                     tokio::time::sleep(poll).await;
@@ -405,7 +414,7 @@ impl PaymentGate {
     /// exist, so "unavailable" must not read as "nothing was charged".
     pub async fn resolve(&self, row: &PaymentRecord) -> Result<Settlement, PaymentError> {
         let expect = expected_transfer(row)?;
-        let ours = row.tx_hash.as_deref().and_then(|t| t.parse::<B256>().ok());
+        let ours = row.tx_hash;
         if let Some(tx) = ours {
             // Not mined yet, reverted, or mined without paying: the authorization decides below.
             let Ok(status) = self.chain.tx_status(tx, &expect).await else {
@@ -438,11 +447,11 @@ impl PaymentGate {
     /// Records that a transaction may exist and nothing is concluded yet; the answer to give.
     async fn still_pending(&self, row: &PaymentRecord) -> PaymentError {
         if row.state != PaymentState::Pending
-            && let Err(e) = self.mark_pending(row.id, row.tx_hash.clone()).await
+            && let Err(e) = self.mark_pending(row.id, row.tx_hash).await
         {
             return e;
         }
-        PaymentError::Pending { transaction: row.tx_hash.clone() }
+        PaymentError::Pending { transaction: row.tx_hash.map(hex) }
     }
 
     /// The authorization is spent: find the transaction that spent it, whoever sent it, and
@@ -498,70 +507,60 @@ impl PaymentGate {
         if confirmations >= self.confirmations {
             return self.mark_settled(row, tx, block).await;
         }
-        let transaction = Some(format!("{tx:#x}"));
-        self.mark_pending(row.id, transaction.clone()).await?;
-        Err(PaymentError::Pending { transaction })
+        self.mark_pending(row.id, Some(tx)).await?;
+        Err(PaymentError::Pending { transaction: Some(hex(tx)) })
     }
 
     async fn mark_settled(
         &self,
         row: &PaymentRecord,
-        tx: B256,
+        tx: TxHash,
         block: u64,
     ) -> Result<Settlement, PaymentError> {
-        let transaction = format!("{tx:#x}");
-        let t = Transition {
-            tx_hash: Some(&transaction),
-            block_number: Some(block as i64),
-            ..Default::default()
-        };
+        let t = Transition { tx_hash: Some(tx), block_number: Some(block as i64), ..Default::default() };
         let from = [PaymentState::Settling, PaymentState::Pending, PaymentState::Claimed];
         let moved = self
             .store
             .transition(row.id, &from, PaymentState::Settled, t, self.now())
             .await
-            .map_err(unrecorded(Some(transaction.clone())))?;
+            .map_err(unrecorded(Some(tx)))?;
         if moved {
             metrics::counter!("tollgate_payments_total", "outcome" => "settled").increment(1);
-            let amount = row.amount.parse::<u64>().unwrap_or(0);
+            let amount = row.amount.atomic();
             metrics::counter!("tollgate_revenue_atomic_total", "tool" => row.tool.clone()).increment(amount);
         } else {
             // Someone else moved the row first: only their `settled` agrees with the chain.
-            let now = self.store.payment(row.id).await.map_err(unrecorded(Some(transaction.clone())))?;
+            let now = self.store.payment(row.id).await.map_err(unrecorded(Some(tx)))?;
             let state = now.map(|r| r.state);
             if state != Some(PaymentState::Settled) {
-                tracing::error!(payment.row = row.id, payment.tx = %transaction, ?state, "a confirmed payment's row is not settled");
-                return Err(PaymentError::OutcomeUnknown { transaction: Some(transaction) });
+                tracing::error!(payment.row = row.id, payment.tx = %tx, ?state, "a confirmed payment's row is not settled");
+                return Err(PaymentError::OutcomeUnknown { transaction: Some(hex(tx)) });
             }
         }
-        tracing::info!(payment.row = row.id, payment.tx = %transaction, payment.block = block, "payment settled");
+        tracing::info!(payment.row = row.id, payment.tx = %tx, payment.block = block, "payment settled");
         Ok(Settlement {
             row_id: row.id,
-            transaction,
+            transaction: tx,
             block,
-            payer: row
-                .payer
-                .parse::<Address>()
-                .map(|a| a.to_checksum(None))
-                .unwrap_or_else(|_| row.payer.clone()),
+            payer: row.payer,
             network: row.network.clone(),
-            asset: row.asset.clone(),
-            amount: row.amount.clone(),
-            nonce: row.nonce.clone(),
+            asset: row.asset,
+            amount: row.amount,
+            nonce: row.nonce,
         })
     }
 
     /// Records that a transaction may exist. A store failure here is reported as such, never
     /// as "nothing was charged".
-    async fn mark_pending(&self, id: i64, transaction: Option<String>) -> Result<(), PaymentError> {
-        let t = Transition { tx_hash: transaction.as_deref(), ..Default::default() };
+    async fn mark_pending(&self, id: i64, tx: Option<TxHash>) -> Result<(), PaymentError> {
+        let t = Transition { tx_hash: tx, ..Default::default() };
         let from = [PaymentState::Claimed, PaymentState::Settling, PaymentState::Pending];
         self.store
             .transition(id, &from, PaymentState::Pending, t, self.now())
             .await
-            .map_err(unrecorded(transaction.clone()))?;
+            .map_err(unrecorded(tx))?;
         metrics::counter!("tollgate_payments_total", "outcome" => "pending").increment(1);
-        tracing::warn!(payment.row = id, payment.tx = ?transaction, "settlement pending confirmation");
+        tracing::warn!(payment.row = id, payment.tx = ?tx, "settlement pending confirmation");
         Ok(())
     }
 
@@ -624,10 +623,10 @@ fn stored_payload(row: &PaymentRecord) -> Result<StoredPayload, PaymentError> {
 /// The transfer a stored payment must produce on chain.
 fn expected_transfer(row: &PaymentRecord) -> Result<ExpectedTransfer, PaymentError> {
     Ok(ExpectedTransfer {
-        from: row.payer.parse().map_err(|_| corrupt("payer"))?,
+        from: row.payer,
         to: stored_payload(row)?.to,
-        value: U256::from_str_radix(&row.amount, 10).map_err(|_| corrupt("amount"))?,
-        nonce: row.nonce.parse().map_err(|_| corrupt("nonce"))?,
+        value: row.amount.into(),
+        nonce: row.nonce,
     })
 }
 
@@ -641,8 +640,7 @@ struct RowRecorder<'a> {
 #[async_trait::async_trait]
 impl TxRecorder for RowRecorder<'_> {
     async fn record(&self, tx: B256, nonce: u64) -> Result<(), StoreError> {
-        let hash = format!("{tx:#x}");
-        let t = Transition { tx_hash: Some(&hash), tx_nonce: Some(nonce as i64), ..Default::default() };
+        let t = Transition { tx_hash: Some(tx), tx_nonce: Some(nonce as i64), ..Default::default() };
         let recorded = self
             .store
             .transition(self.row, &[PaymentState::Settling], PaymentState::Settling, t, self.now)

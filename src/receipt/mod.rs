@@ -169,7 +169,7 @@ impl Receipts {
     /// Step 10: signs and appends the receipt of a settled call (idempotent per payment).
     pub async fn issue(&self, input: &ReceiptInput<'_>) -> Result<SignedReceipt, ReceiptError> {
         let s = input.settlement;
-        let payer_key = s.payer.to_ascii_lowercase();
+        let payer_key = format!("{:#x}", s.payer);
         let checksummed =
             |a: &str| a.parse::<alloy::primitives::Address>().map_or(a.to_owned(), |a| a.to_checksum(None));
         let template = ReceiptBody {
@@ -180,13 +180,13 @@ impl Receipts {
             args_sha256: sha256_hex(canonical(input.args).as_bytes()),
             result_sha256: result_sha256(input.result),
             outcome: if input.result.is_error == Some(true) { "tool_error" } else { "ok" }.to_owned(),
-            payer: checksummed(&s.payer),
+            payer: s.payer.to_checksum(None),
             pay_to: checksummed(input.pay_to),
-            asset: checksummed(&s.asset),
+            asset: s.asset.to_checksum(None),
             network: s.network.clone(),
-            amount: s.amount.clone(),
-            nonce: s.nonce.clone(),
-            tx: s.transaction.clone(),
+            amount: s.amount.to_string(),
+            nonce: format!("{:#x}", s.nonce),
+            tx: format!("{:#x}", s.transaction),
             block: s.block,
             time: input.now,
             log_index: 0,

@@ -15,7 +15,10 @@ use std::sync::Arc;
 
 use secrecy::ExposeSecret;
 
+use alloy::primitives::{Address, B256, TxHash};
+
 use crate::config::DatabaseConfig;
+use crate::money::UsdcAmount;
 
 pub use sql::{PgStore, SqliteStore};
 
@@ -66,18 +69,18 @@ impl FromStr for PaymentState {
     }
 }
 
-/// A verified payment about to be claimed.
+/// A verified payment about to be claimed. Addresses and hashes are typed here and stored as
+/// lower-case hex, so the claim key never depends on checksum casing.
 #[derive(Debug, Clone)]
 pub struct NewPayment {
     pub network: String,
-    /// Lower-case hex addresses, so the key never depends on checksum casing.
-    pub asset: String,
-    pub payer: String,
-    pub nonce: String,
+    pub asset: Address,
+    pub payer: Address,
+    pub nonce: B256,
     pub payload_hash: String,
     pub payment_id: Option<String>,
     pub tool: String,
-    pub amount: String,
+    pub amount: UsdcAmount,
     pub valid_before: i64,
     pub payload_json: String,
     /// The paid call's arguments (JSON), so the server can finish the call if its request dies.
@@ -87,13 +90,13 @@ pub struct NewPayment {
     pub now: i64,
 }
 
-/// The claim key of an authorization: lower-case hex, as stored.
+/// The claim key of an authorization.
 #[derive(Debug, Clone, Copy)]
 pub struct PaymentKey<'a> {
     pub network: &'a str,
-    pub asset: &'a str,
-    pub payer: &'a str,
-    pub nonce: &'a str,
+    pub asset: Address,
+    pub payer: Address,
+    pub nonce: B256,
 }
 
 /// A row of `payments`, with its stored result when there is one.
@@ -101,15 +104,15 @@ pub struct PaymentKey<'a> {
 pub struct PaymentRecord {
     pub id: i64,
     pub network: String,
-    pub asset: String,
-    pub payer: String,
-    pub nonce: String,
+    pub asset: Address,
+    pub payer: Address,
+    pub nonce: B256,
     pub payload_hash: String,
     pub payment_id: Option<String>,
     pub tool: String,
-    pub amount: String,
+    pub amount: UsdcAmount,
     pub state: PaymentState,
-    pub tx_hash: Option<String>,
+    pub tx_hash: Option<TxHash>,
     pub block_number: Option<i64>,
     pub error: Option<String>,
     pub handler_started_at: Option<i64>,
@@ -140,7 +143,7 @@ pub enum Claim {
 /// A state transition with what was learned on the way.
 #[derive(Debug, Clone, Default)]
 pub struct Transition<'a> {
-    pub tx_hash: Option<&'a str>,
+    pub tx_hash: Option<TxHash>,
     pub block_number: Option<i64>,
     pub error: Option<&'a str>,
     pub from_block: Option<i64>,

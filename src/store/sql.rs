@@ -113,21 +113,31 @@ struct Row {
     result_json: Option<String>,
 }
 
+/// Parses a stored column; a value that does not parse is damage, never a default.
+fn column<T: std::str::FromStr>(name: &str, value: &str) -> Result<T, StoreError> {
+    value.parse().map_err(|_| StoreError::Corrupt(format!("payments.{name} holds {value:?}")))
+}
+
+/// The stored (lower-case hex) form of an address or hash.
+fn hex_of(value: impl std::fmt::LowerHex) -> String {
+    format!("{value:#x}")
+}
+
 impl TryFrom<Row> for PaymentRecord {
     type Error = StoreError;
     fn try_from(r: Row) -> Result<Self, StoreError> {
         Ok(PaymentRecord {
             id: r.id,
             network: r.network,
-            asset: r.asset,
-            payer: r.payer,
-            nonce: r.nonce,
+            asset: column("asset", &r.asset)?,
+            payer: column("payer", &r.payer)?,
+            nonce: column("nonce", &r.nonce)?,
             payload_hash: r.payload_hash,
             payment_id: r.payment_id,
             tool: r.tool,
-            amount: r.amount,
+            amount: column("amount", &r.amount)?,
             state: r.state.parse()?,
-            tx_hash: r.tx_hash,
+            tx_hash: r.tx_hash.as_deref().map(|t| column("tx_hash", t)).transpose()?,
             block_number: r.block_number,
             error: r.error,
             handler_started_at: r.handler_started_at,
@@ -197,13 +207,13 @@ macro_rules! impl_store {
             async fn claim(&self, p: &NewPayment) -> Result<Claim, StoreError> {
                 let inserted: Option<(i64,)> = sqlx::query_as(INSERT_CLAIM)
                     .bind(&p.network)
-                    .bind(&p.asset)
-                    .bind(&p.payer)
-                    .bind(&p.nonce)
+                    .bind(hex_of(p.asset))
+                    .bind(hex_of(p.payer))
+                    .bind(hex_of(p.nonce))
                     .bind(&p.payload_hash)
                     .bind(&p.payment_id)
                     .bind(&p.tool)
-                    .bind(&p.amount)
+                    .bind(p.amount.to_string())
                     .bind(p.valid_before)
                     .bind(&p.payload_json)
                     .bind(p.now)
@@ -218,7 +228,7 @@ macro_rules! impl_store {
                         .ok_or_else(|| StoreError::Corrupt("claimed row vanished".into()));
                 }
                 // Lost: the conflict was on the claim key or on the payment identifier.
-                let key = PaymentKey { network: &p.network, asset: &p.asset, payer: &p.payer, nonce: &p.nonce };
+                let key = PaymentKey { network: &p.network, asset: p.asset, payer: p.payer, nonce: p.nonce };
                 let by_key = self.by_key(&key).await?;
                 let existing = match (by_key, &p.payment_id) {
                     (Some(row), _) => Some(row),
@@ -247,9 +257,9 @@ macro_rules! impl_store {
                     "p.network = $1 and p.asset = $2 and p.payer = $3 and p.nonce = $4"
                 ))
                 .bind(key.network)
-                .bind(key.asset)
-                .bind(key.payer)
-                .bind(key.nonce)
+                .bind(hex_of(key.asset))
+                .bind(hex_of(key.payer))
+                .bind(hex_of(key.nonce))
                 .fetch_optional(&self.pool)
                 .await?
                 .map(PaymentRecord::try_from)
@@ -283,7 +293,7 @@ macro_rules! impl_store {
                 );
                 let done = sqlx::query(&sql)
                     .bind(to.as_str())
-                    .bind(t.tx_hash)
+                    .bind(t.tx_hash.map(hex_of))
                     .bind(t.block_number)
                     .bind(t.error)
                     .bind(now)

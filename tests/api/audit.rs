@@ -262,13 +262,13 @@ async fn a_receipt_without_a_transfer_is_caught() {
     let payer = app.payer();
     let fake = tollgate::store::NewPayment {
         network: app.state.network.caip2.clone(),
-        asset: format!("{:#x}", app.chain.token),
-        payer: format!("{:#x}", payer.address()),
-        nonce: format!("0x{}", "ab".repeat(32)),
+        asset: app.chain.token,
+        payer: payer.address(),
+        nonce: alloy::primitives::B256::repeat_byte(0xab),
         payload_hash: "fake".into(),
         payment_id: None,
         tool: "counted".into(),
-        amount: "999".into(),
+        amount: tollgate::money::UsdcAmount::from_atomic(999),
         valid_before: 0,
         payload_json: "{}".into(),
         args_json: None,
@@ -278,13 +278,13 @@ async fn a_receipt_without_a_transfer_is_caught() {
     let tollgate::store::Claim::Won(row) = app.state.store.claim(&fake).await.unwrap() else { panic!() };
     let settlement = tollgate::payment::gate::Settlement {
         row_id: row.id,
-        transaction: format!("0x{}", "cd".repeat(32)),
+        transaction: alloy::primitives::B256::repeat_byte(0xcd),
         block: 1,
-        payer: payer.address().to_checksum(None),
+        payer: payer.address(),
         network: app.state.network.caip2.clone(),
-        asset: row.asset.clone(),
-        amount: "999".into(),
-        nonce: row.nonce.clone(),
+        asset: row.asset,
+        amount: tollgate::money::UsdcAmount::from_atomic(999),
+        nonce: row.nonce,
     };
     let result = rmcp::model::CallToolResult::structured(json!({ "forged": true }));
     let input = tollgate::receipt::ReceiptInput {

@@ -203,7 +203,10 @@ async fn a_fleet_of_three_runs_each_authorization_once_shares_limits_and_survive
     let retry =
         Mcp::sessionless(&fleet.url(0)).call_tool("reverse", json!({ "text": "crash" }), Some(meta)).await;
     assert_eq!(retry["isError"], false, "another replica served the paid result: {retry}");
-    assert_eq!(retry["_meta"]["x402/payment-response"]["transaction"], row.tx_hash.clone().unwrap().as_str());
+    assert_eq!(
+        retry["_meta"]["x402/payment-response"]["transaction"],
+        format!("{:#x}", row.tx_hash.unwrap())
+    );
     assert_eq!(app.balance(second.address()).await, U256::from(10_000 - PRICE), "charged exactly once");
     assert_eq!(fleet.upstream_calls(), calls_before + 1, "the upstream ran once for it");
     assert_eq!(fleet.store.payment(row.id).await.unwrap().unwrap().state, PaymentState::Settled);

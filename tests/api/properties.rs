@@ -9,13 +9,13 @@ use tollgate::store::{Claim, NewPayment, SqliteStore, Store};
 fn payment(nonce: usize) -> NewPayment {
     NewPayment {
         network: "eip155:31337".into(),
-        asset: "0xasset".into(),
-        payer: "0xpayer".into(),
-        nonce: format!("0x{nonce:064x}"),
+        asset: alloy::primitives::Address::repeat_byte(0xaa),
+        payer: alloy::primitives::Address::repeat_byte(0xbb),
+        nonce: alloy::primitives::B256::from(alloy::primitives::U256::from(nonce)),
         payload_hash: format!("h{nonce}"),
         payment_id: None,
         tool: "t".into(),
-        amount: "1".into(),
+        amount: tollgate::money::UsdcAmount::from_atomic(1),
         valid_before: 0,
         payload_json: "{}".into(),
         args_json: None,

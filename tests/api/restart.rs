@@ -85,7 +85,7 @@ async fn kill_9_during_settlement_then_restart_resolves_the_payment_and_charges_
     // Assert: the result, for the transaction sent before the crash; charged exactly once.
     assert_eq!(retry["isError"], false, "{retry}");
     let response = &retry["_meta"]["x402/payment-response"];
-    assert_eq!(response["transaction"], row.tx_hash.clone().unwrap().as_str());
+    assert_eq!(response["transaction"], format!("{:#x}", row.tx_hash.unwrap()));
     let digest = retry["structuredContent"]["sha256"].as_str().unwrap();
     assert_eq!(digest, "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881");
     assert_eq!(before - app.balance(payer.address()).await, U256::from(1000));

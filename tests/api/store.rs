@@ -2,6 +2,8 @@
 
 use std::sync::Arc;
 
+use alloy::primitives::{Address, B256};
+use tollgate::money::UsdcAmount;
 use tollgate::store::{Claim, NewPayment, PaymentState, PgStore, SqliteStore, Store, Transition};
 
 use crate::helpers::{PG_URL, fresh_schema};
@@ -22,13 +24,13 @@ async fn backends() -> Vec<(&'static str, Arc<dyn Store>, tempfile::TempDir)> {
 fn payment(nonce: &str) -> NewPayment {
     NewPayment {
         network: "eip155:31337".into(),
-        asset: "0xasset".into(),
-        payer: "0xpayer".into(),
-        nonce: nonce.into(),
+        asset: Address::repeat_byte(0xaa),
+        payer: Address::repeat_byte(0xbb),
+        nonce: B256::left_padding_from(&hex::decode(nonce.trim_start_matches("0x")).unwrap()),
         payload_hash: format!("hash-{nonce}"),
         payment_id: None,
         tool: "sha256".into(),
-        amount: "1000".into(),
+        amount: UsdcAmount::from_atomic(1000),
         valid_before: 2_000_000_000,
         payload_json: "{}".into(),
         args_json: None,
@@ -89,7 +91,7 @@ async fn transitions_are_compare_and_set() {
             .unwrap();
         assert!(first && !second, "{backend}: CAS lets exactly one through");
         let t = Transition {
-            tx_hash: Some("0xtx"),
+            tx_hash: Some(B256::repeat_byte(0x7a)),
             block_number: Some(12),
             error: None,
             ..Transition::default()
@@ -99,7 +101,7 @@ async fn transitions_are_compare_and_set() {
         );
         let stored = store.payment(row.id).await.unwrap().unwrap();
         assert_eq!(stored.state, PaymentState::Settled, "{backend}");
-        assert_eq!(stored.tx_hash.as_deref(), Some("0xtx"), "{backend}");
+        assert_eq!(stored.tx_hash, Some(B256::repeat_byte(0x7a)), "{backend}");
         assert_eq!(stored.block_number, Some(12), "{backend}");
         assert_eq!(stored.updated_at, 2, "{backend}");
         // A settled payment can never be released (its authorization is spent).
@@ -184,8 +186,11 @@ async fn a_settled_call_is_unfinished_until_its_receipt_is_stored() {
             async move { store.unfinished(idle_since, 10).await.unwrap().iter().map(|r| r.id).collect::<Vec<_>>() }
         };
         assert!(unfinished(100).await.is_empty(), "{backend}: not settled yet");
-        let t =
-            Transition { tx_hash: Some("0xtx"), block_number: Some(3), error: None, ..Transition::default() };
+        let t = Transition {
+            tx_hash: Some(B256::repeat_byte(0x7a)),
+            block_number: Some(3),
+            ..Transition::default()
+        };
         store.transition(row.id, &[PaymentState::Claimed], PaymentState::Settled, t, 10).await.unwrap();
         assert!(unfinished(10).await.is_empty(), "{backend}: its request may still be running");
         assert_eq!(unfinished(11).await, [row.id], "{backend}: idle since settlement");
@@ -198,7 +203,7 @@ async fn a_settled_call_is_unfinished_until_its_receipt_is_stored() {
             kid: "k".into(),
             leaf_hash: "11".into(),
         };
-        store.append_receipt(row.id, &row.payer, 22, &sign).await.unwrap();
+        store.append_receipt(row.id, &format!("{:#x}", row.payer), 22, &sign).await.unwrap();
         assert!(unfinished(100).await.is_empty(), "{backend}: finished with its receipt");
         let stored = store.payment(row.id).await.unwrap().unwrap();
         assert_eq!(stored.args_json, None, "{backend}: arguments are dropped once finished");

@@ -40,7 +40,7 @@ impl PaidCall {
     }
 
     async fn finish_one(&self, catalog: &Catalog, row: PaymentRecord) {
-        let Some(settled) = Settlement::from_record(&row, row.payer.clone()) else { return };
+        let Some(settled) = Settlement::from_record(&row) else { return };
         let args = stored_args(row.args_json.as_deref()).unwrap_or_default();
         let entry = catalog.get(&row.tool).filter(|e| e.quote.is_some());
         match (&row.result_json, entry) {
