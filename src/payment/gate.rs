@@ -23,11 +23,12 @@ use alloy::primitives::{Address, B256, TxHash, U256};
 
 use super::error::PaymentError;
 use super::requirements::Quote;
+use super::resolve::expected_transfer;
 use super::settle::{SettleError, SettleRequest, Settler, Submitted, TxRecorder};
 use super::verify::VerifiedPayment;
 use super::wire::SettlementResponse;
 use crate::chain::Network;
-use crate::chain::client::{AuthEffect, Chain, ChainError, ExpectedTransfer, Spent, SpentQuery, TxStatus};
+use crate::chain::client::{AuthEffect, Chain, ChainError, TxStatus};
 use crate::clock::SharedClock;
 use crate::money::UsdcAmount;
 use crate::store::{
@@ -41,9 +42,6 @@ const CONFIRM_POLL_MAX: Duration = Duration::from_millis(250);
 
 /// Reason codes of payments that can never settle for us.
 const TX_FAILED: &str = "invalid_exact_evm_transaction_failed";
-const EXPIRED: &str = "invalid_exact_evm_payload_authorization_valid_before";
-const CANCELED: &str = "invalid_exact_evm_authorization_canceled";
-const SPENT_ELSEWHERE: &str = "invalid_exact_evm_authorization_spent_elsewhere";
 
 /// A settled payment: the money moved, confirmed on chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,7 +85,7 @@ impl Settlement {
 }
 
 /// A transaction hash as answers carry it.
-fn hex(tx: TxHash) -> String {
+pub(super) fn hex(tx: TxHash) -> String {
     format!("{tx:#x}")
 }
 
@@ -123,13 +121,13 @@ pub struct PaymentGate {
 }
 
 /// The store failed before anything could move: the answer may say nothing was charged.
-fn store_down(e: StoreError) -> PaymentError {
+pub(super) fn store_down(e: StoreError) -> PaymentError {
     tracing::warn!(error = %e, "payment store unavailable");
     PaymentError::StoreUnavailable
 }
 
 /// The store failed after a transaction may exist: the answer must not say nothing was charged.
-fn unrecorded(tx: Option<TxHash>) -> impl FnOnce(StoreError) -> PaymentError {
+pub(super) fn unrecorded(tx: Option<TxHash>) -> impl FnOnce(StoreError) -> PaymentError {
     move |e| {
         tracing::error!(error = %e, payment.tx = ?tx, "could not record a payment outcome");
         PaymentError::OutcomeUnknown { transaction: tx.map(hex) }
@@ -358,7 +356,7 @@ impl PaymentGate {
         settled
     }
 
-    async fn reload(&self, row: &PaymentRecord) -> Result<PaymentRecord, PaymentError> {
+    pub(super) async fn reload(&self, row: &PaymentRecord) -> Result<PaymentRecord, PaymentError> {
         let pending = unrecorded(row.tx_hash);
         match self.store.payment(row.id).await {
             Ok(Some(row)) => Ok(row),
@@ -409,109 +407,7 @@ impl PaymentGate {
         }
     }
 
-    /// Resolves a payment from chain state alone: the reconciler, a retry, or an authorization
-    /// spent by someone else. Chain errors here leave the payment pending: a transaction may
-    /// exist, so "unavailable" must not read as "nothing was charged".
-    pub async fn resolve(&self, row: &PaymentRecord) -> Result<Settlement, PaymentError> {
-        let expect = expected_transfer(row)?;
-        let ours = row.tx_hash;
-        if let Some(tx) = ours {
-            // Not mined yet, reverted, or mined without paying: the authorization decides below.
-            let Ok(status) = self.chain.tx_status(tx, &expect).await else {
-                return Err(self.still_pending(row).await);
-            };
-            if let TxStatus::Mined { block, confirmations, effect: AuthEffect::Paid } = status {
-                return self.settled_or_pending(row, tx, block, confirmations).await;
-            }
-        }
-        // The authorization's state and the chain's time, read at one block.
-        let pinned = async {
-            let head = self.chain.head().await?;
-            let used = self.chain.authorization_used_at(expect.from, expect.nonce, head.number).await?;
-            Ok::<_, crate::chain::client::ChainError>((head, used))
-        };
-        let Ok((head, used)) = pinned.await else {
-            return Err(self.still_pending(row).await);
-        };
-        if used {
-            return self.resolve_spent(row, &expect).await;
-        }
-        if head.timestamp >= row.valid_before as u64 {
-            // Unused at a block already past validBefore: no later block can spend it, so it
-            // can never move money now. The chain's clock decides, not ours.
-            return Err(self.fail_with(row.id, EXPIRED).await);
-        }
-        Err(self.still_pending(row).await)
-    }
-
-    /// Records that a transaction may exist and nothing is concluded yet; the answer to give.
-    async fn still_pending(&self, row: &PaymentRecord) -> PaymentError {
-        if row.state != PaymentState::Pending
-            && let Err(e) = self.mark_pending(row.id, row.tx_hash).await
-        {
-            return e;
-        }
-        PaymentError::Pending { transaction: row.tx_hash.map(hex) }
-    }
-
-    /// The authorization is spent: find the transaction that spent it, whoever sent it, and
-    /// honour it only if it carries the paired transfer of the price to our payTo.
-    async fn resolve_spent(
-        &self,
-        row: &PaymentRecord,
-        expect: &ExpectedTransfer,
-    ) -> Result<Settlement, PaymentError> {
-        let payload = stored_payload(row)?;
-        let query = SpentQuery {
-            authorizer: expect.from,
-            nonce: expect.nonce,
-            anchor: row.from_block.and_then(|b| u64::try_from(b).ok()),
-            not_before: payload
-                .valid_after
-                .max(payload.valid_before.saturating_sub(payload.longest_validity())),
-            window: self.log_window,
-        };
-        let spent = match self.chain.find_spent(&query).await {
-            Ok(spent) => spent,
-            Err(e) => {
-                tracing::warn!(error = %e, payment.row = row.id, "could not find the spending transaction");
-                return Err(self.still_pending(row).await);
-            }
-        };
-        let tx = match spent {
-            Some(Spent::Used(tx)) => tx,
-            Some(Spent::Canceled(_)) => return Err(self.fail_with(row.id, CANCELED).await),
-            // Used, yet no log in reach (a reorg in progress, or beyond the search budget):
-            // nothing can be concluded; the reconciler asks again.
-            None => return Err(self.still_pending(row).await),
-        };
-        match self.chain.tx_status(tx, expect).await {
-            Ok(TxStatus::Mined { block, confirmations, effect: AuthEffect::Paid }) => {
-                self.settled_or_pending(row, tx, block, confirmations).await
-            }
-            Ok(TxStatus::Mined { effect: AuthEffect::SpentOtherwise, .. }) => {
-                tracing::warn!(payment.row = row.id, payment.tx = %tx, "authorization spent without paying payTo the price");
-                Err(self.fail_with(row.id, SPENT_ELSEWHERE).await)
-            }
-            _ => Err(self.still_pending(row).await),
-        }
-    }
-
-    async fn settled_or_pending(
-        &self,
-        row: &PaymentRecord,
-        tx: B256,
-        block: u64,
-        confirmations: u64,
-    ) -> Result<Settlement, PaymentError> {
-        if confirmations >= self.confirmations {
-            return self.mark_settled(row, tx, block).await;
-        }
-        self.mark_pending(row.id, Some(tx)).await?;
-        Err(PaymentError::Pending { transaction: Some(hex(tx)) })
-    }
-
-    async fn mark_settled(
+    pub(super) async fn mark_settled(
         &self,
         row: &PaymentRecord,
         tx: TxHash,
@@ -552,7 +448,7 @@ impl PaymentGate {
 
     /// Records that a transaction may exist. A store failure here is reported as such, never
     /// as "nothing was charged".
-    async fn mark_pending(&self, id: i64, tx: Option<TxHash>) -> Result<(), PaymentError> {
+    pub(super) async fn mark_pending(&self, id: i64, tx: Option<TxHash>) -> Result<(), PaymentError> {
         let t = Transition { tx_hash: tx, ..Default::default() };
         let from = [PaymentState::Claimed, PaymentState::Settling, PaymentState::Pending];
         self.store
@@ -566,7 +462,7 @@ impl PaymentGate {
 
     /// Records that the chain proved this payment paid us nothing, and says so to the payer
     /// (or, if the store fails, that it should retry).
-    async fn fail_with(&self, id: i64, reason: &str) -> PaymentError {
+    pub(super) async fn fail_with(&self, id: i64, reason: &str) -> PaymentError {
         match self.fail(id, reason).await {
             Ok(()) => PaymentError::SettlementFailed { reason: reason.to_owned() },
             Err(e) => e,
@@ -582,52 +478,6 @@ impl PaymentGate {
         tracing::warn!(payment.row = id, payment.reason = reason, "payment failed; nothing was charged");
         Ok(())
     }
-}
-
-/// The parts of the stored payload resolution needs beyond the row's columns.
-struct StoredPayload {
-    to: Address,
-    valid_after: u64,
-    valid_before: u64,
-    /// `accepted.maxTimeoutSeconds`: verification bounds validBefore by it.
-    max_timeout_seconds: u64,
-}
-
-impl StoredPayload {
-    /// The longest an authorization we accept may have been valid for when it reached us.
-    fn longest_validity(&self) -> u64 {
-        self.max_timeout_seconds + super::verify::VALIDITY_SKEW_SECS
-    }
-}
-
-/// Damaged stored data is our fault: an internal error, never a fresh challenge.
-fn corrupt(what: &str) -> PaymentError {
-    PaymentError::Corrupt(format!("stored payment has a bad {what}"))
-}
-
-fn stored_payload(row: &PaymentRecord) -> Result<StoredPayload, PaymentError> {
-    let payload: serde_json::Value =
-        serde_json::from_str(&row.payload_json).map_err(|_| corrupt("payload"))?;
-    let field =
-        |name: &str| payload.pointer(&format!("/payload/authorization/{name}")).and_then(|v| v.as_str());
-    let to = field("to").and_then(|s| s.parse::<Address>().ok()).ok_or_else(|| corrupt("recipient"))?;
-    let number = |name: &str| field(name).and_then(|s| s.parse::<u64>().ok()).ok_or_else(|| corrupt(name));
-    let (valid_after, valid_before) = (number("validAfter")?, number("validBefore")?);
-    let max_timeout_seconds = payload
-        .pointer("/accepted/maxTimeoutSeconds")
-        .and_then(|v| v.as_u64())
-        .ok_or_else(|| corrupt("accepted"))?;
-    Ok(StoredPayload { to, valid_after, valid_before, max_timeout_seconds })
-}
-
-/// The transfer a stored payment must produce on chain.
-fn expected_transfer(row: &PaymentRecord) -> Result<ExpectedTransfer, PaymentError> {
-    Ok(ExpectedTransfer {
-        from: row.payer,
-        to: stored_payload(row)?.to,
-        value: row.amount.into(),
-        nonce: row.nonce,
-    })
 }
 
 /// Records a settlement transaction hash and its relayer nonce on its row before broadcast.

@@ -6,6 +6,7 @@ pub mod error;
 pub mod gate;
 pub mod reconcile;
 pub mod requirements;
+mod resolve;
 pub mod settle;
 pub mod verify;
 pub mod wire;
