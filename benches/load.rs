@@ -97,7 +97,7 @@ async fn main() {
     // Per-agent ceiling (by API key): generous for the workers, and the flooder exceeds it.
     config.ceiling.api_key_header = "x-api-key".into();
     // Free callers and challengers spread over 64 keys and paid agents stay well below 100/s
-    // per key even in release builds; one sequential flooder exceeds it even in a debug build.
+    // per key even in release builds; the flooder's four loops exceed it even in a debug build.
     config.ceiling.burst = 100;
     config.ceiling.per_second = 100;
     tollgate::chain::anvil::find_or_install(&config.dev.state_dir).await.unwrap();
@@ -183,21 +183,25 @@ async fn main() {
             (kind, t)
         }));
     }
-    let (http2, url2) = (http.clone(), url.clone());
-    workers.push(tokio::spawn(async move {
-        let mut t = Tally::default();
-        while Instant::now() < deadline {
-            let start = Instant::now();
-            let (status, _) = post(&http2, &url2, &call("echo", None), Some("flooder")).await;
-            t.latencies_us.push(start.elapsed().as_micros() as u64);
-            match status {
-                200 => t.ok += 1,
-                429 => t.refused_429 += 1,
-                _ => t.errors += 1,
+    // The flooder: four concurrent loops on one key, so it outruns the ceiling's refill even
+    // on a loaded machine and in a debug build (one sequential loop did not, always).
+    for _ in 0..4 {
+        let (http2, url2) = (http.clone(), url.clone());
+        workers.push(tokio::spawn(async move {
+            let mut t = Tally::default();
+            while Instant::now() < deadline {
+                let start = Instant::now();
+                let (status, _) = post(&http2, &url2, &call("echo", None), Some("flooder")).await;
+                t.latencies_us.push(start.elapsed().as_micros() as u64);
+                match status {
+                    200 => t.ok += 1,
+                    429 => t.refused_429 += 1,
+                    _ => t.errors += 1,
+                }
             }
-        }
-        ("flood", t)
-    }));
+            ("flood", t)
+        }));
+    }
     let mut by_kind: std::collections::BTreeMap<&str, Tally> = Default::default();
     for w in workers {
         let (kind, t) = w.await.unwrap();
@@ -209,7 +213,9 @@ async fn main() {
         e.paid += t.paid;
     }
     let rss_after = resident_mb();
-    println!("load: {secs} s on loopback, {PAYERS} paying agents, 2 free, 2 challengers, 1 flooder");
+    println!(
+        "load: {secs} s on loopback, {PAYERS} paying agents, 2 free, 2 challengers, 1 flooder (4 loops)"
+    );
     for (kind, t) in &mut by_kind {
         t.latencies_us.sort_unstable();
         let n = t.latencies_us.len().max(1);
