@@ -18,7 +18,7 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use axum::Router;
-use axum::body::{Body, Bytes};
+use axum::body::{Body, Bytes, HttpBody as _};
 use axum::extract::ConnectInfo;
 use axum::http::{HeaderName, HeaderValue, Request, StatusCode, header};
 use axum::response::Response;
@@ -102,7 +102,13 @@ impl Service<Request<Body>> for Guard {
         let peer = self.peer.ip();
         let verdict = self.http.ceiling.check_request_now(request.headers(), peer);
         if let Some(Err(CeilingError::Exceeded { key_kind, retry_after_secs })) = verdict {
-            return Either::Left(ready(Ok(self.http.refusal(key_kind, retry_after_secs))));
+            let refusal = self.http.refusal(key_kind, retry_after_secs);
+            if request.body().is_end_stream() {
+                return Either::Left(ready(Ok(refusal)));
+            }
+            return Either::Right(Either::Right(Box::pin(async move {
+                Ok(discard_body_then(request, refusal).await)
+            })));
         }
         // Only a request that goes on needs the peer in its extensions (a first insert allocates).
         request.extensions_mut().insert(ConnectInfo(self.peer));
@@ -116,11 +122,28 @@ impl Service<Request<Body>> for Guard {
             match admitted {
                 Ok(admitted) => Ok(admit(&http, router, request, peer, admitted).await),
                 Err(CeilingError::Exceeded { key_kind, retry_after_secs }) => {
-                    Ok(http.refusal(key_kind, retry_after_secs))
+                    Ok(discard_body_then(request, http.refusal(key_kind, retry_after_secs)).await)
                 }
             }
         })))
     }
+}
+
+/// Bodies a refusal reads (and drops) before answering, at most.
+const DISCARD_LIMIT: usize = 64 * 1024;
+/// Longest a refusal waits for the rest of a body.
+const DISCARD_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Reads and drops the refused request's body before the answer goes out. Answering first
+/// leaves the body's bytes on a keep-alive connection; the connection is then torn down under
+/// the client's next request ("server disconnected"), and a refused agent never sees its 429.
+/// A body too large or too slow to read is answered with `Connection: close` instead.
+async fn discard_body_then(request: Request<Body>, mut refusal: Response) -> Response {
+    let read = axum::body::to_bytes(request.into_body(), DISCARD_LIMIT);
+    if !matches!(tokio::time::timeout(DISCARD_WAIT, read).await, Ok(Ok(_))) {
+        refusal.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    refusal
 }
 
 /// Passes an admitted request on, with its client key for the wallet limits' `agent` axis,

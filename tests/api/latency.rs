@@ -30,3 +30,33 @@ async fn sequential_session_calls_from_httpx_do_not_stall_on_nagle() {
     assert!(median < 20.0, "median {median:.1} ms per call: the 40 ms delayed-ACK stall is back ({report})");
     app.shutdown().await;
 }
+
+/// A refused agent must see its 429 and Retry-After, never a dropped connection: on a
+/// keep-alive connection, answering before the request body was read used to leave the rest
+/// of it on the wire, and the connection reset under the client's next request.
+#[tokio::test]
+async fn a_ceiling_refusal_never_drops_the_connection() {
+    // Arrange: a tight ceiling, so most of the calls are refused.
+    let app = crate::helpers::spawn_app_with(|c| {
+        c.ceiling.burst = 5;
+        c.ceiling.per_second = 1;
+    })
+    .await;
+    for (label, threads) in [("sequential", "1"), ("8 threads on one pool", "8")] {
+        // Act
+        let out = Command::new(python().await)
+            .arg(repo_root().join("tests/interop/httpx_ceiling.py"))
+            .args([app.mcp_url().as_str(), "800", threads])
+            .output()
+            .await
+            .unwrap();
+        // Assert
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "httpx client failed: {stderr}");
+        let counts: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{stderr}"));
+        assert_eq!(counts["transport_errors"], 0, "{label}: {counts}");
+        assert_eq!(counts["refused_without_retry_after"], 0, "{label}: {counts}");
+        assert!(counts["refused"].as_u64().unwrap() > 700, "{label}: the ceiling held: {counts}");
+    }
+    app.shutdown().await;
+}
