@@ -33,6 +33,7 @@ pub mod money;
 pub mod payment;
 pub mod public_api;
 pub mod receipt;
+pub mod redact;
 pub mod router;
 pub mod state;
 pub mod store;

@@ -73,14 +73,17 @@ async fn readyz(State(app): State<Arc<AppState>>) -> impl IntoResponse {
         checks.insert(name.to_owned(), outcome.err().unwrap_or_else(|| "ok".to_owned()).into());
     };
     let store = tokio::time::timeout(probe, app.store.ping()).await;
-    check("store", store.map_err(|_| "timeout".to_owned()).and_then(|r| r.map_err(|e| e.to_string())));
+    let store = store
+        .map_err(|_| "timeout".to_owned())
+        .and_then(|r| r.map_err(|e| crate::redact::urls(&e.to_string())));
+    check("store", store);
     let limiter = tokio::time::timeout(probe, app.limits.ping()).await.unwrap_or(false);
     check("limiter", if limiter { Ok(()) } else { Err("redis unavailable".into()) });
     let chain = tokio::time::timeout(probe, app.gate.chain.chain_id()).await;
     let chain = match chain {
         Ok(Ok(id)) if id == app.network.chain_id => Ok(()),
         Ok(Ok(id)) => Err(format!("RPC is on chain {id}, expected {}", app.network.chain_id)),
-        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Err(e)) => Err(crate::redact::urls(&e.to_string())),
         Err(_) => Err("timeout".into()),
     };
     check("chain", chain);
@@ -96,7 +99,7 @@ async fn readyz(State(app): State<Arc<AppState>>) -> impl IntoResponse {
                     Err(format!("relayer balance {wei} wei is below {floor}"))
                 }
             }
-            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Err(e)) => Err(crate::redact::urls(&e.to_string())),
             Err(_) => Err("timeout".into()),
         };
         check("relayer_gas", outcome);

@@ -6,9 +6,17 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
 
+/// Targets whose debug output would carry credentials (full URLs).
+const QUIET_TARGETS: [&str; 3] = ["alloy_transport_http=warn", "reqwest=warn", "alloy_rpc_client=warn"];
+
 /// Installs the global subscriber once; later calls (tests) are no-ops.
 pub fn init(config: &LogConfig, interactive: bool) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.filter));
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.filter));
+    // Below WARN these libraries record whole request URLs, and an RPC or facilitator URL
+    // carries its API key: capped whatever RUST_LOG asks (added last, so they win).
+    for quiet in QUIET_TARGETS {
+        filter = filter.add_directive(quiet.parse().expect("static directive"));
+    }
     let json = match config.format {
         LogFormat::Json => true,
         LogFormat::Pretty => false,

@@ -162,8 +162,9 @@ pub fn rpc_client(url: &str) -> Result<RpcClient, ChainError> {
     Ok(RpcClient::new(Http::with_client(http, url), is_local))
 }
 
+/// Transport errors name the RPC URL, which may carry an API key: cut to scheme and host.
 fn unavailable(e: impl std::fmt::Display) -> ChainError {
-    ChainError::Unavailable(e.to_string())
+    ChainError::Unavailable(crate::redact::urls(&e.to_string()))
 }
 
 impl ChainClient {

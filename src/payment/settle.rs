@@ -386,7 +386,7 @@ impl Settler for FacilitatorSettler {
         let (status, verdict) = self
             .post("verify", &body)
             .await
-            .map_err(|e| SettleError::NotSent(format!("facilitator /verify: {e}")))?;
+            .map_err(|e| SettleError::NotSent(crate::redact::urls(&format!("facilitator /verify: {e}"))))?;
         match verdict.as_ref().and_then(|v| v.get("isValid")).and_then(Value::as_bool) {
             Some(true) => {}
             // Spent already (by a front-runner, or through another route): the gate asks the

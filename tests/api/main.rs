@@ -21,5 +21,6 @@ mod payments;
 mod pending;
 mod properties;
 mod restart;
+mod secrets;
 mod store;
 mod upstream;
