@@ -31,6 +31,7 @@ fn ceiling(burst: u32, max_keys: usize) -> Arc<Ceiling> {
         per_second: 1,
         max_tracked_keys: max_keys,
         api_key_header: String::new(),
+        api_keys_sha256: vec![],
         trusted_proxies: vec![],
         shared: false,
     };
@@ -66,8 +67,10 @@ async fn main() {
     //    alternate so that both see the same machine; the best round of each counts.
     let bare = Router::new().route("/mcp", post(|| async { "constant" }));
     let guard = ceiling(1, 1000);
-    guard.check(&ClientKey::Session("flooder".into())).await.unwrap(); // exhaust the bucket
+    // The flood as it comes: a session id the server never issued, so the request counts
+    // against its IP (a lookup in the live-session set first). Exhaust that bucket.
     let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+    guard.check(&ClientKey::Ip(peer.ip())).await.unwrap();
     let refusing = Guarded::new(bare.clone(), guard).for_peer(peer);
     let status = refusing.clone().oneshot(request()).await.unwrap().status();
     assert_eq!(status, 429, "the benchmark must measure refusals");

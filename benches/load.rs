@@ -96,6 +96,14 @@ async fn main() {
     config.limits.rules.clear(); // the load is the point here; limits have their own tests
     // Per-agent ceiling (by API key): generous for the workers, and the flooder exceeds it.
     config.ceiling.api_key_header = "x-api-key".into();
+    // Only configured keys earn their own bucket: every agent's key, and the flooder's.
+    let agents = (0..PAYERS).map(|i| format!("payer-{i}"));
+    let workers = ["free", "challenge"].into_iter().flat_map(|k| (0..64).map(move |n| format!("{k}-{n}")));
+    config.ceiling.api_keys_sha256 = agents
+        .chain(workers)
+        .chain(["flooder".to_owned()])
+        .map(|key| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(key.as_bytes())))
+        .collect();
     // Free callers and challengers spread over 64 keys and paid agents stay well below 100/s
     // per key even in release builds; the flooder's four loops exceed it even in a debug build.
     config.ceiling.burst = 100;

@@ -106,6 +106,10 @@ pub struct CeilingConfig {
     pub per_second: u32,
     pub max_tracked_keys: usize,
     pub api_key_header: String,
+    /// SHA-256 (hex) of the API keys that earn their own bucket; any other key counts
+    /// against the caller's IP (a client cannot mint keys).
+    #[serde(default)]
+    pub api_keys_sha256: Vec<String>,
     pub trusted_proxies: Vec<String>,
     /// Share the ceiling through limits.redis_url (fleet) instead of per process.
     pub shared: bool,

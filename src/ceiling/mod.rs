@@ -8,6 +8,7 @@
 //! limits do that on the recovered payer), nor whether a session id was issued by us.
 
 pub mod guard;
+mod sessions;
 mod store;
 
 use std::net::IpAddr;
@@ -25,6 +26,7 @@ use crate::clock::SharedClock;
 use crate::config::CeilingConfig;
 use crate::limits::gcra::{Charge, Rate, Verdict};
 use crate::limits::redis::RedisBuckets;
+pub use sessions::LiveSessions;
 pub use store::BoundedStore;
 
 /// Who a request is, for the ceiling (and for the `agent` wallet-limit axis).
@@ -104,6 +106,10 @@ pub struct Ceiling<C: GovernorClock = DefaultClock> {
     pub burst: u32,
     pub per_second: u32,
     api_key_header: Option<http::HeaderName>,
+    /// The first 16 bytes of the SHA-256 of each API key the operator configured.
+    known_api_keys: std::collections::HashSet<[u8; 16]>,
+    /// Session ids this server issued and has not closed: only they earn their own bucket.
+    pub sessions: Arc<LiveSessions>,
     trusted: Vec<ipnet::IpNet>,
     /// Fleet mode: the shared bucket in Redis, and the clock it is measured with.
     shared: Option<(RedisBuckets, SharedClock)>,
@@ -139,12 +145,20 @@ impl<C: GovernorClock + Clone> Ceiling<C> {
             Some(c.api_key_header.trim()).filter(|h| !h.is_empty()).and_then(|h| h.parse().ok());
         let refusals = ["session", "api_key", "ip"]
             .map(|kind| metrics::counter!("tollgate_ceiling_refusals_total", "key_kind" => kind));
+        let known_api_keys = c
+            .api_keys_sha256
+            .iter()
+            .filter_map(|h| hex::decode(h.trim()).ok())
+            .filter_map(|d| d.get(..16).and_then(|p| <[u8; 16]>::try_from(p).ok()))
+            .collect();
         Ceiling {
             limiter,
             clock,
             burst: c.burst,
             per_second: c.per_second,
             api_key_header,
+            known_api_keys,
+            sessions: Arc::new(LiveSessions::new(c.max_tracked_keys)),
             trusted,
             shared,
             hasher: ahash::RandomState::new(),
@@ -160,14 +174,20 @@ impl<C: GovernorClock + Clone> Ceiling<C> {
     fn key_parts<'a>(&self, headers: &'a HeaderMap, peer: IpAddr) -> KeyParts<'a> {
         static SESSION: http::HeaderName = http::HeaderName::from_static("mcp-session-id");
         let session = headers.get(&SESSION).and_then(|v| v.to_str().ok());
-        if let Some(session) = session.filter(|s| !s.is_empty() && s.len() <= 128) {
+        // Only ids this server issued: anyone can send any value, and a fresh value per request
+        // must not be a fresh bucket (nor a new entry in the key table).
+        if let Some(session) = session.filter(|s| !s.is_empty() && s.len() <= 128 && self.sessions.is_live(s))
+        {
             return KeyParts::Session(session);
         }
         if let Some(key) = self.api_key_header.as_ref().and_then(|h| headers.get(h)) {
             let digest = Sha256::digest(key.as_bytes());
-            let mut hex = [0u8; 32];
-            hex::encode_to_slice(&digest[..16], &mut hex).expect("32 hex digits for 16 bytes");
-            return KeyParts::ApiKey(hex);
+            let prefix: [u8; 16] = digest[..16].try_into().expect("16 bytes");
+            if self.known_api_keys.contains(&prefix) {
+                let mut hex = [0u8; 32];
+                hex::encode_to_slice(prefix, &mut hex).expect("32 hex digits for 16 bytes");
+                return KeyParts::ApiKey(hex);
+            }
         }
         KeyParts::Ip(self.real_ip(headers, peer))
     }
@@ -323,6 +343,7 @@ mod tests {
             per_second,
             max_tracked_keys: max_keys,
             api_key_header: "x-api-key".into(),
+            api_keys_sha256: vec![hex::encode(Sha256::digest(b"secret-key"))],
             trusted_proxies: vec!["10.0.0.0/8".into()],
             shared: false,
         }
@@ -373,16 +394,24 @@ mod tests {
     }
 
     #[test]
-    fn keys_prefer_session_then_api_key_then_ip() {
+    fn keys_prefer_an_issued_session_then_a_known_api_key_then_ip() {
         let ceiling = Ceiling::from_config(&config(1, 1, 100), None);
         let peer: IpAddr = "192.0.2.9".parse().unwrap();
         let mut headers = HeaderMap::new();
         assert_eq!(ceiling.client_key(&headers, peer), ClientKey::Ip(peer));
+        // An API key the operator did not configure earns nothing: the IP.
+        headers.insert("x-api-key", "made-up".parse().unwrap());
+        assert_eq!(ceiling.client_key(&headers, peer), ClientKey::Ip(peer));
         headers.insert("x-api-key", "secret-key".parse().unwrap());
         let ClientKey::ApiKey(hash) = ceiling.client_key(&headers, peer) else { panic!("api key") };
         assert!(!hash.contains("secret"), "the key is hashed");
+        // A session id this server never issued earns nothing either.
         headers.insert("mcp-session-id", "abc".parse().unwrap());
+        assert!(matches!(ceiling.client_key(&headers, peer), ClientKey::ApiKey(_)));
+        ceiling.sessions.issued("abc");
         assert_eq!(ceiling.client_key(&headers, peer), ClientKey::Session("abc".into()));
+        ceiling.sessions.closed("abc");
+        assert!(matches!(ceiling.client_key(&headers, peer), ClientKey::ApiKey(_)), "closed");
     }
 
     #[test]

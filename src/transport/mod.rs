@@ -12,7 +12,6 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
@@ -21,12 +20,14 @@ use tower::ServiceExt;
 use crate::state::AppState;
 
 pub mod mcp;
+mod sessions;
 
 use mcp::McpServer;
+use sessions::TrackedSessions;
 
 pub const SESSION_HEADER: &str = "mcp-session-id";
 
-type Service = StreamableHttpService<McpServer, LocalSessionManager>;
+type Service = StreamableHttpService<McpServer, TrackedSessions>;
 
 /// The two rmcp services and the body limit they share.
 #[derive(Clone)]
@@ -49,14 +50,15 @@ impl McpTransport {
         };
         let factory_app = app.clone();
         let factory = move || Ok(McpServer::new(factory_app.clone()));
+        let live = app.ceiling.sessions.clone();
         let with_sessions = StreamableHttpService::new(
             factory.clone(),
-            Arc::new(LocalSessionManager::default()),
+            Arc::new(TrackedSessions::new(live.clone())),
             base.clone().with_legacy_session_mode(true),
         );
         let stateless = StreamableHttpService::new(
             factory,
-            Arc::new(LocalSessionManager::default()),
+            Arc::new(TrackedSessions::new(live)),
             base.with_legacy_session_mode(false).with_json_response(true),
         );
         McpTransport { with_sessions, stateless, max_body_bytes: server.max_body_bytes }

@@ -4,6 +4,7 @@ mod helpers;
 
 mod attacks;
 mod audit;
+mod ceiling;
 mod charging;
 mod client;
 mod concurrency;
