@@ -72,7 +72,15 @@ impl App {
         let mut catalog = builtin_catalog(&config, &terms, clock.clone())?;
         upstream_tools(&config, &terms, &mut catalog).await?;
         for (tool, price) in deps.extra_tools {
-            catalog.insert(tool.name, tool.description, tool.input_schema, price, &terms, tool.handler)?;
+            catalog.insert(
+                "an injected tool",
+                tool.name,
+                tool.description,
+                tool.input_schema,
+                price,
+                &terms,
+                tool.handler,
+            )?;
         }
         let gate = Arc::new(payment_gate(&config, &network, store.clone(), clock.clone())?);
         let listener = TcpListener::bind(config.server.bind)
@@ -245,7 +253,8 @@ async fn upstream_tools(config: &Config, terms: &PayTerms, catalog: &mut Catalog
             let description = tool.description.as_deref().unwrap_or_default().to_owned();
             let schema = serde_json::Value::Object((*tool.input_schema).clone());
             let handler = Arc::new(UpstreamTool { upstream: upstream.clone(), remote });
-            catalog.insert(&name, &description, schema, price, terms, handler)?;
+            let origin = format!("upstream `{}`", c.name);
+            catalog.insert(&origin, &name, &description, schema, price, terms, handler)?;
         }
         tracing::info!(upstream = %c.name, "upstream tools listed");
     }
@@ -256,7 +265,15 @@ fn builtin_catalog(config: &Config, terms: &PayTerms, clock: SharedClock) -> any
     let mut catalog = Catalog::default();
     for tool in builtin::all(clock) {
         let price = config.tools.prices.get(tool.name).copied().unwrap_or(UsdcAmount::ZERO);
-        catalog.insert(tool.name, tool.description, tool.input_schema, price, terms, tool.handler)?;
+        catalog.insert(
+            "a built-in",
+            tool.name,
+            tool.description,
+            tool.input_schema,
+            price,
+            terms,
+            tool.handler,
+        )?;
     }
     Ok(catalog)
 }

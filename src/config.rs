@@ -65,6 +65,14 @@ pub struct UpstreamConfig {
     /// Tools not exposed at all.
     #[serde(default)]
     pub hidden: Vec<String>,
+    /// Largest result this upstream may return (bytes of JSON); past it the call answers
+    /// `result_too_large`.
+    #[serde(default = "default_max_result_bytes")]
+    pub max_result_bytes: usize,
+}
+
+fn default_max_result_bytes() -> usize {
+    1024 * 1024
 }
 
 /// A whole number written as a string ("1000000000000000") or a plain integer: wei amounts

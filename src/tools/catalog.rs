@@ -64,6 +64,10 @@ pub enum CatalogError {
     BadSchema { tool: String, reason: String },
     #[error("tool `{tool}` has an invalid price: {reason}")]
     BadPrice { tool: String, reason: String },
+    /// Two sources offer one name: the later would silently take the earlier's place (and
+    /// price), so the server refuses to start and names both.
+    #[error("tool `{tool}` is offered twice, by {first} and by {second}: give one a prefix or hide it")]
+    Duplicate { tool: String, first: String, second: String },
 }
 
 /// All tools, in a stable order.
@@ -71,12 +75,17 @@ pub enum CatalogError {
 pub struct Catalog {
     /// Shared, so a paid call's task can own its entry past the request.
     entries: BTreeMap<String, Arc<ToolEntry>>,
+    /// Where each tool comes from ("built-in", "upstream `files`"), to name both of a duplicate.
+    origins: BTreeMap<String, String>,
 }
 
 impl Catalog {
-    /// Adds a tool; `price` of zero (or none) makes it free.
+    /// Adds a tool offered by `origin`; `price` of zero makes it free. A name already taken is
+    /// an error, never a replacement.
+    #[allow(clippy::too_many_arguments)] // a tool's parts, each distinct; a struct would only rename them
     pub fn insert(
         &mut self,
+        origin: &str,
         name: &str,
         description: &str,
         input_schema: Value,
@@ -84,6 +93,10 @@ impl Catalog {
         terms: &PayTerms,
         handler: Arc<dyn ToolHandler>,
     ) -> Result<(), CatalogError> {
+        if let Some(first) = self.origins.get(name) {
+            let (tool, first, second) = (name.to_owned(), first.clone(), origin.to_owned());
+            return Err(CatalogError::Duplicate { tool, first, second });
+        }
         let bad_schema = |reason: String| CatalogError::BadSchema { tool: name.to_owned(), reason };
         let Value::Object(schema) = input_schema else {
             return Err(bad_schema("must be a JSON object".into()));
@@ -99,6 +112,7 @@ impl Catalog {
             tool = tool.with_meta(MetaObject(meta));
         }
         self.entries.insert(name.to_owned(), Arc::new(ToolEntry { tool, quote, validator, handler }));
+        self.origins.insert(name.to_owned(), origin.to_owned());
         Ok(())
     }
 

@@ -40,6 +40,8 @@ pub struct Upstream {
     pub name: String,
     command: Vec<String>,
     url: String,
+    /// Largest result served (and stored, and receipted) from this upstream.
+    max_result_bytes: usize,
     conn: Mutex<Connection>,
 }
 
@@ -49,6 +51,7 @@ impl Upstream {
             name: c.name.clone(),
             command: c.command.clone(),
             url: c.url.clone(),
+            max_result_bytes: c.max_result_bytes,
             conn: Mutex::new(Connection { client: None, retry_at: None, backoff: BACKOFF_MIN }),
         }
     }
@@ -130,13 +133,30 @@ impl Upstream {
         };
         let params = CallToolRequestParams::new(tool.to_owned()).with_arguments(args);
         match tokio::time::timeout(CALL_TIMEOUT, peer.call_tool(params)).await {
-            Ok(Ok(result)) => result,
+            Ok(Ok(result)) => self.bounded(result),
             Ok(Err(e)) => {
                 self.drop_connection().await;
-                failed(format!("upstream `{}` failed: {e}", self.name))
+                // The error may name the upstream's URL, and with it a key: cut to the host.
+                failed(crate::redact::urls(&format!("upstream `{}` failed: {e}", self.name)))
             }
             Err(_) => failed(format!("upstream `{}` timed out", self.name)),
         }
+    }
+}
+
+impl Upstream {
+    /// The result, or a clear error if it is larger than this upstream may send. (rmcp has
+    /// read it by then; the bound keeps it out of answers, stored results and receipts.)
+    fn bounded(&self, result: CallToolResult) -> CallToolResult {
+        let size = serde_json::to_vec(&result).map_or(usize::MAX, |b| b.len());
+        if size <= self.max_result_bytes {
+            return result;
+        }
+        CallToolResult::structured_error(serde_json::json!({
+            "error": "result_too_large",
+            "message": format!("upstream `{}` answered {size} bytes, more than its max_result_bytes", self.name),
+            "limit_bytes": self.max_result_bytes,
+        }))
     }
 }
 

@@ -37,6 +37,7 @@ fn upstream(name: &str) -> UpstreamConfig {
         prices: Default::default(),
         free: vec!["ping".into()],
         hidden: vec!["admin".into()],
+        max_result_bytes: 1024 * 1024,
     }
 }
 
@@ -162,5 +163,46 @@ async fn an_http_upstream_is_sold_and_when_it_is_down_nobody_is_charged() {
     assert_eq!(paid["isError"], false, "{paid}");
     assert_eq!(before - app.balance(payer).await, U256::from(PRICE));
     assert_eq!(calls(&calls_file), ["reverse", "reverse"]);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn two_upstreams_offering_one_tool_name_stop_the_start_naming_both() {
+    // Arrange: the same upstream listed twice under one prefix, so every tool name collides.
+    let app = spawn_app_with(|_| {}).await;
+    let command =
+        vec![python().await.display().to_string(), script(), "stdio".into(), "0".into(), "/dev/null".into()];
+    let (mut first, mut second) = (upstream("first"), upstream("second"));
+    first.command = command.clone();
+    second.command = command;
+    let mut config = app.state.config.clone();
+    config.upstream = vec![first, second];
+    // Act
+    let built = tollgate::app::App::build(config).await;
+    // Assert: refused, naming the tool and both sources (never a silent replacement).
+    let error = format!("{:#}", built.err().expect("a duplicate tool name is refused"));
+    assert!(error.contains("offered twice"), "{error}");
+    assert!(error.contains("upstream `first`") && error.contains("upstream `second`"), "{error}");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_upstream_result_past_its_size_bound_is_answered_as_too_large() {
+    // Arrange: results from this upstream may be at most 600 bytes.
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = vec![python().await.display().to_string(), script(), "stdio".into(), "0".into()];
+    command.push(dir.path().join("calls").display().to_string());
+    let mut u = upstream("py-stdio");
+    u.command = command;
+    u.max_result_bytes = 600;
+    let app = spawn_app_with(move |c: &mut Config| c.upstream = vec![u]).await;
+    // Act
+    let (small, _) = pay(&app, "up_reverse", json!({ "text": "abc" })).await;
+    let (large, _) = pay(&app, "up_reverse", json!({ "text": "x".repeat(2000) })).await;
+    // Assert
+    assert_eq!(small["isError"], false, "{small}");
+    assert_eq!(large["structuredContent"]["error"], "result_too_large", "{large}");
+    assert_eq!(large["structuredContent"]["limit_bytes"], 600);
+    assert!(!large.to_string().contains(&"x".repeat(700)), "the oversized result is not served");
     app.shutdown().await;
 }

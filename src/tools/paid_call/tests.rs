@@ -236,7 +236,9 @@ async fn harness(settler: impl FnOnce(Arc<FakeChain>) -> FakeSettler) -> Harness
     let mut catalog = Catalog::default();
     let handler = Arc::new(Counted { runs: runs.clone(), hold: hold.clone() });
     let schema = json!({ "type": "object" });
-    catalog.insert("counted", "counts", schema, UsdcAmount::from_atomic(PRICE), &terms, handler).unwrap();
+    catalog
+        .insert("test", "counted", "counts", schema, UsdcAmount::from_atomic(PRICE), &terms, handler)
+        .unwrap();
     let gate = Arc::new(PaymentGate {
         store: store.clone(),
         chain: chain.clone(),
