@@ -22,7 +22,10 @@ pub fn init(config: &LogConfig, interactive: bool) {
         LogFormat::Pretty => false,
         LogFormat::Auto => !(interactive && std::io::stderr().is_terminal()),
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Every line is redacted on its way out: libraries log errors (and whole URLs) on their
+    // own, at levels no filter here can be sure to cover.
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(crate::redact::RedactingStderr);
     let _ = if json { builder.json().flatten_event(true).try_init() } else { builder.compact().try_init() };
 }
 

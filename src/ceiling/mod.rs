@@ -4,8 +4,11 @@
 //! Guarantees: a key gets at most `burst` requests at once and `per_second` sustained; memory is
 //! bounded by `max_tracked_keys` (idle keys are swept; when every slot is busy, unknown keys
 //! share one overflow bucket); `X-Forwarded-For` is believed only from configured trusted
-//! proxies; API keys are tracked by hash, never verbatim. Does not check: who pays (wallet
-//! limits do that on the recovered payer), nor whether a session id was issued by us.
+//! proxies; API keys are tracked by hash, never verbatim; a session id or API key earns its own
+//! bucket only if this server issued it (a live session) or the operator configured it, and
+//! an IPv6 client is keyed by its /64. Does not check: who pays (wallet limits do that on the
+//! recovered payer), nor how many sessions one client opens (each `initialize` costs it one
+//! request of its own bucket, but each session then has a bucket of its own).
 
 pub mod guard;
 mod sessions;
@@ -145,10 +148,11 @@ impl<C: GovernorClock + Clone> Ceiling<C> {
             Some(c.api_key_header.trim()).filter(|h| !h.is_empty()).and_then(|h| h.parse().ok());
         let refusals = ["session", "api_key", "ip"]
             .map(|kind| metrics::counter!("tollgate_ceiling_refusals_total", "key_kind" => kind));
+        // Tolerates `sha256sum`'s own output ("HEX  -"): the first word is the digest.
         let known_api_keys = c
             .api_keys_sha256
             .iter()
-            .filter_map(|h| hex::decode(h.trim()).ok())
+            .filter_map(|h| hex::decode(h.split_whitespace().next().unwrap_or("")).ok())
             .filter_map(|d| d.get(..16).and_then(|p| <[u8; 16]>::try_from(p).ok()))
             .collect();
         Ceiling {
@@ -189,7 +193,7 @@ impl<C: GovernorClock + Clone> Ceiling<C> {
                 return KeyParts::ApiKey(hex);
             }
         }
-        KeyParts::Ip(self.real_ip(headers, peer))
+        KeyParts::Ip(Self::client_block(self.real_ip(headers, peer)))
     }
 
     fn hash_parts(&self, parts: &KeyParts<'_>) -> u64 {
@@ -202,6 +206,19 @@ impl<C: GovernorClock + Clone> Ceiling<C> {
 
     fn is_trusted(&self, ip: IpAddr) -> bool {
         self.trusted.iter().any(|net| net.contains(&ip))
+    }
+
+    /// The block a client's address is keyed by: the address itself for IPv4, its /64 for IPv6,
+    /// where one host routinely holds a whole /64 and could otherwise be 2^64 clients.
+    fn client_block(ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+            IpAddr::V6(v6) => IpAddr::V4(v6.to_ipv4_mapped().expect("checked")),
+            v4 => v4,
+        }
     }
 
     /// The client's address: the peer, unless the peer is a trusted proxy, in which case the
@@ -412,6 +429,19 @@ mod tests {
         assert_eq!(ceiling.client_key(&headers, peer), ClientKey::Session("abc".into()));
         ceiling.sessions.closed("abc");
         assert!(matches!(ceiling.client_key(&headers, peer), ClientKey::ApiKey(_)), "closed");
+    }
+
+    #[test]
+    fn an_ipv6_client_is_keyed_by_its_64_block() {
+        let ceiling = Ceiling::from_config(&config(1, 1, 100), None);
+        let headers = HeaderMap::new();
+        let (a, b): (IpAddr, IpAddr) =
+            ("2001:db8:1:2::1".parse().unwrap(), "2001:db8:1:2:ffff::9".parse().unwrap());
+        assert_eq!(ceiling.client_key(&headers, a), ceiling.client_key(&headers, b), "one /64, one key");
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_ne!(ceiling.client_key(&headers, a), ceiling.client_key(&headers, other));
+        let v4: IpAddr = "192.0.2.7".parse().unwrap();
+        assert_eq!(ceiling.client_key(&headers, v4), ClientKey::Ip(v4));
     }
 
     #[test]

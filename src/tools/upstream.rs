@@ -86,7 +86,8 @@ impl Upstream {
             }
             outcome => {
                 let why = match outcome {
-                    Ok(Err(e)) => e.to_string(),
+                    // Connect errors carry the upstream's URL, and with it any key: cut to the host.
+                    Ok(Err(e)) => crate::redact::urls(&format!("{e:#}")),
                     _ => "connection timed out".to_owned(),
                 };
                 conn.client = None;

@@ -60,3 +60,33 @@ async fn credentials_in_an_rpc_url_never_reach_logs_readiness_or_answers() {
         }
     }
 }
+
+#[tokio::test]
+async fn credentials_in_an_upstream_url_never_reach_the_output() {
+    // Arrange: an upstream that is down, reached through a URL with a key in its query.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("up.toml");
+    std::fs::write(
+        &config,
+        "[[upstream]]\nname = \"keyed\"\nurl = \"http://127.0.0.1:1/mcp?key=UPSECRET\"\n",
+    )
+    .unwrap();
+    // Act: start fails (the upstream cannot be listed); everything it printed is collected.
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["--config", config.to_str().unwrap(), "serve"])
+        .env("TOLLGATE_SERVER__BIND", "127.0.0.1:0")
+        .env("TOLLGATE_NETWORK__RPC_URL", "http://127.0.0.1:1/")
+        .env("TOLLGATE_NETWORK__ASSET", "0x5FbDB2315678afecb367f032d93F642f64180aa3")
+        .env("TOLLGATE_PAYMENT__PAY_TO", "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC")
+        .env("TOLLGATE_PAYMENT__RELAYER_KEY", DEV_KEYS[1])
+        .env("TOLLGATE_RECEIPTS__KEY", "11".repeat(32))
+        .env("TOLLGATE_DATABASE__URL", format!("sqlite://{}", dir.path().join("t.db").display()))
+        .env("RUST_LOG", "debug")
+        .output()
+        .await
+        .unwrap();
+    // Assert
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("keyed"), "the failing upstream is named: {text}");
+    assert!(!text.contains("UPSECRET"), "the upstream's key leaked: {text}");
+}
