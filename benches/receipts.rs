@@ -65,7 +65,7 @@ async fn appends_per_second(store: Arc<dyn Store>) -> f64 {
             args: &args,
             result: &result,
             settlement: &settlement,
-            pay_to: "0x0000000000000000000000000000000000000001",
+            pay_to: alloy::primitives::Address::with_last_byte(1),
             now: 1,
         };
         receipts.issue(&input).await.unwrap();

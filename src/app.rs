@@ -66,7 +66,7 @@ impl App {
         let store = store::open(&config.database).await.context("opening the store")?;
         let terms = PayTerms {
             network: network.clone(),
-            pay_to: config.payment.pay_to.parse().context("payment.pay_to")?,
+            pay_to: config.payment.pay_to.context("payment.pay_to is required")?,
             max_timeout_seconds: config.payment.max_timeout_seconds,
         };
         let mut catalog = builtin_catalog(&config, &terms, clock.clone())?;
@@ -107,7 +107,7 @@ impl App {
             valid_before_margin_secs: config.payment.valid_before_margin_secs,
             request_timeout: Duration::from_secs(config.server.request_timeout_secs),
             tool_timeout: Duration::from_secs(config.tools.timeout_secs),
-            pay_to: config.payment.pay_to.clone(),
+            pay_to: terms.pay_to,
         };
         let paid =
             Arc::new(PaidCall::new(gate.clone(), limits.clone(), receipts.clone(), clock.clone(), settings));

@@ -13,6 +13,8 @@ use figment::providers::{Env, Format, Toml};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
+use alloy::primitives::Address;
+
 use crate::money::UsdcAmount;
 
 /// The embedded defaults, also printed by `tollgate print-default-config`.
@@ -89,6 +91,18 @@ fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u128, D::Error
             s.trim().parse().map_err(|_| serde::de::Error::custom(format!("{s:?} is not a whole number")))
         }
         Raw::Number(n) => Ok(u128::from(n)),
+    }
+}
+
+/// An address, or nothing when the value is empty (a key to be filled in later).
+fn optional_address<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Address>, D::Error> {
+    let text = String::deserialize(d)?;
+    match text.trim() {
+        "" => Ok(None),
+        s => s
+            .parse()
+            .map(Some)
+            .map_err(|_| serde::de::Error::custom(format!("{s:?} is not a 0x-prefixed 20-byte hex address"))),
     }
 }
 
@@ -211,7 +225,9 @@ pub struct NetworkConfig {
     pub preset: NetworkPreset,
     pub rpc_url: SecretString,
     pub chain_id: u64,
-    pub asset: String,
+    /// The token (local preset only); `tollgate dev` deploys one and fills this in.
+    #[serde(deserialize_with = "optional_address")]
+    pub asset: Option<Address>,
     pub eip712_name: String,
     pub eip712_version: String,
     /// Blocks per `eth_getLogs` request (hosted RPCs refuse wide ranges).
@@ -229,7 +245,9 @@ pub enum SettlerKind {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PaymentConfig {
-    pub pay_to: String,
+    /// Who is paid; required to serve priced tools.
+    #[serde(deserialize_with = "optional_address")]
+    pub pay_to: Option<Address>,
     pub max_timeout_seconds: u64,
     pub valid_before_margin_secs: u64,
     pub settler: SettlerKind,
@@ -377,8 +395,8 @@ impl Config {
             return Err(invalid("server.max_body_bytes", "must be at least 1024"));
         }
         let p = &self.payment;
-        if !p.pay_to.is_empty() && parse_address(&p.pay_to).is_none_or(|a| a.is_zero()) {
-            return Err(invalid("payment.pay_to", "must be a 0x-prefixed 20-byte hex address, not zero"));
+        if p.pay_to.is_some_and(|a| a.is_zero()) {
+            return Err(invalid("payment.pay_to", "must not be the zero address"));
         }
         if !(10..=3600).contains(&p.max_timeout_seconds) {
             return Err(invalid("payment.max_timeout_seconds", "must be between 10 and 3600"));
@@ -418,13 +436,8 @@ impl Config {
             ));
         }
         let n = &self.network;
-        if n.preset == NetworkPreset::Local {
-            if !n.asset.is_empty() && parse_address(&n.asset).is_none() {
-                return Err(invalid("network.asset", "must be a 0x-prefixed 20-byte hex address"));
-            }
-            if n.eip712_name.is_empty() {
-                return Err(invalid("network.eip712_name", "must not be empty"));
-            }
+        if n.preset == NetworkPreset::Local && n.eip712_name.is_empty() {
+            return Err(invalid("network.eip712_name", "must not be empty"));
         }
         let db = secret_opt(&self.database.url).unwrap_or("");
         if !(db.starts_with("sqlite:") || db.starts_with("postgres:") || db.starts_with("postgresql:")) {
@@ -484,13 +497,13 @@ impl Config {
 
     /// What `serve` needs beyond `validate()`: a payee, a chain and a way to settle.
     pub fn validate_for_serving(&self) -> Result<(), ConfigError> {
-        if self.payment.pay_to.is_empty() {
+        if self.payment.pay_to.is_none() {
             return Err(invalid("payment.pay_to", "is required to serve priced tools"));
         }
         if secret_opt(&self.network.rpc_url).is_none() {
             return Err(invalid("network.rpc_url", "is required to serve"));
         }
-        if self.network.preset == NetworkPreset::Local && self.network.asset.is_empty() {
+        if self.network.preset == NetworkPreset::Local && self.network.asset.is_none() {
             return Err(invalid("network.asset", "is required for the local preset"));
         }
         if self.payment.settler == SettlerKind::SelfRelay && secret_opt(&self.payment.relayer_key).is_none() {
@@ -501,10 +514,6 @@ impl Config {
         }
         Ok(())
     }
-}
-
-fn parse_address(s: &str) -> Option<alloy::primitives::Address> {
-    s.parse().ok()
 }
 
 #[cfg(test)]

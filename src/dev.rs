@@ -63,8 +63,8 @@ impl DevChain {
         config.network.preset = NetworkPreset::Local;
         config.network.chain_id = ANVIL_CHAIN_ID;
         config.network.rpc_url = SecretString::from(self.anvil.endpoint());
-        config.network.asset = self.token.to_checksum(None);
-        config.payment.pay_to = self.pay_to.to_checksum(None);
+        config.network.asset = Some(self.token);
+        config.payment.pay_to = Some(self.pay_to);
         config.payment.relayer_key = SecretString::from(self.relayer_key.to_owned());
     }
 }

@@ -34,7 +34,7 @@ pub fn documents(app: &AppState, now_unix: u64) -> Value {
                     "x402Version": 2,
                     "network": app.network.caip2,
                     "asset": app.network.asset.to_checksum(None),
-                    "payTo": app.config.payment.pay_to,
+                    "payTo": app.config.payment.pay_to.map(|a| a.to_checksum(None)),
                     "tools": tools,
                     "wellKnown": format!("{base}/.well-known/x402"),
                 }

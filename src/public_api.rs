@@ -64,7 +64,7 @@ async fn well_known(State(app): State<Arc<AppState>>) -> Json<Value> {
         "network": app.network.caip2,
         "asset": app.network.asset.to_checksum(None),
         "eip712": { "name": app.network.eip712_name, "version": app.network.eip712_version },
-        "payTo": app.config.payment.pay_to,
+        "payTo": app.config.payment.pay_to.map(|a| a.to_checksum(None)),
         "tools": tools,
         "receiptKeys": keys,
         "log": {

@@ -36,8 +36,6 @@ pub struct Network {
 pub enum NetworkError {
     #[error("network.asset is not set: `tollgate dev` deploys a token, `serve` needs its address")]
     MissingAsset,
-    #[error("network.asset is not an address")]
-    BadAsset,
 }
 
 impl Network {
@@ -46,10 +44,7 @@ impl Network {
             NetworkPreset::Base => (8453, BASE_USDC, "USD Coin".to_owned(), "2".to_owned()),
             NetworkPreset::BaseSepolia => (84532, BASE_SEPOLIA_USDC, "USDC".to_owned(), "2".to_owned()),
             NetworkPreset::Local => {
-                if c.asset.is_empty() {
-                    return Err(NetworkError::MissingAsset);
-                }
-                let asset = c.asset.parse().map_err(|_| NetworkError::BadAsset)?;
+                let asset = c.asset.ok_or(NetworkError::MissingAsset)?;
                 (c.chain_id, asset, c.eip712_name.clone(), c.eip712_version.clone())
             }
         };
@@ -109,7 +104,7 @@ mod tests {
                 preset,
                 rpc_url: Default::default(),
                 chain_id: 1,
-                asset: String::new(),
+                asset: None,
                 eip712_name: "ignored".into(),
                 eip712_version: "ignored".into(),
                 max_log_range: 1000,

@@ -154,7 +154,7 @@ pub struct ReceiptInput<'a> {
     pub args: &'a JsonObject,
     pub result: &'a CallToolResult,
     pub settlement: &'a Settlement,
-    pub pay_to: &'a str,
+    pub pay_to: alloy::primitives::Address,
     pub now: u64,
 }
 
@@ -170,8 +170,6 @@ impl Receipts {
     pub async fn issue(&self, input: &ReceiptInput<'_>) -> Result<SignedReceipt, ReceiptError> {
         let s = input.settlement;
         let payer_key = format!("{:#x}", s.payer);
-        let checksummed =
-            |a: &str| a.parse::<alloy::primitives::Address>().map_or(a.to_owned(), |a| a.to_checksum(None));
         let template = ReceiptBody {
             v: RECEIPT_VERSION,
             server: self.server_id.clone(),
@@ -181,7 +179,7 @@ impl Receipts {
             result_sha256: result_sha256(input.result),
             outcome: if input.result.is_error == Some(true) { "tool_error" } else { "ok" }.to_owned(),
             payer: s.payer.to_checksum(None),
-            pay_to: checksummed(input.pay_to),
+            pay_to: input.pay_to.to_checksum(None),
             asset: s.asset.to_checksum(None),
             network: s.network.clone(),
             amount: s.amount.to_string(),

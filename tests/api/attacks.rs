@@ -129,7 +129,7 @@ async fn one_transfer_settles_exactly_one_payment_even_beside_other_spent_nonces
     // Arrange: tollgate's settlements of A2 and A3 wait in the mempool.
     let app = spawn_app().await;
     let payer = app.payer();
-    let pay_to: Address = app.state.config.payment.pay_to.parse().unwrap();
+    let pay_to: Address = app.state.config.payment.pay_to.unwrap();
     let multicall = deploy_multicall(&app).await;
     let requirements = app.requirements("counted", json!({})).await;
     let (a2, a3) = (app.sign(&payer, &requirements), app.sign(&payer, &requirements));

@@ -292,7 +292,7 @@ async fn a_receipt_without_a_transfer_is_caught() {
         args: &Default::default(),
         result: &result,
         settlement: &settlement,
-        pay_to: &app.state.config.payment.pay_to,
+        pay_to: app.state.config.payment.pay_to.unwrap(),
         now: app.clock.now_unix(),
     };
     app.state.receipts.issue(&input).await.unwrap();
@@ -449,7 +449,7 @@ async fn a_listing_that_names_another_pay_to_cannot_hide_a_payment_to_the_receip
     let orphan = submit_on_chain(&app.chain.anvil.endpoint(), app.chain.token, &payload).await;
     checkpoint(&app).await;
     let proxy = tampering_proxy(app.base_url(), decoy_listing(PrivateKeySigner::random().address())).await;
-    let pay_to: Address = app.state.config.payment.pay_to.parse().unwrap();
+    let pay_to: Address = app.state.config.payment.pay_to.unwrap();
     // Act
     let report = run_audit(&app, &proxy, &app.dir.path().join("a.json")).await;
     // Assert: the receipt still matches its transfer, and the orphan payment is still found.
@@ -469,7 +469,7 @@ async fn a_pay_to_the_holder_names_is_reconciled_though_no_receipt_or_listing_na
     let payload = app.sign(&app.payer(), &app.requirements("counted", json!({})).await);
     let orphan = submit_on_chain(&app.chain.anvil.endpoint(), app.chain.token, &payload).await;
     let proxy = tampering_proxy(app.base_url(), decoy_listing(PrivateKeySigner::random().address())).await;
-    let pay_to: Address = app.state.config.payment.pay_to.parse().unwrap();
+    let pay_to: Address = app.state.config.payment.pay_to.unwrap();
     let options = AuditOptions { pay_to: vec![pay_to], assets: vec![app.chain.token], ..Default::default() };
     // Act
     let report = run_audit_with(&app, &proxy, &app.dir.path().join("a.json"), &options).await;

@@ -146,10 +146,10 @@ async fn the_shipped_production_and_compose_configs_load_and_validate() {
         config.network.rpc_url = "http://127.0.0.1:8545".to_owned().into();
         config.receipts.key = "11".repeat(32).into();
         config.payment.relayer_key = tollgate::chain::anvil::DEV_KEYS[1].to_owned().into();
-        if config.payment.pay_to.is_empty() {
+        if config.payment.pay_to.is_none() {
             // production.toml leaves the payee for the operator to fill in; serve refuses without.
             assert!(config.validate_for_serving().unwrap_err().to_string().contains("payment.pay_to"));
-            config.payment.pay_to = "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC".into();
+            config.payment.pay_to = Some("0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC".parse().unwrap());
         }
         config.validate().unwrap_or_else(|e| panic!("{file}: {e}"));
         config.validate_for_serving().unwrap_or_else(|e| panic!("{file}: {e}"));

@@ -61,8 +61,8 @@ pub struct CallSettings {
     pub request_timeout: Duration,
     /// Longest a tool may run: below the lease, so a cut-off handler never runs twice at once.
     pub tool_timeout: Duration,
-    /// The payee, as configured (the receipt binds it).
-    pub pay_to: String,
+    /// The payee (the receipt binds it).
+    pub pay_to: alloy::primitives::Address,
 }
 
 /// A paid call answers before the HTTP request timeout, by this much: past it the client is
@@ -275,7 +275,7 @@ impl PaidCall {
         result: CallToolResult,
     ) -> CallToolResult {
         let now = self.clock.now_unix();
-        let pay_to = &self.settings.pay_to;
+        let pay_to = self.settings.pay_to;
         let input = ReceiptInput { tool, args, result: &result, settlement: settled, pay_to, now };
         let receipt = self.issue_receipt(&input).await;
         let answer = results::paid(result, settled, receipt.as_ref());

@@ -257,7 +257,7 @@ async fn harness(settler: impl FnOnce(Arc<FakeChain>) -> FakeSettler) -> Harness
         valid_before_margin_secs: 6,
         request_timeout: Duration::from_secs(30),
         tool_timeout: Duration::from_secs(20),
-        pay_to: format!("{:#x}", Address::repeat_byte(0xbb)),
+        pay_to: Address::repeat_byte(0xbb),
     };
     let paid = Arc::new(PaidCall::new(gate, limits, receipts, Arc::new(clock.clone()), settings));
     let entry = catalog.get("counted").unwrap().clone();
