@@ -106,6 +106,10 @@ fn optional_address<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Add
     }
 }
 
+fn default_sessions_per_client() -> usize {
+    16
+}
+
 fn zero_price() -> UsdcAmount {
     UsdcAmount::ZERO
 }
@@ -132,6 +136,10 @@ pub struct CeilingConfig {
     /// against the caller's IP (a client cannot mint keys).
     #[serde(default)]
     pub api_keys_sha256: Vec<String>,
+    /// Live MCP sessions one client key may hold: each has a bucket of its own, so this bounds
+    /// how far a client can multiply the ceiling by opening sessions.
+    #[serde(default = "default_sessions_per_client")]
+    pub max_sessions_per_client: usize,
     pub trusted_proxies: Vec<String>,
     /// Share the ceiling through limits.redis_url (fleet) instead of per process.
     pub shared: bool,

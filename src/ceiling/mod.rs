@@ -29,7 +29,7 @@ use crate::clock::SharedClock;
 use crate::config::CeilingConfig;
 use crate::limits::gcra::{Charge, Rate, Verdict};
 use crate::limits::redis::RedisBuckets;
-pub use sessions::LiveSessions;
+pub use sessions::{LiveSessions, SessionRefusal};
 pub use store::BoundedStore;
 
 /// Who a request is, for the ceiling (and for the `agent` wallet-limit axis).
@@ -162,7 +162,7 @@ impl<C: GovernorClock + Clone> Ceiling<C> {
             per_second: c.per_second,
             api_key_header,
             known_api_keys,
-            sessions: Arc::new(LiveSessions::new(c.max_tracked_keys)),
+            sessions: Arc::new(LiveSessions::new(c.max_tracked_keys, c.max_sessions_per_client)),
             trusted,
             shared,
             hasher: ahash::RandomState::new(),
@@ -361,6 +361,7 @@ mod tests {
             max_tracked_keys: max_keys,
             api_key_header: "x-api-key".into(),
             api_keys_sha256: vec![hex::encode(Sha256::digest(b"secret-key"))],
+            max_sessions_per_client: 16,
             trusted_proxies: vec!["10.0.0.0/8".into()],
             shared: false,
         }

@@ -32,6 +32,8 @@ type Service = StreamableHttpService<McpServer, TrackedSessions>;
 /// The two rmcp services and the body limit they share.
 #[derive(Clone)]
 pub struct McpTransport {
+    /// Who holds which session: an `initialize` past a client's share is refused here.
+    live: Arc<crate::ceiling::LiveSessions>,
     with_sessions: Service,
     stateless: Service,
     max_body_bytes: usize,
@@ -61,7 +63,8 @@ impl McpTransport {
             Arc::new(TrackedSessions::new(live)),
             base.with_legacy_session_mode(false).with_json_response(true),
         );
-        McpTransport { with_sessions, stateless, max_body_bytes: server.max_body_bytes }
+        let live = app.ceiling.sessions.clone();
+        McpTransport { live, with_sessions, stateless, max_body_bytes: server.max_body_bytes }
     }
 }
 
@@ -87,8 +90,37 @@ pub async fn mcp_endpoint(State(t): State<McpTransport>, request: Request) -> Re
         Ok(bytes) => bytes,
         Err(_) => return body_too_large(t.max_body_bytes),
     };
-    let service = if is_initialize(&bytes) { t.with_sessions } else { t.stateless };
-    serve(service, Request::from_parts(parts, Body::from(bytes))).await
+    if !is_initialize(&bytes) {
+        return serve(t.stateless, Request::from_parts(parts, Body::from(bytes))).await;
+    }
+    // A new session is a new ceiling bucket: each client may hold only so many.
+    let client =
+        parts.extensions.get::<crate::ceiling::ClientKey>().map(ToString::to_string).unwrap_or_default();
+    if let Err(refusal) = t.live.may_open(&client) {
+        return session_refused(refusal);
+    }
+    let response = serve(t.with_sessions, Request::from_parts(parts, Body::from(bytes))).await;
+    if let Some(id) = response.headers().get(SESSION_HEADER).and_then(|v| v.to_str().ok()) {
+        t.live.opened_by(id, &client);
+    }
+    response
+}
+
+fn session_refused(refusal: crate::ceiling::SessionRefusal) -> Response {
+    use crate::ceiling::SessionRefusal;
+    let (status, message, data) = match refusal {
+        SessionRefusal::PerClient { limit } => (
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("this client holds {limit} open sessions already: reuse one, or close one (DELETE)"),
+            serde_json::json!({ "error": "session_limit", "limit": limit, "charged": false }),
+        ),
+        SessionRefusal::Full => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server holds as many sessions as it can; retry shortly".to_owned(),
+            serde_json::json!({ "error": "sessions_full", "retry_after_seconds": 5, "charged": false }),
+        ),
+    };
+    jsonrpc_error(status, -32000, &message, data)
 }
 
 async fn serve(service: Service, request: Request) -> Response {

@@ -84,3 +84,34 @@ async fn minted_session_ids_buy_nothing_across_replicas_sharing_the_ceiling() {
     sibling.shutdown().await;
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_client_cannot_multiply_its_ceiling_by_opening_sessions() {
+    // Arrange: each client may hold three live sessions (each one a bucket of its own).
+    let app = spawn_app_with(|c| c.ceiling.max_sessions_per_client = 3).await;
+    let mut sessions = Vec::new();
+    for _ in 0..3 {
+        sessions.push(Mcp::with_session(&app.mcp_url()).await);
+    }
+    let init = json!({ "jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": { "name": "greedy", "version": "0" } } });
+    // Act: a fourth.
+    let fourth = Mcp::sessionless(&app.mcp_url()).post(&init).await;
+    // Assert: refused, clearly, with no session issued.
+    assert_eq!(fourth.status(), 429);
+    assert!(fourth.headers().get("mcp-session-id").is_none());
+    let body: serde_json::Value = fourth.json().await.unwrap();
+    assert_eq!(body["error"]["data"]["error"], "session_limit", "{body}");
+    // Closing one gives the slot back.
+    let closed = reqwest::Client::new()
+        .delete(app.mcp_url())
+        .header("mcp-session-id", sessions[0].session.as_deref().unwrap())
+        .header("mcp-protocol-version", "2025-06-18")
+        .send()
+        .await
+        .unwrap();
+    assert!(closed.status().is_success(), "DELETE: {}", closed.status());
+    let again = Mcp::with_session(&app.mcp_url()).await;
+    assert!(!again.list_tools().await.is_empty());
+    app.shutdown().await;
+}
