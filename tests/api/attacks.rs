@@ -102,6 +102,28 @@ fn sign_with(
     sign_payment(payer, &r, None, &params).unwrap()
 }
 
+/// The helper transaction of the "one transfer, several calls" attack: `aggregate3` calldata
+/// that pays the price once (a fresh authorization A1) and burns the nonces of `pending` on
+/// zero-value transfers from the payer to itself.
+fn one_price_beside_burnt_nonces(
+    app: &TestApp,
+    payer: &PrivateKeySigner,
+    requirements: &PaymentRequirements,
+    pending: [&Value; 2],
+) -> Bytes {
+    let mut spends = vec![app.sign(payer, requirements)];
+    spends.extend(pending.map(|p| sign_with(app, payer, requirements, nonce_of(p), payer.address(), 0)));
+    let calls = spends
+        .iter()
+        .map(|p| Multicall3::Call3 {
+            target: app.chain.token,
+            allowFailure: false,
+            callData: authorization_call(p),
+        })
+        .collect();
+    Multicall3::aggregate3Call { calls }.abi_encode().into()
+}
+
 fn nonce_of(payload: &Value) -> B256 {
     payload["payload"]["authorization"]["nonce"].as_str().unwrap().parse().unwrap()
 }
@@ -120,6 +142,22 @@ async fn until_submitted(app: &TestApp, n: usize) {
     tokio::time::timeout(Duration::from_secs(30), submitted).await.expect("tollgate submitted");
 }
 
+/// Pays `counted` with `payload` from a task of its own, for a test that acts on the chain
+/// while the call waits for its settlement.
+fn pay_later(app: &TestApp, args: Value, payload: &Value) -> tokio::task::JoinHandle<Value> {
+    let (url, meta) = (app.mcp_url(), json!({ "x402/payment": payload }));
+    tokio::spawn(async move {
+        crate::helpers::Mcp::sessionless(&url).call_tool("counted", args, Some(meta)).await
+    })
+}
+
+/// The call ran once, has one receipt, and the payer paid the price once.
+async fn assert_served_and_charged_once(app: &TestApp, payer: Address, before: U256) {
+    assert_eq!(app.runs(), 1, "the handler ran once");
+    assert_eq!(receipts(app).await, 1, "one receipt");
+    assert_eq!(before - app.balance(payer).await, U256::from(COUNTED_PRICE), "charged once");
+}
+
 async fn receipts(app: &TestApp) -> i64 {
     app.state.store.receipt_count().await.unwrap()
 }
@@ -135,29 +173,12 @@ async fn one_transfer_settles_exactly_one_payment_even_beside_other_spent_nonces
     let (a2, a3) = (app.sign(&payer, &requirements), app.sign(&payer, &requirements));
     let before = app.balance(payer.address()).await;
     app.anvil_rpc("evm_setAutomine", json!([false])).await;
-    let calls = [a2.clone(), a3.clone()].map(|payload| {
-        let app_url = app.mcp_url();
-        tokio::spawn(async move {
-            let meta = json!({ "x402/payment": payload });
-            crate::helpers::Mcp::sessionless(&app_url).call_tool("counted", json!({}), Some(meta)).await
-        })
-    });
+    let calls = [&a2, &a3].map(|payload| pay_later(&app, json!({}), payload));
     until_submitted(&app, 2).await;
     // Act: one helper transaction, mined first, pays the price once (A1) and burns N2 and N3 on
     // zero-value transfers from the payer to itself (B2, B3).
-    let a1 = app.sign(&payer, &requirements);
-    let b2 = sign_with(&app, &payer, &requirements, nonce_of(&a2), payer.address(), 0);
-    let b3 = sign_with(&app, &payer, &requirements, nonce_of(&a3), payer.address(), 0);
-    let calls3: Vec<Multicall3::Call3> = [a1, b2, b3]
-        .iter()
-        .map(|p| Multicall3::Call3 {
-            target: app.chain.token,
-            allowFailure: false,
-            callData: authorization_call(p),
-        })
-        .collect();
-    let input = Multicall3::aggregate3Call { calls: calls3 }.abi_encode();
-    send_ahead(&app, multicall, input.into()).await;
+    let input = one_price_beside_burnt_nonces(&app, &payer, &requirements, [&a2, &a3]);
+    send_ahead(&app, multicall, input).await;
     app.anvil_rpc("evm_mine", json!([])).await;
     app.anvil_rpc("evm_setAutomine", json!([true])).await;
     // Assert: neither call is served; the payer paid one price (A1), for which nobody asked.
@@ -200,9 +221,7 @@ async fn an_authorization_a_third_party_submitted_first_is_honoured_once() {
     assert!(result["_meta"]["tollgate/receipt"].is_object(), "{result}");
     let again = app.pay("counted", json!({"text": "mine"}), &payload).await;
     assert_eq!(again, result, "a retry gets the stored result");
-    assert_eq!(app.runs(), 1);
-    assert_eq!(receipts(&app).await, 1);
-    assert_eq!(before - app.balance(payer.address()).await, U256::from(COUNTED_PRICE));
+    assert_served_and_charged_once(&app, payer.address(), before).await;
     app.shutdown().await;
 }
 
@@ -214,12 +233,7 @@ async fn a_copy_mined_ahead_of_our_own_settlement_still_pays_for_the_call() {
     let payload = app.sign(&payer, &app.requirements("counted", json!({})).await);
     let before = app.balance(payer.address()).await;
     app.anvil_rpc("evm_setAutomine", json!([false])).await;
-    let url = app.mcp_url();
-    let sent = payload.clone();
-    let call = tokio::spawn(async move {
-        let meta = json!({ "x402/payment": sent });
-        crate::helpers::Mcp::sessionless(&url).call_tool("counted", json!({}), Some(meta)).await
-    });
+    let call = pay_later(&app, json!({}), &payload);
     until_submitted(&app, 1).await;
     // Act: a front-runner copies the authorization with a higher tip; ours reverts.
     let copy = send_ahead(&app, app.chain.token, authorization_call(&payload)).await;
@@ -229,9 +243,7 @@ async fn a_copy_mined_ahead_of_our_own_settlement_still_pays_for_the_call() {
     let result = call.await.unwrap();
     assert_eq!(result["isError"], false, "{result}");
     assert_eq!(result["_meta"]["x402/payment-response"]["transaction"], format!("{copy:#x}"));
-    assert_eq!(app.runs(), 1);
-    assert_eq!(receipts(&app).await, 1);
-    assert_eq!(before - app.balance(payer.address()).await, U256::from(COUNTED_PRICE));
+    assert_served_and_charged_once(&app, payer.address(), before).await;
     app.shutdown().await;
 }
 
@@ -380,9 +392,7 @@ async fn the_spending_transaction_is_found_through_an_rpc_that_refuses_wide_log_
         refused: Default::default(),
     };
     let router = axum::Router::new().route("/", axum::routing::post(hosted)).with_state(rpc.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let proxy = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    let proxy = crate::helpers::serve_on_loopback(router).await;
     let mut config = app.state.config.clone();
     config.network.rpc_url = proxy.into();
     app.replace_server(config).await;
@@ -411,10 +421,7 @@ async fn silent_facilitator() -> String {
     });
     let settle = axum::routing::post(|| async { axum::http::StatusCode::INTERNAL_SERVER_ERROR });
     let router = axum::Router::new().route("/verify", verify).route("/settle", settle);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-    url
+    crate::helpers::serve_on_loopback(router).await
 }
 
 #[tokio::test]
@@ -434,22 +441,8 @@ async fn a_pending_payment_is_not_settled_by_a_transfer_paired_with_another_auth
         assert_eq!(pending["structuredContent"]["error"], "payment_confirmation_pending", "{pending}");
     }
     // Act: one helper transaction pays the price once (A1) beside zero-value spends of N2, N3.
-    let a1 = app.sign(&payer, &requirements);
-    let b2 = sign_with(&app, &payer, &requirements, nonce_of(&a2), payer.address(), 0);
-    let b3 = sign_with(&app, &payer, &requirements, nonce_of(&a3), payer.address(), 0);
-    let calls: Vec<Multicall3::Call3> = [a1, b2, b3]
-        .iter()
-        .map(|p| Multicall3::Call3 {
-            target: app.chain.token,
-            allowFailure: false,
-            callData: authorization_call(p),
-        })
-        .collect();
-    let input = Multicall3::aggregate3Call { calls }.abi_encode();
-    let tx = TransactionRequest::default()
-        .with_to(multicall)
-        .with_input(Bytes::from(input))
-        .with_gas_limit(1_000_000);
+    let input = one_price_beside_burnt_nonces(&app, &payer, &requirements, [&a2, &a3]);
+    let tx = TransactionRequest::default().with_to(multicall).with_input(input).with_gas_limit(1_000_000);
     assert!(attacker(&app).send_transaction(tx).await.unwrap().get_receipt().await.unwrap().status());
     // Assert: the retries find the helper transaction and serve neither call.
     for payload in [&a2, &a3] {
@@ -477,12 +470,7 @@ async fn our_reverted_settlement_keeps_the_payment_bound_to_its_call() {
     let drain =
         sign_with(&app, &payer, &requirements, B256::from(rand::random::<[u8; 32]>()), elsewhere, balance);
     app.anvil_rpc("evm_setAutomine", json!([false])).await;
-    let url = app.mcp_url();
-    let sent = payload.clone();
-    let call = tokio::spawn(async move {
-        let meta = json!({ "x402/payment": sent });
-        crate::helpers::Mcp::sessionless(&url).call_tool("counted", json!({"text": "mine"}), Some(meta)).await
-    });
+    let call = pay_later(&app, json!({"text": "mine"}), &payload);
     until_submitted(&app, 1).await;
     send_ahead(&app, app.chain.token, authorization_call(&drain)).await;
     app.anvil_rpc("evm_mine", json!([])).await;

@@ -76,6 +76,21 @@ async fn tollgate_call_keeps_a_total_cap_across_calls() {
     app.shutdown().await;
 }
 
+/// Runs `tollgate call --json` for tool `t` on a fake server, paying (if asked) with a fresh key.
+async fn call_fake(url: &str, extra: &[&str]) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("payer.key");
+    std::fs::write(&key, tollgate::chain::anvil::DEV_KEYS[6]).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["call", "--url", url, "--tool", "t", "--json"])
+        .arg("--key-file")
+        .arg(&key)
+        .args(extra)
+        .output()
+        .await
+        .unwrap()
+}
+
 /// A fake x402 MCP server: a price, then for the paid call an internal error without a
 /// charging claim, then a bare HTTP 500, then the paid result. It records every payment.
 #[derive(Clone, Default)]
@@ -132,21 +147,10 @@ async fn tollgate_call_resends_the_same_payment_until_an_answer_proves_the_outco
     // Arrange
     let fake = Flaky::default();
     let router = axum::Router::new().route("/mcp", axum::routing::post(flaky)).with_state(fake.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/mcp", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-    let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("payer.key");
-    std::fs::write(&key, tollgate::chain::anvil::DEV_KEYS[6]).unwrap();
+    let url = format!("{}/mcp", crate::helpers::serve_on_loopback(router).await);
     // Act
-    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["call", "--url", &url, "--tool", "t", "--json"])
-        .arg("--key-file")
-        .arg(&key)
-        .args(["--allow-asset", "eip155:31337:0x5FbDB2315678afecb367f032d93F642f64180aa3"])
-        .output()
-        .await
-        .unwrap();
+    let out =
+        call_fake(&url, &["--allow-asset", "eip155:31337:0x5FbDB2315678afecb367f032d93F642f64180aa3"]).await;
     // Assert: three attempts, one authorization; the user is told why it was resent.
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
@@ -181,20 +185,9 @@ async fn multiline_sse(axum::Json(request): axum::Json<Value>) -> axum::response
 async fn tollgate_call_reads_an_sse_event_whose_data_spans_several_lines() {
     // Arrange
     let router = axum::Router::new().route("/mcp", axum::routing::post(multiline_sse));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/mcp", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-    let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("payer.key");
-    std::fs::write(&key, tollgate::chain::anvil::DEV_KEYS[6]).unwrap();
+    let url = format!("{}/mcp", crate::helpers::serve_on_loopback(router).await);
     // Act
-    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["call", "--url", &url, "--tool", "t", "--json"])
-        .arg("--key-file")
-        .arg(&key)
-        .output()
-        .await
-        .unwrap();
+    let out = call_fake(&url, &[]).await;
     // Assert
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");

@@ -444,6 +444,14 @@ pub async fn submit_on_chain(rpc: &str, asset: Address, payload: &Value) -> Stri
     format!("{:#x}", receipt.transaction_hash)
 }
 
+/// Serves `router` on a fresh loopback port (a fake peer in a test); returns its base URL.
+pub async fn serve_on_loopback(router: axum::Router) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    url
+}
+
 /// Waits (bounded) until something listens on a loopback port.
 pub async fn wait_listening(port: u16) {
     let up = async {

@@ -11,21 +11,29 @@ use tollgate::chain::anvil::DEV_KEYS;
 
 use crate::helpers::{Mcp, wait_listening};
 
+/// `tollgate serve` with a complete config from the environment (a SQLite file in `dir`) and
+/// debug logs, its RPC URL given by the caller.
+fn serve(dir: &std::path::Path, rpc_url: &str) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+    command
+        .env("TOLLGATE_NETWORK__RPC_URL", rpc_url)
+        .env("TOLLGATE_NETWORK__ASSET", "0x5FbDB2315678afecb367f032d93F642f64180aa3")
+        .env("TOLLGATE_PAYMENT__PAY_TO", "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC")
+        .env("TOLLGATE_PAYMENT__RELAYER_KEY", DEV_KEYS[1])
+        .env("TOLLGATE_RECEIPTS__KEY", "11".repeat(32))
+        .env("TOLLGATE_DATABASE__URL", format!("sqlite://{}", dir.join("t.db").display()))
+        .env("RUST_LOG", "debug");
+    command
+}
+
 #[tokio::test]
 async fn credentials_in_an_rpc_url_never_reach_logs_readiness_or_answers() {
     // Arrange: `tollgate serve` whose RPC URL carries keys in its path and query, and is down.
     let dir = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut server = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+    let mut server = serve(dir.path(), "http://127.0.0.1:1/v2/SECRETKEY?key=SECRET2")
         .arg("serve")
         .env("TOLLGATE_SERVER__BIND", format!("127.0.0.1:{port}"))
-        .env("TOLLGATE_NETWORK__RPC_URL", "http://127.0.0.1:1/v2/SECRETKEY?key=SECRET2")
-        .env("TOLLGATE_NETWORK__ASSET", "0x5FbDB2315678afecb367f032d93F642f64180aa3")
-        .env("TOLLGATE_PAYMENT__PAY_TO", "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC")
-        .env("TOLLGATE_PAYMENT__RELAYER_KEY", DEV_KEYS[1])
-        .env("TOLLGATE_RECEIPTS__KEY", "11".repeat(32))
-        .env("TOLLGATE_DATABASE__URL", format!("sqlite://{}", dir.path().join("t.db").display()))
-        .env("RUST_LOG", "debug")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -72,16 +80,9 @@ async fn credentials_in_an_upstream_url_never_reach_the_output() {
     )
     .unwrap();
     // Act: start fails (the upstream cannot be listed); everything it printed is collected.
-    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+    let out = serve(dir.path(), "http://127.0.0.1:1/")
         .args(["--config", config.to_str().unwrap(), "serve"])
         .env("TOLLGATE_SERVER__BIND", "127.0.0.1:0")
-        .env("TOLLGATE_NETWORK__RPC_URL", "http://127.0.0.1:1/")
-        .env("TOLLGATE_NETWORK__ASSET", "0x5FbDB2315678afecb367f032d93F642f64180aa3")
-        .env("TOLLGATE_PAYMENT__PAY_TO", "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC")
-        .env("TOLLGATE_PAYMENT__RELAYER_KEY", DEV_KEYS[1])
-        .env("TOLLGATE_RECEIPTS__KEY", "11".repeat(32))
-        .env("TOLLGATE_DATABASE__URL", format!("sqlite://{}", dir.path().join("t.db").display()))
-        .env("RUST_LOG", "debug")
         .output()
         .await
         .unwrap();
