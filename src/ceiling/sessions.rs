@@ -80,12 +80,13 @@ impl LiveSessions {
     pub fn closed(&self, id: &str) {
         let id = self.hash(id);
         self.ids.remove(&id);
-        if let Some((_, client)) = self.opened_by.remove(&id)
-            && let Some(mut held) = self.held.get_mut(&client)
-        {
-            *held = held.saturating_sub(1);
+        if let Some((_, client)) = self.opened_by.remove(&id) {
+            // The client's count goes with its last session (no sweep over every client).
+            self.held.remove_if_mut(&client, |_, held| {
+                *held = held.saturating_sub(1);
+                *held == 0
+            });
         }
-        self.held.retain(|_, n| *n > 0);
     }
 
     pub fn is_live(&self, id: &str) -> bool {

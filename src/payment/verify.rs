@@ -58,10 +58,6 @@ pub struct VerifiedPayment {
 }
 
 impl VerifiedPayment {
-    pub fn nonce_hex(&self) -> String {
-        format!("{:#x}", self.authorization.nonce)
-    }
-
     pub fn valid_before(&self) -> u64 {
         self.authorization.validBefore.saturating_to()
     }

@@ -175,7 +175,7 @@ impl Receipts {
             server: self.server_id.clone(),
             kid: self.signer.kid.clone(),
             tool: input.tool.to_owned(),
-            args_sha256: sha256_hex(canonical(input.args).as_bytes()),
+            args_sha256: crate::canonical::hash_of(input.args),
             result_sha256: result_sha256(input.result),
             outcome: if input.result.is_error == Some(true) { "tool_error" } else { "ok" }.to_owned(),
             payer: s.payer.to_checksum(None),
