@@ -207,8 +207,13 @@ impl PaidCall {
                     // Settled after its request ended: run what was paid for, with the stored
                     // arguments, never the caller's (a hash match is no proof of equal arguments).
                     (None, Some(paid_for)) => (settlement, row.handler_started_at, paid_for),
-                    // Its receipt was issued (which drops the arguments) but its answer was not
-                    // kept: it ran, and must not run again.
+                    // Its receipt is stored (which drops the arguments) and its answer is about to
+                    // be, under a live lease: still in progress.
+                    (None, None) if self.lease_is_live(row.handler_started_at) => {
+                        return Err(PaymentError::InProgress.into());
+                    }
+                    // The lease expired with the receipt stored and no answer kept: it ran, and
+                    // must not run again.
                     (None, None) => {
                         tracing::error!(payment.row = row.id, "a receipted call has no stored answer");
                         return Err(CallError::Internal("the answer of this paid call was not kept".into()));
@@ -226,6 +231,12 @@ impl PaidCall {
             "paid call stages"
         );
         answer
+    }
+
+    /// Whether a handler lease taken at `started` may still belong to a running request.
+    fn lease_is_live(&self, started: Option<i64>) -> bool {
+        let now = self.clock.now_unix() as i64;
+        started.is_some_and(|t| now - t <= self.settings.request_timeout.as_secs() as i64)
     }
 
     /// Runs a tool, bounded by the tool timeout (shorter than the handler lease, so a handler
@@ -253,9 +264,8 @@ impl PaidCall {
     ) -> Result<CallToolResult, CallError> {
         let now = self.clock.now_unix() as i64;
         // A lease younger than the request timeout belongs to a request that may still be running.
-        let expired = lease.is_none_or(|t| now - t > self.settings.request_timeout.as_secs() as i64);
-        let leased =
-            expired && self.gate.store.start_handler(settled.row_id, lease, now).await.unwrap_or(false);
+        let leased = !self.lease_is_live(lease)
+            && self.gate.store.start_handler(settled.row_id, lease, now).await.unwrap_or(false);
         if !leased {
             return Err(PaymentError::InProgress.into());
         }

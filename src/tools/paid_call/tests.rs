@@ -394,3 +394,37 @@ async fn an_authorization_spent_elsewhere_fails_without_running_the_handler() {
     assert_eq!(error.money(), Money::Unmoved);
     assert_eq!(h.runs.load(Ordering::SeqCst), 0);
 }
+
+#[tokio::test]
+async fn a_replay_between_the_receipt_and_the_stored_answer_is_in_progress() {
+    // Arrange: settled, handler leased, receipt stored (which drops the arguments), answer not
+    // stored yet: the window a concurrent replay can land in.
+    let h = harness(mines).await;
+    let payment = h.payment();
+    let PaymentInput::Meta(payload) = payment.clone() else { unreachable!() };
+    let quote = h.entry.quote.as_ref().unwrap();
+    let verified =
+        crate::payment::verify::verify(&PaymentInput::Meta(payload), quote, &h.paid.domain, NOW, 6).unwrap();
+    let gate = &h.paid.gate;
+    let crate::payment::gate::Claimed::Fresh(row) =
+        gate.claim(&verified, quote, &JsonObject::new()).await.unwrap()
+    else {
+        panic!("fresh claim")
+    };
+    gate.settle(&row, &verified, quote).await.unwrap();
+    assert!(h.store.start_handler(row.id, None, NOW as i64).await.unwrap());
+    let sign = |_: &crate::store::ReceiptSlot| crate::store::NewReceipt {
+        body: "{}".into(),
+        signature: "00".into(),
+        kid: "k".into(),
+        leaf_hash: "11".into(),
+    };
+    h.store.append_receipt(row.id, "0xpayer", NOW as i64, &sign).await.unwrap();
+    // Act + Assert: in progress while the lease lives; past it, the lost answer is reported.
+    let replay = h.call(&payment).await.unwrap_err();
+    assert!(matches!(replay, CallError::Payment(PaymentError::InProgress)), "{replay:?}");
+    h.clock.advance(31);
+    let late = h.call(&payment).await.unwrap_err();
+    assert!(matches!(late, CallError::Internal(_)), "{late:?}");
+    assert_eq!(h.runs.load(Ordering::SeqCst), 0, "never run again");
+}
