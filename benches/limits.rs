@@ -33,6 +33,8 @@ fn ceiling(burst: u32, max_keys: usize) -> Arc<Ceiling> {
         api_key_header: String::new(),
         api_keys_sha256: vec![],
         max_sessions_per_client: 16,
+        public_burst: 60,
+        public_per_second: 10,
         trusted_proxies: vec![],
         shared: false,
     };

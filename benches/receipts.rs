@@ -21,11 +21,8 @@ const LEAVES: usize = 100_000;
 
 async fn appends_per_second(store: Arc<dyn Store>) -> f64 {
     store.migrate().await.unwrap();
-    let receipts = Receipts {
-        signer: ReceiptSigner::new(SigningKey::from_bytes(&[9; 32])),
-        store: store.clone(),
-        server_id: "bench".into(),
-    };
+    let signer = ReceiptSigner::new(SigningKey::from_bytes(&[9; 32]));
+    let receipts = Receipts::new(signer, store.clone(), "bench".into());
     let mut rows = Vec::with_capacity(RECEIPTS);
     for i in 0..RECEIPTS {
         let p = NewPayment {
@@ -149,7 +146,7 @@ async fn main() {
     }
     tx.commit().await.unwrap();
     let start = Instant::now();
-    let hashes = store.leaf_hashes(LEAVES as i64).await.unwrap();
+    let hashes = store.leaf_hashes(0, LEAVES as i64).await.unwrap();
     let decoded: Vec<merkle::Hash> =
         hashes.iter().map(|h| hex::decode(h).unwrap().try_into().unwrap()).collect();
     let stored_root = merkle::root(&decoded);

@@ -50,6 +50,8 @@ impl Default for Deps {
 /// A bound, not yet serving, tollgate.
 pub struct App {
     listener: TcpListener,
+    /// `server.metrics_bind`: /metrics on an address of its own.
+    metrics_listener: Option<TcpListener>,
     state: Arc<AppState>,
 }
 
@@ -86,6 +88,12 @@ impl App {
         let listener = TcpListener::bind(config.server.bind)
             .await
             .with_context(|| format!("binding {}", config.server.bind))?;
+        let metrics_listener = match config.server.metrics_bind {
+            Some(addr) => {
+                Some(TcpListener::bind(addr).await.with_context(|| format!("binding metrics on {addr}"))?)
+            }
+            None => None,
+        };
         // The recorder first, so every component registers its metrics with it.
         let metrics = crate::telemetry::metrics();
         let limits = WalletLimits::from_config(&config.limits).await.context("wallet limits")?;
@@ -97,17 +105,15 @@ impl App {
             false => None,
         };
         let ceiling = Arc::new(Ceiling::from_config(&config.ceiling, shared));
-        let receipts = Arc::new(Receipts {
-            signer: ReceiptSigner::from_config(&config.receipts).context("receipts.key")?,
-            store: store.clone(),
-            server_id: config.server.server_id.clone(),
-        });
+        let signer = ReceiptSigner::from_config(&config.receipts).context("receipts.key")?;
+        let receipts = Arc::new(Receipts::new(signer, store.clone(), config.server.server_id.clone()));
         let limits = Arc::new(limits);
         let settings = CallSettings {
             valid_before_margin_secs: config.payment.valid_before_margin_secs,
             request_timeout: Duration::from_secs(config.server.request_timeout_secs),
             tool_timeout: Duration::from_secs(config.tools.timeout_secs),
             pay_to: terms.pay_to,
+            failed_attempts: config.limits.failed_attempts,
         };
         let paid =
             Arc::new(PaidCall::new(gate.clone(), limits.clone(), receipts.clone(), clock.clone(), settings));
@@ -125,7 +131,7 @@ impl App {
             receipts,
             paid,
         });
-        Ok(App { listener, state })
+        Ok(App { listener, metrics_listener, state })
     }
 
     pub fn port(&self) -> u16 {
@@ -134,6 +140,11 @@ impl App {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.listener.local_addr().expect("bound listener has an address")
+    }
+
+    /// Where `/metrics` is served when it has an address of its own.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     pub fn state(&self) -> Arc<AppState> {
@@ -152,6 +163,16 @@ impl App {
         let every = Duration::from_secs(self.state.config.receipts.checkpoint_interval_secs);
         let (receipts, clock) = (self.state.receipts.clone(), self.state.clock.clone());
         crate::receipt::spawn_checkpointer(receipts, clock, every, cancel.child_token());
+        if let Some(listener) = self.metrics_listener {
+            let (scrape, stopped) = (crate::router::metrics_router(self.state.clone()), cancel.clone());
+            tokio::spawn(async move {
+                let served =
+                    axum::serve(listener, scrape).with_graceful_shutdown(stopped.cancelled_owned()).await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "the metrics listener failed");
+                }
+            });
+        }
         let stop = cancel.clone();
         let serve = axum::serve(self.listener, router).with_graceful_shutdown(async move {
             shutdown.await;

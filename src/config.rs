@@ -106,6 +106,17 @@ fn optional_address<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Add
     }
 }
 
+/// A socket address, or nothing when the value is empty.
+fn optional_socket<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let text = String::deserialize(d)?;
+    match text.trim() {
+        "" => Ok(None),
+        s => {
+            s.parse().map(Some).map_err(|_| serde::de::Error::custom(format!("{s:?} is not an address:port")))
+        }
+    }
+}
+
 fn default_sessions_per_client() -> usize {
     16
 }
@@ -140,6 +151,9 @@ pub struct CeilingConfig {
     /// how far a client can multiply the ceiling by opening sessions.
     #[serde(default = "default_sessions_per_client")]
     pub max_sessions_per_client: usize,
+    /// The public endpoints' own bucket per client (API key, else IP), per replica.
+    pub public_burst: u32,
+    pub public_per_second: u32,
     pub trusted_proxies: Vec<String>,
     /// Share the ceiling through limits.redis_url (fleet) instead of per process.
     pub shared: bool,
@@ -186,7 +200,17 @@ pub struct LimitsConfig {
     pub redis_url: SecretString,
     pub key_prefix: String,
     pub max_tracked_keys: usize,
+    /// Refused payments a client may cause per window before it is turned away unverified.
+    pub failed_attempts: FailureBudgetConfig,
     pub rules: Vec<LimitRule>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailureBudgetConfig {
+    /// 0 turns the budget off.
+    pub attempts: u64,
+    pub window_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -217,6 +241,11 @@ pub struct ServerConfig {
     /// Name in the MCP registry (reverse-DNS, e.g. io.github.you/weather-tools).
     pub listing_name: String,
     pub listing_description: String,
+    /// Serve `/metrics` on this address only (not on `bind`); empty: on `bind`.
+    #[serde(deserialize_with = "optional_socket")]
+    pub metrics_bind: Option<SocketAddr>,
+    /// How often readiness (store, chain, Redis, relayer gas) is probed in the background.
+    pub readiness_refresh_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -402,6 +431,9 @@ impl Config {
         if s.max_body_bytes < 1024 {
             return Err(invalid("server.max_body_bytes", "must be at least 1024"));
         }
+        if s.readiness_refresh_ms < 10 {
+            return Err(invalid("server.readiness_refresh_ms", "must be at least 10"));
+        }
         let p = &self.payment;
         if p.pay_to.is_some_and(|a| a.is_zero()) {
             return Err(invalid("payment.pay_to", "must not be the zero address"));
@@ -478,6 +510,12 @@ impl Config {
         let c = &self.ceiling;
         if c.burst == 0 || c.per_second == 0 {
             return Err(invalid("ceiling.burst", "burst and per_second must be positive"));
+        }
+        if c.public_burst == 0 || c.public_per_second == 0 {
+            return Err(invalid(
+                "ceiling.public_burst",
+                "public_burst and public_per_second must be positive",
+            ));
         }
         if c.max_tracked_keys < 16 {
             return Err(invalid("ceiling.max_tracked_keys", "must be at least 16"));

@@ -32,6 +32,7 @@ pub mod listing;
 pub mod money;
 pub mod payment;
 pub mod public_api;
+pub mod readiness;
 pub mod receipt;
 pub mod redact;
 pub mod router;

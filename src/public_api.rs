@@ -15,7 +15,8 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::receipt::{SignedCheckpoint, SignedReceipt, audit_api, merkle};
+use crate::receipt::tree::TreeError;
+use crate::receipt::{SignedCheckpoint, SignedReceipt, audit_api};
 use crate::state::AppState;
 
 pub fn routes() -> Router<Arc<AppState>> {
@@ -88,22 +89,14 @@ async fn checkpoint(State(app): State<Arc<AppState>>) -> Response {
     }
 }
 
-/// Leaf hashes of the first `size` leaves, if the log has that many.
-async fn leaves(app: &AppState, size: u64) -> Result<Vec<merkle::Hash>, Response> {
-    let count = app.store.receipt_count().await.map_err(unavailable)? as u64;
-    if size == 0 || size > count {
-        return Err(error(
-            StatusCode::BAD_REQUEST,
-            "bad_tree_size",
-            format!("tree size must be 1..={count}"),
-        ));
+/// A proof's failure as an answer: a size the log has not reached, or the store.
+fn tree_error(e: TreeError) -> Response {
+    match e {
+        TreeError::BeyondLog { size } => {
+            error(StatusCode::BAD_REQUEST, "bad_tree_size", format!("tree size must be 1..={size}"))
+        }
+        TreeError::Store(e) => unavailable(e),
     }
-    let hashes = app.store.leaf_hashes(size as i64).await.map_err(unavailable)?;
-    hashes
-        .iter()
-        .map(|h| hex::decode(h).ok().and_then(|b| b.try_into().ok()))
-        .collect::<Option<Vec<_>>>()
-        .ok_or_else(|| unavailable("corrupt leaf hash"))
 }
 
 #[derive(Deserialize)]
@@ -112,20 +105,17 @@ struct InclusionQuery {
     tree_size: u64,
 }
 
+/// O(log n) from the cached tree (`receipt::tree`), never a read of every leaf.
 async fn inclusion(State(app): State<Arc<AppState>>, Query(q): Query<InclusionQuery>) -> Response {
-    let leaves = match leaves(&app, q.tree_size).await {
-        Ok(l) => l,
-        Err(response) => return response,
-    };
-    let Some(leaf) = leaves.get(q.index as usize) else {
-        return error(StatusCode::BAD_REQUEST, "bad_index", "index must be below tree_size");
-    };
-    let proof: Vec<String> =
-        merkle::inclusion_proof(q.index as usize, &leaves).iter().map(hex::encode).collect();
-    Json(
-        json!({ "index": q.index, "tree_size": q.tree_size, "leaf_hash": hex::encode(leaf), "proof": proof }),
-    )
-    .into_response()
+    match app.receipts.tree.inclusion(q.index, q.tree_size).await {
+        Ok(Some((leaf, proof))) => {
+            let proof: Vec<String> = proof.iter().map(hex::encode).collect();
+            let body = json!({ "index": q.index, "tree_size": q.tree_size, "leaf_hash": hex::encode(leaf), "proof": proof });
+            Json(body).into_response()
+        }
+        Ok(None) => error(StatusCode::BAD_REQUEST, "bad_index", "index must be below tree_size"),
+        Err(e) => tree_error(e),
+    }
 }
 
 #[derive(Deserialize)]
@@ -138,13 +128,13 @@ async fn consistency(State(app): State<Arc<AppState>>, Query(q): Query<Consisten
     if q.first == 0 || q.first > q.second {
         return error(StatusCode::BAD_REQUEST, "bad_sizes", "need 1 <= first <= second");
     }
-    let leaves = match leaves(&app, q.second).await {
-        Ok(l) => l,
-        Err(response) => return response,
-    };
-    let proof: Vec<String> =
-        merkle::consistency_proof(q.first as usize, &leaves).iter().map(hex::encode).collect();
-    Json(json!({ "first": q.first, "second": q.second, "proof": proof })).into_response()
+    match app.receipts.tree.consistency(q.first, q.second).await {
+        Ok(proof) => {
+            let proof: Vec<String> = proof.iter().map(hex::encode).collect();
+            Json(json!({ "first": q.first, "second": q.second, "proof": proof })).into_response()
+        }
+        Err(e) => tree_error(e),
+    }
 }
 
 #[derive(Deserialize)]

@@ -16,20 +16,25 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::ceiling::guard::Guarded;
+use crate::readiness::Readiness;
 use crate::state::AppState;
 use crate::transport::{McpTransport, mcp_endpoint};
 
 /// The whole server: the ceiling in front (1), then the router and its layers (0, 2…).
 pub fn router(app: Arc<AppState>, cancel: CancellationToken) -> Guarded {
     let server = &app.config.server;
+    let every = Duration::from_millis(server.readiness_refresh_ms);
+    let readiness = crate::readiness::spawn_prober(app.clone(), every, cancel.child_token());
     let mcp = McpTransport::new(app.clone(), cancel);
-    let routes = Router::new()
+    let mut routes = Router::new()
         .route("/mcp", any(mcp_endpoint).with_state(mcp))
         .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .merge(crate::public_api::routes())
-        .with_state(app.clone());
+        .route("/readyz", get(readyz).with_state(readiness));
+    // With a metrics address of its own, /metrics is not served to the public at all.
+    if server.metrics_bind.is_none() {
+        routes = routes.route("/metrics", get(metrics));
+    }
+    let routes = routes.merge(crate::public_api::routes()).with_state(app.clone());
 
     let routes = routes.layer(
         ServiceBuilder::new()
@@ -62,53 +67,19 @@ fn request_span<B>(request: &Request<B>) -> tracing::Span {
     )
 }
 
-/// Ready when everything a paid call needs answers: the store, the chain, Redis (when used)
-/// and, with our own relayer, enough gas to settle. `/healthz` only says the process is up.
-async fn readyz(State(app): State<Arc<AppState>>) -> impl IntoResponse {
-    let probe = Duration::from_secs(3);
-    let mut checks = serde_json::Map::new();
-    let mut ready = true;
-    let mut check = |name: &str, outcome: Result<(), String>| {
-        ready &= outcome.is_ok();
-        checks.insert(name.to_owned(), outcome.err().unwrap_or_else(|| "ok".to_owned()).into());
+/// The last background readiness report (see `readiness`): no dependency is asked here.
+async fn readyz(State(readiness): State<Arc<Readiness>>) -> impl IntoResponse {
+    let (ready, checks) = match readiness.latest().await {
+        Some(report) => (report.ready, serde_json::Value::Object(report.checks.clone())),
+        None => (false, serde_json::json!({ "probe": "not yet run" })),
     };
-    let store = tokio::time::timeout(probe, app.store.ping()).await;
-    let store = store
-        .map_err(|_| "timeout".to_owned())
-        .and_then(|r| r.map_err(|e| crate::redact::urls(&e.to_string())));
-    check("store", store);
-    let limiter = tokio::time::timeout(probe, app.limits.ping()).await.unwrap_or(false);
-    check("limiter", if limiter { Ok(()) } else { Err("redis unavailable".into()) });
-    let chain = tokio::time::timeout(probe, app.gate.chain.chain_id()).await;
-    let chain = match chain {
-        Ok(Ok(id)) if id == app.network.chain_id => Ok(()),
-        Ok(Ok(id)) => Err(format!("RPC is on chain {id}, expected {}", app.network.chain_id)),
-        Ok(Err(e)) => Err(crate::redact::urls(&e.to_string())),
-        Err(_) => Err("timeout".into()),
-    };
-    check("chain", chain);
-    if let Some(relayer) = app.gate.settler.relayer() {
-        let floor = app.config.payment.min_relayer_balance_wei;
-        let balance = tokio::time::timeout(probe, app.gate.chain.gas_balance(relayer)).await;
-        let outcome = match balance {
-            Ok(Ok(wei)) => {
-                metrics::gauge!("tollgate_relayer_balance_wei").set(f64::from(wei));
-                if wei >= alloy::primitives::U256::from(floor) {
-                    Ok(())
-                } else {
-                    Err(format!("relayer balance {wei} wei is below {floor}"))
-                }
-            }
-            Ok(Err(e)) => Err(crate::redact::urls(&e.to_string())),
-            Err(_) => Err("timeout".into()),
-        };
-        check("relayer_gas", outcome);
-    }
-    if !ready {
-        tracing::warn!(?checks, "not ready");
-    }
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, axum::Json(serde_json::json!({ "ready": ready, "checks": checks })))
+}
+
+/// `/metrics` alone, for `server.metrics_bind`: the operator's scrape address, not public.
+pub fn metrics_router(app: Arc<AppState>) -> Router {
+    Router::new().route("/metrics", get(metrics)).with_state(app)
 }
 
 /// Prometheus text exposition.

@@ -2,8 +2,9 @@
 //!
 //! It sits in front of the router, not inside it, so that refusing a flood costs a header
 //! lookup, a hash probe and a pre-rendered answer: no routing, no request id, no span, no body
-//! read, no boxed future. Only `/mcp` is counted; probes, metrics and the public log pass
-//! through untouched (a flood must not blind the operator's monitoring).
+//! read, no boxed future. `/mcp` is counted in the ceiling; the public listing and log in a
+//! bucket of their own; probes and metrics pass through untouched (a flood must not blind the
+//! operator's monitoring).
 //!
 //! `Guarded` is what `axum::serve` is given: it sets TCP_NODELAY on every accepted connection
 //! and, for each connection, hands out a `Guard` that
@@ -26,7 +27,7 @@ use axum::routing::future::RouteFuture;
 use futures_util::future::Either;
 use tower::Service;
 
-use super::{Admitted, Ceiling, CeilingError};
+use super::{Admitted, Ceiling, CeilingError, ClientIdentity, ClientKey};
 
 /// The path the ceiling counts.
 const GUARDED_PATH: &str = "/mcp";
@@ -95,7 +96,15 @@ impl Service<Request<Body>> for Guard {
     }
 
     fn call(&mut self, mut request: Request<Body>) -> Self::Future {
-        if request.uri().path() != GUARDED_PATH {
+        let path = request.uri().path();
+        if path != GUARDED_PATH {
+            if is_public(path)
+                && let Err(retry_after_secs) =
+                    self.http.ceiling.check_public(request.headers(), self.peer.ip())
+            {
+                let bodiless = request.body().is_end_stream();
+                return Either::Left(ready(Ok(public_refusal(retry_after_secs, bodiless))));
+            }
             request.extensions_mut().insert(ConnectInfo(self.peer));
             return Either::Right(Either::Left(self.router.call(request)));
         }
@@ -129,6 +138,32 @@ impl Service<Request<Body>> for Guard {
     }
 }
 
+/// The public read-only endpoints, under their own bucket: the listing and the transparency
+/// log. Probes and metrics are not (a flood must not blind the operator's monitoring).
+fn is_public(path: &str) -> bool {
+    path.starts_with("/log/") || path == "/.well-known/x402"
+}
+
+/// A public endpoint's refusal. A request with a body (a wallet's receipt listing) is answered
+/// with `Connection: close` rather than waiting to read a body it will not use.
+fn public_refusal(retry_after_secs: u64, bodiless: bool) -> Response {
+    let body = serde_json::json!({
+        "error": "rate_limited",
+        "axis": "public",
+        "message": format!("too many requests to the public endpoints; retry in {retry_after_secs}s"),
+        "retry_after_seconds": retry_after_secs,
+    });
+    let mut response = Response::new(Body::from(body.to_string()));
+    *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+    if !bodiless {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
 /// Bodies a refusal reads (and drops) before answering, at most.
 const DISCARD_LIMIT: usize = 64 * 1024;
 /// Longest a refusal waits for the rest of a body.
@@ -146,7 +181,8 @@ async fn discard_body_then(request: Request<Body>, mut refusal: Response) -> Res
     refusal
 }
 
-/// Passes an admitted request on, with its client key for the wallet limits' `agent` axis,
+/// Passes an admitted request on, with its client key for the wallet limits' `agent` axis and
+/// its identity for the budgets a session must not multiply,
 /// and adds the `RateLimit` headers to the answer.
 async fn admit(
     http: &CeilingHttp,
@@ -156,7 +192,12 @@ async fn admit(
     admitted: Admitted,
 ) -> Response {
     let key = http.ceiling.client_key(request.headers(), peer);
+    let identity = match &key {
+        ClientKey::Session(_) => http.ceiling.client_identity(request.headers(), peer),
+        other => ClientIdentity(other.clone()),
+    };
     request.extensions_mut().insert(key);
+    request.extensions_mut().insert(identity);
     let mut response = match router.call(request).await {
         Ok(response) => response,
         Err(never) => match never {},

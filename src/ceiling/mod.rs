@@ -61,6 +61,11 @@ impl std::fmt::Display for ClientKey {
     }
 }
 
+/// Who a request comes from whatever its session: its configured API key, else its IP block.
+/// Budgets a client must not multiply by opening sessions are keyed on it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ClientIdentity(pub ClientKey);
+
 /// Admitted, with what is left for the `RateLimit` header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Admitted {
@@ -108,6 +113,10 @@ pub struct Ceiling<C: GovernorClock = DefaultClock> {
     clock: C,
     pub burst: u32,
     pub per_second: u32,
+    /// The public endpoints' bucket, keyed by client identity (never a session), per process.
+    public: Limiter<C>,
+    pub public_burst: u32,
+    pub public_per_second: u32,
     api_key_header: Option<http::HeaderName>,
     /// The first 16 bytes of the SHA-256 of each API key the operator configured.
     known_api_keys: std::collections::HashSet<[u8; 16]>,
@@ -131,12 +140,8 @@ impl Ceiling<DefaultClock> {
 
 impl<C: GovernorClock + Clone> Ceiling<C> {
     pub fn with_clock(c: &CeilingConfig, clock: C, shared: Option<(RedisBuckets, SharedClock)>) -> Self {
-        let per_second = NonZeroU32::new(c.per_second).expect("validated positive");
-        let burst = NonZeroU32::new(c.burst).expect("validated positive");
-        let quota = Quota::per_second(per_second).allow_burst(burst);
-        let limiter: RateLimiter<_, _, _, governor::middleware::NoOpMiddleware<C::Instant>> =
-            RateLimiter::new(quota, BoundedStore::new(c.max_tracked_keys), clock.clone());
-        let limiter = limiter.with_middleware::<StateInformationMiddleware>();
+        let limiter = Self::limiter(c.burst, c.per_second, c.max_tracked_keys, &clock);
+        let public = Self::limiter(c.public_burst, c.public_per_second, c.max_tracked_keys, &clock);
         let trusted = c
             .trusted_proxies
             .iter()
@@ -160,6 +165,9 @@ impl<C: GovernorClock + Clone> Ceiling<C> {
             clock,
             burst: c.burst,
             per_second: c.per_second,
+            public,
+            public_burst: c.public_burst,
+            public_per_second: c.public_per_second,
             api_key_header,
             known_api_keys,
             sessions: Arc::new(LiveSessions::new(c.max_tracked_keys, c.max_sessions_per_client)),
@@ -168,6 +176,25 @@ impl<C: GovernorClock + Clone> Ceiling<C> {
             hasher: ahash::RandomState::new(),
             refusals,
         }
+    }
+
+    fn limiter(burst: u32, per_second: u32, max_keys: usize, clock: &C) -> Limiter<C> {
+        let per_second = NonZeroU32::new(per_second).expect("validated positive");
+        let burst = NonZeroU32::new(burst).expect("validated positive");
+        let quota = Quota::per_second(per_second).allow_burst(burst);
+        let limiter: RateLimiter<_, _, _, governor::middleware::NoOpMiddleware<C::Instant>> =
+            RateLimiter::new(quota, BoundedStore::new(max_keys), clock.clone());
+        limiter.with_middleware::<StateInformationMiddleware>()
+    }
+
+    /// Counts one request to a public endpoint against the client's identity (a session
+    /// earns nothing here). In process only: a fleet allows each replica's budget.
+    pub fn check_public(&self, headers: &HeaderMap, peer: IpAddr) -> Result<(), u64> {
+        let parts = self.identity_parts(headers, peer);
+        self.public.check_key(&self.hash_parts(&parts)).map(|_| ()).map_err(|not_until| {
+            metrics::counter!("tollgate_public_refusals_total").increment(1);
+            not_until.wait_time_from(self.clock.now()).as_millis().div_ceil(1000).max(1) as u64
+        })
     }
 
     /// The key a request is counted under: its MCP session, else its API key, else its IP.
@@ -184,6 +211,15 @@ impl<C: GovernorClock + Clone> Ceiling<C> {
         {
             return KeyParts::Session(session);
         }
+        self.identity_parts(headers, peer)
+    }
+
+    /// The caller whatever its session: its configured API key, else its IP block.
+    pub fn client_identity(&self, headers: &HeaderMap, peer: IpAddr) -> ClientIdentity {
+        ClientIdentity(self.identity_parts(headers, peer).owned())
+    }
+
+    fn identity_parts<'a>(&self, headers: &'a HeaderMap, peer: IpAddr) -> KeyParts<'a> {
         if let Some(key) = self.api_key_header.as_ref().and_then(|h| headers.get(h)) {
             let digest = Sha256::digest(key.as_bytes());
             let prefix: [u8; 16] = digest[..16].try_into().expect("16 bytes");
@@ -337,6 +373,7 @@ impl<C: GovernorClock + Clone> Ceiling<C> {
     /// Forgets keys whose buckets are full again; run periodically.
     pub fn sweep(&self) {
         self.limiter.retain_recent();
+        self.public.retain_recent();
         metrics::gauge!("tollgate_ceiling_tracked_keys").set(self.tracked_keys() as f64);
     }
 }
@@ -362,6 +399,8 @@ mod tests {
             api_key_header: "x-api-key".into(),
             api_keys_sha256: vec![hex::encode(Sha256::digest(b"secret-key"))],
             max_sessions_per_client: 16,
+            public_burst: 5,
+            public_per_second: 1,
             trusted_proxies: vec!["10.0.0.0/8".into()],
             shared: false,
         }

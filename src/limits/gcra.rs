@@ -90,13 +90,14 @@ impl MemoryBuckets {
         MemoryBuckets { tats: std::sync::Mutex::new(HashMap::new()), max_keys }
     }
 
-    /// Checks and, if allowed, charges every bucket, atomically.
+    /// Checks and, if allowed, charges every bucket, atomically. A full table makes room by
+    /// forgetting idle buckets, then the least busy ones: a flood of new keys can cost other
+    /// keys a little of their history, but never refuses every paid call.
     pub fn check(&self, charges: &[Charge], now: u64) -> Result<Verdict, Saturated> {
         let mut tats = self.tats.lock().expect("limiter lock");
         let new_keys = charges.iter().filter(|c| !tats.contains_key(&c.key)).count();
         if tats.len() + new_keys > self.max_keys {
-            // Idle buckets (TAT in the past) are full: forgetting them loses nothing.
-            tats.retain(|_, tat| *tat > now);
+            make_room(&mut tats, new_keys, self.max_keys, now);
             if tats.len() + new_keys > self.max_keys {
                 return Err(Saturated);
             }
@@ -111,6 +112,13 @@ impl MemoryBuckets {
         Ok(verdict)
     }
 
+    /// What `check` would decide, without charging anything.
+    pub fn peek(&self, charges: &[Charge], now: u64) -> Verdict {
+        let tats = self.tats.lock().expect("limiter lock");
+        let current: Vec<Option<u64>> = charges.iter().map(|c| tats.get(&c.key).copied()).collect();
+        decide(charges, &current, now)
+    }
+
     pub fn len(&self) -> usize {
         self.tats.lock().expect("limiter lock").len()
     }
@@ -123,6 +131,31 @@ impl MemoryBuckets {
     pub fn sweep(&self, now: u64) {
         self.tats.lock().expect("limiter lock").retain(|_, tat| *tat > now);
     }
+}
+
+/// Frees room for `new_keys` more: idle buckets first (a full bucket carries no history), then
+/// the busy buckets nearest to idle (the smallest TAT), a sixteenth of the table at a time so
+/// the O(n) scan is paid once per many inserts. A bucket at its limit has the largest TAT and
+/// is forgotten last, so flooding new keys cannot reset the buckets that are holding someone back.
+fn make_room(tats: &mut HashMap<String, u64>, new_keys: usize, max_keys: usize, now: u64) {
+    tats.retain(|_, tat| *tat > now);
+    let excess = (tats.len() + new_keys).saturating_sub(max_keys);
+    if excess == 0 {
+        return;
+    }
+    let evict = excess.max(max_keys / 16).min(tats.len());
+    let mut by_tat: Vec<u64> = tats.values().copied().collect();
+    let (_, threshold, _) = by_tat.select_nth_unstable(evict - 1);
+    let threshold = *threshold;
+    let mut left = evict;
+    tats.retain(|_, tat| {
+        if left > 0 && *tat <= threshold {
+            left -= 1;
+            return false;
+        }
+        true
+    });
+    metrics::counter!("tollgate_limiter_evictions_total").increment(evict as u64);
 }
 
 #[cfg(test)]
@@ -171,14 +204,38 @@ mod tests {
     }
 
     #[test]
-    fn tracked_keys_stay_bounded_idle_ones_are_forgotten_first() {
+    fn a_full_table_forgets_idle_then_least_busy_buckets_and_keeps_admitting_new_keys() {
         let buckets = MemoryBuckets::new(2);
         let c = |k: &str| [charge(k, 10, 1, 1)];
         buckets.check(&c("a"), 0).unwrap();
-        buckets.check(&c("b"), 0).unwrap();
-        assert_eq!(buckets.check(&c("c"), 0), Err(Saturated), "full of busy buckets");
-        assert!(buckets.check(&c("c"), SEC).is_ok(), "a and b went idle and were dropped");
+        // "busy" spends its whole budget: its TAT is the largest in the table.
+        for _ in 0..10 {
+            buckets.check(&c("busy"), 0).unwrap();
+        }
+        assert!(matches!(buckets.check(&c("busy"), 0), Ok(Verdict::Denied { .. })));
+        // A new key while both are busy: the least busy ("a") makes room, not "busy".
+        assert!(matches!(buckets.check(&c("new"), 0), Ok(Verdict::Allowed { .. })));
         assert!(buckets.len() <= 2);
+        assert!(matches!(buckets.check(&c("busy"), 0), Ok(Verdict::Denied { .. })), "still held back");
+        // A thousand more new keys: every one admitted, the table stays bounded, and the
+        // bucket at its limit is still remembered.
+        for i in 0..1000 {
+            assert!(matches!(buckets.check(&c(&format!("k{i}")), 0), Ok(Verdict::Allowed { .. })));
+        }
+        assert!(buckets.len() <= 2);
+        assert!(matches!(buckets.check(&c("busy"), 0), Ok(Verdict::Denied { .. })), "never reset");
+        // Idle buckets are dropped first once time has passed.
+        assert!(buckets.check(&c("late"), SEC).is_ok());
+    }
+
+    #[test]
+    fn peek_decides_like_check_but_charges_nothing() {
+        let buckets = MemoryBuckets::new(4);
+        let c = [charge("k", 1, 60, 1)];
+        assert!(matches!(buckets.peek(&c, 0), Verdict::Allowed { .. }));
+        assert!(matches!(buckets.peek(&c, 0), Verdict::Allowed { .. }), "peeking spent nothing");
+        buckets.check(&c, 0).unwrap();
+        assert!(matches!(buckets.peek(&c, 0), Verdict::Denied { .. }));
     }
 
     #[test]

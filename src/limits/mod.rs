@@ -7,6 +7,7 @@
 //! buckets, and an unreachable Redis refuses paid calls (fails closed) rather than letting
 //! them through unlimited. Does not check: anything before verification (that is the ceiling).
 
+pub mod failures;
 pub mod gcra;
 pub mod redis;
 
@@ -59,6 +60,8 @@ pub enum LimitError {
     Unavailable,
     #[error("the rate limiter is saturated; retry shortly")]
     Saturated,
+    #[error("too many refused payments from this client: {limit} per {window_seconds}s")]
+    TooManyFailures { limit: u64, window_seconds: u64, retry_after_seconds: u64 },
 }
 
 /// One configured limit, compiled.

@@ -118,6 +118,35 @@ impl PaymentError {
         )
     }
 
+    /// Whether the payer's payload caused the refusal (and so spends the client's
+    /// failed-attempt budget), rather than our side or a payment still being worked on.
+    pub fn is_payer_fault(&self) -> bool {
+        match self {
+            PaymentError::Malformed(_)
+            | PaymentError::TooLarge { .. }
+            | PaymentError::UnsupportedVersion(_)
+            | PaymentError::RequirementsMismatch { .. }
+            | PaymentError::BadSignature
+            | PaymentError::RecipientMismatch
+            | PaymentError::Expired { .. }
+            | PaymentError::NotYetValid
+            | PaymentError::TooLong { .. }
+            | PaymentError::WrongAmount
+            | PaymentError::BadPaymentIdentifier
+            | PaymentError::NonceReused
+            | PaymentError::IdentifierConflict
+            | PaymentError::InsufficientBalance
+            | PaymentError::SettlementFailed { .. }
+            | PaymentError::AlreadyUsed => true,
+            PaymentError::Pending { .. }
+            | PaymentError::InProgress
+            | PaymentError::OutcomeUnknown { .. }
+            | PaymentError::Corrupt(_)
+            | PaymentError::ChainUnavailable
+            | PaymentError::StoreUnavailable => false,
+        }
+    }
+
     /// What this refusal can prove about money. Once a transaction may exist, the answer must
     /// not claim that nothing was charged.
     pub fn money(&self) -> Money {

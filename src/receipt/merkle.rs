@@ -20,9 +20,9 @@ pub fn node_hash(left: &Hash, right: &Hash) -> Hash {
 }
 
 /// The largest power of two strictly smaller than `n` (n ≥ 2).
-fn split(n: usize) -> usize {
+pub fn split(n: u64) -> u64 {
     debug_assert!(n >= 2);
-    1 << (usize::BITS - 1 - (n - 1).leading_zeros())
+    1 << (u64::BITS - 1 - (n - 1).leading_zeros())
 }
 
 /// MTH(D[n]); the empty tree's hash is SHA-256 of the empty string.
@@ -31,23 +31,47 @@ pub fn root(leaves: &[Hash]) -> Hash {
         0 => Sha256::digest([]).into(),
         1 => leaves[0],
         n => {
-            let k = split(n);
+            let k = split(n as u64) as usize;
             node_hash(&root(&leaves[..k]), &root(&leaves[k..]))
         }
     }
 }
 
+/// Where proofs get the hash of a range of leaves `[lo, hi)`. A slice hashes its leaves; the
+/// log's cached tree (`receipt::tree`) looks up stored subtrees. Every range a proof asks for
+/// is one of the RFC 6962 recursion, so its left part is always an aligned complete subtree.
+pub trait Subtrees {
+    fn range_root(&self, lo: u64, hi: u64) -> Hash;
+}
+
+impl Subtrees for [Hash] {
+    fn range_root(&self, lo: u64, hi: u64) -> Hash {
+        root(&self[lo as usize..hi as usize])
+    }
+}
+
 /// PATH(m, D[n]): the audit path of leaf `index` in the tree of `leaves`.
 pub fn inclusion_proof(index: usize, leaves: &[Hash]) -> Vec<Hash> {
-    let n = leaves.len();
-    if n <= 1 || index >= n {
+    inclusion_proof_in(leaves, index as u64, leaves.len() as u64)
+}
+
+/// PATH(index, D[size]) over any source of subtree hashes.
+pub fn inclusion_proof_in<T: Subtrees + ?Sized>(tree: &T, index: u64, size: u64) -> Vec<Hash> {
+    if size <= 1 || index >= size {
         return Vec::new();
     }
-    let k = split(n);
-    let (mut path, sibling) = if index < k {
-        (inclusion_proof(index, &leaves[..k]), root(&leaves[k..]))
+    path(tree, index, 0, size)
+}
+
+fn path<T: Subtrees + ?Sized>(tree: &T, index: u64, lo: u64, hi: u64) -> Vec<Hash> {
+    if hi - lo <= 1 {
+        return Vec::new();
+    }
+    let k = split(hi - lo);
+    let (mut path, sibling) = if index < lo + k {
+        (path(tree, index, lo, lo + k), tree.range_root(lo + k, hi))
     } else {
-        (inclusion_proof(index - k, &leaves[k..]), root(&leaves[..k]))
+        (path(tree, index, lo + k, hi), tree.range_root(lo, lo + k))
     };
     path.push(sibling);
     path
@@ -55,22 +79,27 @@ pub fn inclusion_proof(index: usize, leaves: &[Hash]) -> Vec<Hash> {
 
 /// PROOF(m, D[n]): proves the tree of the first `first` leaves is a prefix of `leaves`.
 pub fn consistency_proof(first: usize, leaves: &[Hash]) -> Vec<Hash> {
-    if first == 0 || first >= leaves.len() {
-        return Vec::new();
-    }
-    subproof(first, leaves, true)
+    consistency_proof_in(leaves, first as u64, leaves.len() as u64)
 }
 
-fn subproof(m: usize, leaves: &[Hash], complete: bool) -> Vec<Hash> {
-    let n = leaves.len();
+/// PROOF(first, D[size]) over any source of subtree hashes.
+pub fn consistency_proof_in<T: Subtrees + ?Sized>(tree: &T, first: u64, size: u64) -> Vec<Hash> {
+    if first == 0 || first >= size {
+        return Vec::new();
+    }
+    subproof(tree, first, 0, size, true)
+}
+
+fn subproof<T: Subtrees + ?Sized>(tree: &T, m: u64, lo: u64, hi: u64, complete: bool) -> Vec<Hash> {
+    let n = hi - lo;
     if m == n {
-        return if complete { Vec::new() } else { vec![root(leaves)] };
+        return if complete { Vec::new() } else { vec![tree.range_root(lo, hi)] };
     }
     let k = split(n);
     let (mut proof, other) = if m <= k {
-        (subproof(m, &leaves[..k], complete), root(&leaves[k..]))
+        (subproof(tree, m, lo, lo + k, complete), tree.range_root(lo + k, hi))
     } else {
-        (subproof(m - k, &leaves[k..], false), root(&leaves[..k]))
+        (subproof(tree, m - k, lo + k, hi, false), tree.range_root(lo, lo + k))
     };
     proof.push(other);
     proof

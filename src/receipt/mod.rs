@@ -10,6 +10,7 @@
 pub mod audit_api;
 pub mod keys;
 pub mod merkle;
+pub mod tree;
 
 use std::sync::Arc;
 
@@ -163,9 +164,15 @@ pub struct Receipts {
     pub signer: ReceiptSigner,
     pub store: Arc<dyn Store>,
     pub server_id: String,
+    /// The log's tree, cached: proofs and checkpoints without reading every leaf.
+    pub tree: tree::LogTree,
 }
 
 impl Receipts {
+    pub fn new(signer: ReceiptSigner, store: Arc<dyn Store>, server_id: String) -> Receipts {
+        Receipts { signer, tree: tree::LogTree::new(store.clone()), store, server_id }
+    }
+
     /// Step 10: signs and appends the receipt of a settled call (idempotent per payment).
     pub async fn issue(&self, input: &ReceiptInput<'_>) -> Result<SignedReceipt, ReceiptError> {
         let s = input.settlement;
@@ -216,28 +223,29 @@ impl Receipts {
         if !self.store.try_lead().await? {
             return Ok(None);
         }
-        let size = self.store.receipt_count().await?;
+        let size = self.tree.catch_up().await?;
         let latest = self.store.latest_checkpoint().await?;
-        if latest.as_ref().is_some_and(|c| c.tree_size >= size) || size == 0 {
+        if latest.as_ref().is_some_and(|c| c.tree_size as u64 >= size) || size == 0 {
             return Ok(None);
         }
-        let leaves = self.store.leaf_hashes(size).await?;
-        let leaves: Vec<merkle::Hash> = leaves
-            .iter()
-            .map(|h| hex::decode(h).ok().and_then(|b| b.try_into().ok()))
-            .collect::<Option<_>>()
-            .ok_or_else(|| StoreError::Corrupt("bad leaf hash".into()))?;
+        let root = match self.tree.root(size).await {
+            Ok(root) => root,
+            Err(tree::TreeError::Store(e)) => return Err(e.into()),
+            Err(e @ tree::TreeError::BeyondLog { .. }) => {
+                return Err(StoreError::Corrupt(e.to_string()).into());
+            }
+        };
         let body = CheckpointBody {
             v: RECEIPT_VERSION,
             server: self.server_id.clone(),
-            tree_size: size as u64,
-            root: hex::encode(merkle::root(&leaves)),
+            tree_size: size,
+            root: hex::encode(root),
             time: now,
             kid: self.signer.kid.clone(),
         };
         let text = canonical(&body);
         let checkpoint = StoredCheckpoint {
-            tree_size: size,
+            tree_size: size as i64,
             root_hash: body.root.clone(),
             signature: self.signer.sign(text.as_bytes()),
             kid: body.kid.clone(),

@@ -264,7 +264,8 @@ pub trait Store: Send + Sync + 'static {
     /// Number of leaves in the log.
     async fn receipt_count(&self) -> Result<i64, StoreError>;
     /// Leaf hashes (hex) of log indices `[0, size)`, in order.
-    async fn leaf_hashes(&self, size: i64) -> Result<Vec<String>, StoreError>;
+    /// Leaf hashes (hex) of the receipts with `start <= log_index < end`, in log order.
+    async fn leaf_hashes(&self, start: i64, end: i64) -> Result<Vec<String>, StoreError>;
     async fn receipt_at(&self, log_index: i64) -> Result<Option<StoredReceipt>, StoreError>;
     /// A payer's receipts with `payer_seq > after_seq`, in order, at most `limit`.
     async fn receipts_of(

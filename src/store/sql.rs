@@ -434,12 +434,14 @@ macro_rules! impl_store {
                 Ok(n)
             }
 
-            async fn leaf_hashes(&self, size: i64) -> Result<Vec<String>, StoreError> {
-                let rows: Vec<(String,)> =
-                    sqlx::query_as("select leaf_hash from receipts where log_index < $1 order by log_index")
-                        .bind(size)
-                        .fetch_all(&self.pool)
-                        .await?;
+            async fn leaf_hashes(&self, start: i64, end: i64) -> Result<Vec<String>, StoreError> {
+                let rows: Vec<(String,)> = sqlx::query_as(
+                    "select leaf_hash from receipts where log_index >= $1 and log_index < $2 order by log_index",
+                )
+                .bind(start)
+                .bind(end)
+                .fetch_all(&self.pool)
+                .await?;
                 Ok(rows.into_iter().map(|(h,)| h).collect())
             }
 

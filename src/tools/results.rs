@@ -159,6 +159,17 @@ pub fn limited(error: &LimitError) -> CallToolResult {
             "retry_after_seconds": retry_after_seconds,
             "charged": false,
         }),
+        LimitError::TooManyFailures { limit, window_seconds, retry_after_seconds } => json!({
+            "error": "rate_limited",
+            "message": error.to_string(),
+            "axis": "failed_attempts",
+            "unit": "requests",
+            "limit": limit,
+            "window_seconds": window_seconds,
+            "remaining": 0,
+            "retry_after_seconds": retry_after_seconds,
+            "charged": false,
+        }),
         LimitError::Unavailable => json!({
             "error": "limiter_unavailable",
             "message": error.to_string(),

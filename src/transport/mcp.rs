@@ -14,7 +14,7 @@ use rmcp::model::{
 use rmcp::service::RequestContext;
 use rmcp::{ErrorData as McpError, RoleServer, ServerHandler};
 
-use crate::ceiling::ClientKey;
+use crate::ceiling::{ClientIdentity, ClientKey};
 use crate::payment::decode::PaymentInput;
 use crate::payment::wire::META_PAYMENT;
 use crate::state::AppState;
@@ -81,7 +81,12 @@ impl ServerHandler for McpServer {
                 let header = headers.and_then(|h| h.get(PAYMENT_SIGNATURE_HEADER))?;
                 Some(PaymentInput::Header(header.as_bytes().to_vec()))
             });
-        let call = ToolCall { arguments: request.arguments.clone().unwrap_or_default(), payment, agent };
+        let client = parts
+            .and_then(|p| p.extensions.get::<ClientIdentity>())
+            .map(|c| c.0.to_string())
+            .unwrap_or_default();
+        let arguments = request.arguments.clone().unwrap_or_default();
+        let call = ToolCall { arguments, payment, agent, client };
         Ok(self.app.paid.call(entry, call).await.into())
     }
 }

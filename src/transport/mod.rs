@@ -95,7 +95,7 @@ pub async fn mcp_endpoint(State(t): State<McpTransport>, request: Request) -> Re
     }
     // A new session is a new ceiling bucket: each client may hold only so many.
     let client =
-        parts.extensions.get::<crate::ceiling::ClientKey>().map(ToString::to_string).unwrap_or_default();
+        parts.extensions.get::<crate::ceiling::ClientIdentity>().map(|c| c.0.to_string()).unwrap_or_default();
     if let Err(refusal) = t.live.may_open(&client) {
         return session_refused(refusal);
     }

@@ -215,7 +215,7 @@ async fn a_log_that_rewrote_history_between_two_audits_is_caught() {
     )
     .unwrap();
     let signer = Arc::new(tollgate::receipt::ReceiptSigner::new(key));
-    let mut leaves: Vec<_> = app.state.store.leaf_hashes(5).await.unwrap();
+    let mut leaves: Vec<_> = app.state.store.leaf_hashes(0, 5).await.unwrap();
     leaves[0] = hex::encode(tollgate::receipt::merkle::leaf_hash(b"rewritten"));
     let leaves: Vec<[u8; 32]> = leaves.iter().map(|h| hex::decode(h).unwrap().try_into().unwrap()).collect();
     let fake_root = hex::encode(tollgate::receipt::merkle::root(&leaves));

@@ -59,6 +59,8 @@ pub struct TestApp {
     /// How many times the priced `counted` test tool's handler ran.
     pub runs: Arc<AtomicUsize>,
     pub addr: std::net::SocketAddr,
+    /// Where /metrics is served, when `server.metrics_bind` gave it an address of its own.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     pub state: Arc<AppState>,
     pub chain: DevChain,
     pub clock: ManualClock,
@@ -157,6 +159,8 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
     config.database.url = format!("sqlite://{}", dir.path().join("tollgate.db").display()).into();
     let chain = DevChain::start(&config, &dir.path().join("payer.key")).await.expect("dev chain");
     chain.apply(&mut config);
+    // Readiness is probed in the background; tests watch it change within a fraction of a second.
+    config.server.readiness_refresh_ms = 50;
     let receipt_key = ed25519_dalek::SigningKey::from_bytes(&rand::random::<[u8; 32]>());
     config.receipts.key = hex::encode(receipt_key.to_bytes()).into();
     tweak(&mut config);
@@ -164,13 +168,14 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
     let clock = ManualClock::new(SystemClock.now_unix());
     let runs = Arc::new(AtomicUsize::new(0));
     let server = Server::start(config, clock.clone(), runs.clone()).await;
-    let (addr, state) = (server.addr, server.state.clone());
-    TestApp { runs, addr, state, chain, clock, dir, stop: server.stop, served: server.served }
+    let (addr, metrics_addr, state) = (server.addr, server.metrics_addr, server.state.clone());
+    TestApp { runs, addr, metrics_addr, state, chain, clock, dir, stop: server.stop, served: server.served }
 }
 
 /// A running tollgate without a chain of its own (a sibling replica, or the inside of TestApp).
 pub struct Server {
     pub addr: std::net::SocketAddr,
+    pub metrics_addr: Option<std::net::SocketAddr>,
     pub state: Arc<AppState>,
     stop: Option<oneshot::Sender<()>>,
     served: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
@@ -182,13 +187,13 @@ impl Server {
         let deps =
             Deps { clock: Arc::new(clock), extra_tools: vec![counted_tool(runs.clone()), slow_tool(runs)] };
         let app = App::build_with(config, deps).await.expect("app builds");
-        let addr = app.local_addr();
+        let (addr, metrics_addr) = (app.local_addr(), app.metrics_addr());
         let state = app.state();
         let (stop, stopped) = oneshot::channel::<()>();
         let served = tokio::spawn(app.run_until(async move {
             let _ = stopped.await;
         }));
-        Server { addr, state, stop: Some(stop), served: Some(served) }
+        Server { addr, metrics_addr, state, stop: Some(stop), served: Some(served) }
     }
 
     pub fn mcp_url(&self) -> String {
@@ -216,6 +221,7 @@ impl TestApp {
         }
         let server = Server::start(config, self.clock.clone(), self.runs.clone()).await;
         self.addr = server.addr;
+        self.metrics_addr = server.metrics_addr;
         self.state = server.state.clone();
         self.stop = server.stop;
         self.served = server.served;
@@ -239,6 +245,13 @@ pub struct Mcp {
 impl Mcp {
     pub fn sessionless(url: &str) -> Mcp {
         Mcp { http: reqwest::Client::new(), url: url.to_owned(), session: None, next_id: Arc::new(1.into()) }
+    }
+
+    /// A sessionless client whose connections come from another loopback address (another
+    /// client IP, as the server sees it).
+    pub fn sessionless_from(url: &str, local: std::net::IpAddr) -> Mcp {
+        let http = reqwest::Client::builder().local_address(local).build().unwrap();
+        Mcp { http, ..Mcp::sessionless(url) }
     }
 
     /// Performs the 2025-era handshake and keeps the session id the server issues.
@@ -452,6 +465,21 @@ pub async fn serve_on_loopback(router: axum::Router) -> String {
     url
 }
 
+/// Polls `/readyz` (probed in the background) until it answers `status`; returns the last
+/// status and body.
+pub async fn readyz_until(base_url: &str, status: u16) -> (u16, Value) {
+    let mut last = (0, Value::Null);
+    for _ in 0..100 {
+        let response = reqwest::get(format!("{base_url}/readyz")).await.unwrap();
+        last = (response.status().as_u16(), response.json().await.unwrap_or(Value::Null));
+        if last.0 == status {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    last
+}
+
 /// Waits (bounded) until something listens on a loopback port.
 pub async fn wait_listening(port: u16) {
     let up = async {
@@ -460,4 +488,49 @@ pub async fn wait_listening(port: u16) {
         }
     };
     tokio::time::timeout(Duration::from_secs(60), up).await.expect("the server listens");
+}
+
+/// A JSON-RPC proxy in front of a node that counts the calls it forwards (each item of a batch).
+#[derive(Clone)]
+pub struct CountingRpc {
+    pub url: String,
+    node: String,
+    calls: Arc<AtomicUsize>,
+}
+
+impl CountingRpc {
+    pub async fn start(node: &str) -> CountingRpc {
+        let mut rpc = CountingRpc { url: String::new(), node: node.to_owned(), calls: Default::default() };
+        let router = axum::Router::new().fallback(count_and_forward).with_state(rpc.clone());
+        rpc.url = serve_on_loopback(router).await;
+        rpc
+    }
+
+    pub fn calls(&self) -> usize {
+        self.calls.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+async fn count_and_forward(
+    axum::extract::State(rpc): axum::extract::State<CountingRpc>,
+    body: axum::body::Bytes,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let calls = match serde_json::from_slice::<Value>(&body) {
+        Ok(Value::Array(batch)) => batch.len(),
+        _ => 1,
+    };
+    rpc.calls.fetch_add(calls, std::sync::atomic::Ordering::SeqCst);
+    let answer = reqwest::Client::new()
+        .post(&rpc.node)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await;
+    match answer {
+        Ok(answer) => {
+            ([("content-type", "application/json")], answer.bytes().await.unwrap_or_default()).into_response()
+        }
+        Err(_) => axum::http::StatusCode::BAD_GATEWAY.into_response(),
+    }
 }

@@ -181,7 +181,7 @@ async fn paid_calls_fail_closed_while_redis_is_down_and_resume_when_it_returns()
     // Act 1: Redis goes away.
     redis.stop().await;
     let refused = pay_as(&app, &mcp, &payer, "counted").await;
-    let ready = reqwest::get(format!("{}/readyz", app.base_url())).await.unwrap().status();
+    let ready = crate::helpers::readyz_until(&app.base_url(), 503).await.0;
     // Assert 1: refused, clearly, nothing charged; free tools still work; not ready.
     assert_eq!(refused["structuredContent"]["error"], "limiter_unavailable", "{refused}");
     assert_eq!(refused["structuredContent"]["charged"], false);

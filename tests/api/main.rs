@@ -2,6 +2,7 @@
 
 mod helpers;
 
+mod abuse;
 mod attacks;
 mod audit;
 mod ceiling;

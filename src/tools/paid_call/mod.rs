@@ -25,6 +25,8 @@ pub use error::{ArgumentError, CallError, ToolUnavailable};
 use super::catalog::ToolEntry;
 use super::results;
 use crate::clock::SharedClock;
+use crate::config::FailureBudgetConfig;
+use crate::limits::failures::FailureBudget;
 use crate::limits::{LimitRequest, WalletLimits};
 use crate::payment::PaymentError;
 use crate::payment::decode::PaymentInput;
@@ -39,6 +41,8 @@ pub struct ToolCall {
     pub payment: Option<PaymentInput>,
     /// The caller's client key (from the ceiling), for the `agent` limit axis.
     pub agent: String,
+    /// The caller whatever its session (API key, else IP): refused payments count against it.
+    pub client: String,
 }
 
 /// What a call produced, ready to serve.
@@ -63,6 +67,8 @@ pub struct CallSettings {
     pub tool_timeout: Duration,
     /// The payee (the receipt binds it).
     pub pay_to: alloy::primitives::Address,
+    /// Refused payments a client may cause per window.
+    pub failed_attempts: FailureBudgetConfig,
 }
 
 /// A paid call answers before the HTTP request timeout, by this much: past it the client is
@@ -76,6 +82,8 @@ const FINISHERS: usize = 8;
 pub struct PaidCall {
     gate: Arc<PaymentGate>,
     limits: Arc<WalletLimits>,
+    /// Refused payments per client: a client that keeps failing is turned away unverified.
+    failures: FailureBudget,
     receipts: Arc<Receipts>,
     clock: SharedClock,
     /// The token's EIP-712 domain, every authorization is signed against.
@@ -96,7 +104,18 @@ impl PaidCall {
     ) -> PaidCall {
         let domain = gate.network.domain();
         let finishers = Arc::new(tokio::sync::Semaphore::new(FINISHERS));
-        PaidCall { gate, limits, receipts, clock, domain, settings, finishers, finishing: Default::default() }
+        let failures = FailureBudget::from_config(&settings.failed_attempts);
+        PaidCall {
+            gate,
+            limits,
+            failures,
+            receipts,
+            clock,
+            domain,
+            settings,
+            finishers,
+            finishing: Default::default(),
+        }
     }
 
     /// Runs one call and renders its outcome.
@@ -104,8 +123,23 @@ impl PaidCall {
         results::render(entry, self.try_call(entry, call).await)
     }
 
-    /// Steps 3–10, in order.
+    /// Steps 3–10, in order; a refused payment is counted against the client.
     pub async fn try_call(
+        self: &Arc<Self>,
+        entry: &Arc<ToolEntry>,
+        call: ToolCall,
+    ) -> Result<Paid, CallError> {
+        let client = call.client.clone();
+        let outcome = self.try_call_steps(entry, call).await;
+        if let Err(CallError::Payment(e)) = &outcome
+            && e.is_payer_fault()
+        {
+            self.failures.spend(&client, self.clock.now_millis());
+        }
+        outcome
+    }
+
+    async fn try_call_steps(
         self: &Arc<Self>,
         entry: &Arc<ToolEntry>,
         call: ToolCall,
@@ -123,6 +157,9 @@ impl PaidCall {
             metrics::counter!("tollgate_challenges_total", "tool" => tool).increment(1);
             return Err(CallError::PaymentRequired);
         };
+        // A client whose payments keep being refused is turned away before anything is checked:
+        // minting unfunded wallets must not become store writes and RPC reads.
+        self.failures.admit(&call.client, self.clock.now_millis())?;
         // 5. Local verification; from here on the payer is the recovered signer.
         let margin = self.settings.valid_before_margin_secs;
         let verified = verify(&payment, quote, &self.domain, self.clock.now_unix(), margin)?;

@@ -166,8 +166,8 @@ impl Store for Flaky {
     async fn receipt_count(&self) -> Result<i64, StoreError> {
         self.inner.receipt_count().await
     }
-    async fn leaf_hashes(&self, size: i64) -> Result<Vec<String>, StoreError> {
-        self.inner.leaf_hashes(size).await
+    async fn leaf_hashes(&self, start: i64, end: i64) -> Result<Vec<String>, StoreError> {
+        self.inner.leaf_hashes(start, end).await
     }
     async fn receipt_at(&self, i: i64) -> Result<Option<StoredReceipt>, StoreError> {
         self.inner.receipt_at(i).await
@@ -252,12 +252,13 @@ async fn harness(settler: impl FnOnce(Arc<FakeChain>) -> FakeSettler) -> Harness
     let limits = crate::config::Config::load(None).unwrap().limits;
     let limits = Arc::new(crate::limits::WalletLimits::from_config(&limits).await.unwrap());
     let signer = ReceiptSigner::new(ed25519_dalek::SigningKey::from_bytes(&[7; 32]));
-    let receipts = Arc::new(Receipts { signer, store: store.clone(), server_id: "test".into() });
+    let receipts = Arc::new(Receipts::new(signer, store.clone(), "test".into()));
     let settings = CallSettings {
         valid_before_margin_secs: 6,
         request_timeout: Duration::from_secs(30),
         tool_timeout: Duration::from_secs(20),
         pay_to: Address::repeat_byte(0xbb),
+        failed_attempts: crate::config::FailureBudgetConfig { attempts: 20, window_secs: 60 },
     };
     let paid = Arc::new(PaidCall::new(gate, limits, receipts, Arc::new(clock.clone()), settings));
     let entry = catalog.get("counted").unwrap().clone();
@@ -273,8 +274,12 @@ impl Harness {
     }
 
     async fn call(&self, payment: &PaymentInput) -> Result<Paid, CallError> {
-        let call =
-            ToolCall { arguments: JsonObject::new(), payment: Some(payment.clone()), agent: "t".into() };
+        let call = ToolCall {
+            arguments: JsonObject::new(),
+            payment: Some(payment.clone()),
+            agent: "t".into(),
+            client: "t".into(),
+        };
         self.paid.try_call(&self.entry, call).await
     }
 
@@ -324,7 +329,12 @@ async fn a_retry_while_the_handler_runs_is_in_progress_and_never_runs_it_twice()
     let first = {
         let (paid, entry, payment) = (h.paid.clone(), h.entry.clone(), payment.clone());
         tokio::spawn(async move {
-            let call = ToolCall { arguments: JsonObject::new(), payment: Some(payment), agent: "t".into() };
+            let call = ToolCall {
+                arguments: JsonObject::new(),
+                payment: Some(payment),
+                agent: "t".into(),
+                client: "t".into(),
+            };
             paid.try_call(&entry, call).await
         })
     };
