@@ -4,20 +4,135 @@
 //!    bare ed25519 signatures over the same canonical bodies, measured in the same run.
 //! 2. Checkpoint integration for 100,000 leaves: loading the leaf hashes from the store and
 //!    computing the RFC 6962 root, against a baseline of hashing the same bytes once.
+//! 3. Proof requests at 100k and 1M leaves (10k in an unoptimised smoke run): latency and peak
+//!    memory of one inclusion proof the old way (count, read every leaf, hash O(n)) beside the
+//!    cached tree (`receipt::tree`), from the same SQLite store in the same run.
 //!
 //! Run: `cargo bench --bench receipts` (Postgres at 127.0.0.1:5432, database `test`).
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use ed25519_dalek::SigningKey;
 use sha2::{Digest, Sha256};
 use tollgate::payment::gate::Settlement;
+use tollgate::receipt::tree::LogTree;
 use tollgate::receipt::{ReceiptInput, ReceiptSigner, Receipts, merkle};
 use tollgate::store::{Claim, NewPayment, PgStore, SqliteStore, Store};
 
 const RECEIPTS: usize = 2_000;
 const LEAVES: usize = 100_000;
+
+/// Counts live heap bytes and their peak, for the memory of one proof request.
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+        PEAK.fetch_max(live, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// Runs `f`, returning its output, the time it took and the peak heap it added.
+async fn measured<T>(f: impl std::future::Future<Output = T>) -> (T, f64, usize) {
+    let base = LIVE.load(Ordering::Relaxed);
+    PEAK.store(base, Ordering::Relaxed);
+    let start = Instant::now();
+    let out = f.await;
+    let ms = start.elapsed().as_secs_f64() * 1e3;
+    (out, ms, PEAK.load(Ordering::Relaxed).saturating_sub(base))
+}
+
+/// A SQLite log of `n` leaves, bulk-loaded (the bench skips the payments rows receipts reference).
+async fn log_of(dir: &std::path::Path, n: usize) -> (Arc<dyn Store>, Vec<merkle::Hash>) {
+    let leaves: Vec<merkle::Hash> = (0..n as u32).map(|i| merkle::leaf_hash(&i.to_be_bytes())).collect();
+    let url = format!("sqlite://{}", dir.join(format!("log{n}.db")).display());
+    let store = SqliteStore::connect(&url, 2).await.unwrap();
+    store.migrate().await.unwrap();
+    let options = <sqlx::sqlite::SqliteConnectOptions as std::str::FromStr>::from_str(&url)
+        .unwrap()
+        .foreign_keys(false);
+    let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    for (i, leaf) in leaves.iter().enumerate() {
+        sqlx::query("insert into receipts values ($1, $1, 'p', $1, '{}', 's', 'k', $2, 0)")
+            .bind(i as i64)
+            .bind(hex::encode(leaf))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    (Arc::new(store), leaves)
+}
+
+/// One `/log/inclusion` request as it was served before the cached tree: count the log, read
+/// every leaf hash, hash the whole tree for the path.
+async fn proof_reading_every_leaf(store: &dyn Store, index: usize, size: usize) -> Vec<merkle::Hash> {
+    let count = store.receipt_count().await.unwrap() as usize;
+    assert!(size <= count);
+    let hashes = store.leaf_hashes(0, size as i64).await.unwrap();
+    let leaves: Vec<merkle::Hash> =
+        hashes.iter().map(|h| hex::decode(h).unwrap().try_into().unwrap()).collect();
+    merkle::inclusion_proof(index, &leaves)
+}
+
+async fn proofs_at(dir: &std::path::Path, n: usize) {
+    let (store, leaves) = log_of(dir, n).await;
+    let root = merkle::root(&leaves);
+    let picks: Vec<usize> = (0..200).map(|i| (i * 7919 + 13) % n).collect();
+    // Before: a few requests (each reads the whole log).
+    let mut before = (0.0, 0usize);
+    for &i in picks.iter().take(3) {
+        let (proof, ms, peak) = measured(proof_reading_every_leaf(store.as_ref(), i, n)).await;
+        assert!(merkle::verify_inclusion(i as u64, n as u64, &leaves[i], &proof, &root));
+        before = (before.0 + ms / 3.0, before.1.max(peak));
+    }
+    // After: the cached tree, caught up once, then many requests.
+    let tree = LogTree::new(store.clone());
+    let (_, catch_up_ms, _) = measured(tree.catch_up()).await;
+    let cache_bytes = tree.cached_hashes().await * 32;
+    let mut after = (0.0, 0usize);
+    for &i in &picks {
+        let (found, ms, peak) = measured(tree.inclusion(i as u64, n as u64)).await;
+        let (leaf, proof) = found.unwrap().unwrap();
+        assert_eq!(leaf, leaves[i]);
+        assert!(merkle::verify_inclusion(i as u64, n as u64, &leaf, &proof, &root));
+        after = (after.0 + ms / picks.len() as f64, after.1.max(peak));
+    }
+    let label = format!("{}k", n / 1000);
+    println!(
+        "log: inclusion proof at {label:>5} leaves, every leaf read {:>9.3} ms, peak {:>7} KiB (before)",
+        before.0,
+        before.1 / 1024
+    );
+    println!(
+        "log: inclusion proof at {label:>5} leaves, cached tree     {:>9.3} ms, peak {:>7} KiB ({:.0}x faster, {:.0}x less memory)",
+        after.0,
+        after.1 / 1024,
+        before.0 / after.0,
+        before.1 as f64 / after.1.max(1) as f64
+    );
+    println!(
+        "log: cached tree at {label:>5} leaves: {:>7} KiB held, first catch-up {:.1} ms",
+        cache_bytes / 1024,
+        catch_up_ms
+    );
+}
 
 async fn appends_per_second(store: Arc<dyn Store>) -> f64 {
     store.migrate().await.unwrap();
@@ -153,4 +268,10 @@ async fn main() {
     let total = start.elapsed();
     assert_eq!(stored_root, root);
     println!("log: checkpoint 100k leaves (load + root) {:>6.2} ms", total.as_secs_f64() * 1e3);
+
+    // Proof requests at scale, before and after the cached tree.
+    let sizes: &[usize] = if cfg!(debug_assertions) { &[10_000] } else { &[100_000, 1_000_000] };
+    for &n in sizes {
+        proofs_at(dir.path(), n).await;
+    }
 }

@@ -20,6 +20,7 @@ use crate::receipt::{ReceiptSigner, Receipts};
 use crate::chain::client::ChainClient;
 use crate::chain::{Network, parse_private_key};
 use crate::clock::{SharedClock, SystemClock};
+use crate::config::UpstreamConfig;
 use crate::config::{Config, SettlerKind, secret_opt};
 use crate::money::UsdcAmount;
 use crate::payment::gate::PaymentGate;
@@ -28,7 +29,7 @@ use crate::payment::requirements::PayTerms;
 use crate::payment::settle::{FacilitatorSettler, SelfSettler, Settler};
 use crate::store::{self, Store};
 use crate::tools::builtin::{self, Builtin};
-use crate::tools::catalog::Catalog;
+use crate::tools::catalog::{Catalog, CatalogError, LiveCatalog};
 use crate::tools::paid_call::{CallSettings, PaidCall};
 use crate::tools::upstream::{Upstream, UpstreamTool};
 
@@ -53,6 +54,9 @@ pub struct App {
     /// `server.metrics_bind`: /metrics on an address of its own.
     metrics_listener: Option<TcpListener>,
     state: Arc<AppState>,
+    /// Upstreams that did not answer at start, and the terms their tools are sold on.
+    late_upstreams: Vec<LateUpstream>,
+    terms: PayTerms,
 }
 
 impl App {
@@ -72,7 +76,7 @@ impl App {
             max_timeout_seconds: config.payment.max_timeout_seconds,
         };
         let mut catalog = builtin_catalog(&config, &terms, clock.clone())?;
-        upstream_tools(&config, &terms, &mut catalog).await?;
+        let late_upstreams = upstream_tools(&config, &terms, &mut catalog).await?;
         for (tool, price) in deps.extra_tools {
             catalog.insert(
                 "an injected tool",
@@ -117,7 +121,7 @@ impl App {
         };
         let paid =
             Arc::new(PaidCall::new(gate.clone(), limits.clone(), receipts.clone(), clock.clone(), settings));
-        let catalog = Arc::new(catalog);
+        let catalog = Arc::new(LiveCatalog::new(catalog));
         let state = Arc::new(AppState {
             config,
             network,
@@ -131,7 +135,7 @@ impl App {
             receipts,
             paid,
         });
-        Ok(App { listener, metrics_listener, state })
+        Ok(App { listener, metrics_listener, state, late_upstreams, terms })
     }
 
     pub fn port(&self) -> u16 {
@@ -159,6 +163,7 @@ impl App {
         let router = crate::router::router(self.state.clone(), cancel.child_token());
         let reconciler = Reconciler::new(self.state.gate.clone(), self.stale_after());
         recover(reconciler, self.state.clone(), cancel.child_token());
+        join_late_upstreams(self.state.clone(), self.late_upstreams, self.terms, cancel.child_token());
         crate::ceiling::spawn_sweeper(self.state.ceiling.clone(), SWEEP_INTERVAL, cancel.child_token());
         let every = Duration::from_secs(self.state.config.receipts.checkpoint_interval_secs);
         let (receipts, clock) = (self.state.receipts.clone(), self.state.clock.clone());
@@ -200,7 +205,7 @@ fn recover(reconciler: Reconciler, state: Arc<AppState>, cancel: CancellationTok
             if let Err(e) = reconciler.tick().await {
                 tracing::warn!(error = %e, "reconciler pass failed; will retry");
             }
-            if let Err(e) = state.paid.finish_abandoned(&state.catalog).await {
+            if let Err(e) = state.paid.finish_abandoned(&state.catalog.current()).await {
                 tracing::warn!(error = %e, "finishing abandoned calls failed; will retry");
             }
         }
@@ -253,34 +258,94 @@ fn payment_gate(
 }
 
 /// Connects every configured upstream and adds its (non-hidden) tools, priced.
-async fn upstream_tools(config: &Config, terms: &PayTerms, catalog: &mut Catalog) -> anyhow::Result<()> {
+/// An upstream that did not answer at start: its tools join the catalog when it does.
+struct LateUpstream {
+    config: UpstreamConfig,
+    upstream: Arc<Upstream>,
+}
+
+/// Lists each upstream's tools into the catalog. One that does not answer does not stop the
+/// server: it is returned, to be retried in the background.
+async fn upstream_tools(
+    config: &Config,
+    terms: &PayTerms,
+    catalog: &mut Catalog,
+) -> anyhow::Result<Vec<LateUpstream>> {
+    let mut late = Vec::new();
     for c in &config.upstream {
         let upstream = Arc::new(Upstream::new(c));
-        let tools = upstream
-            .list_tools()
-            .await
-            .with_context(|| format!("listing the tools of upstream `{}`", c.name))?;
-        for tool in tools {
-            let remote = tool.name.to_string();
-            if c.hidden.contains(&remote) {
-                continue;
+        match upstream.list_tools().await {
+            Ok(tools) => add_upstream_tools(catalog, c, &upstream, tools, terms)?,
+            Err(e) => {
+                let why = crate::redact::urls(&format!("{e:#}"));
+                tracing::warn!(upstream = %c.name, error = %why, "upstream unavailable at start; its tools join when it answers");
+                late.push(LateUpstream { config: c.clone(), upstream });
             }
-            let price = match (c.free.contains(&remote), c.prices.get(&remote)) {
-                (true, _) => UsdcAmount::ZERO,
-                (false, Some(price)) => *price,
-                (false, None) => c.default_price,
-            };
-            let name = format!("{}{remote}", c.prefix);
-            let description = tool.description.as_deref().unwrap_or_default().to_owned();
-            let schema = serde_json::Value::Object((*tool.input_schema).clone());
-            let handler = Arc::new(UpstreamTool { upstream: upstream.clone(), remote });
-            let origin = format!("upstream `{}`", c.name);
-            catalog.insert(&origin, &name, &description, schema, price, terms, handler)?;
         }
-        tracing::info!(upstream = %c.name, "upstream tools listed");
     }
+    Ok(late)
+}
+
+fn add_upstream_tools(
+    catalog: &mut Catalog,
+    c: &UpstreamConfig,
+    upstream: &Arc<Upstream>,
+    tools: Vec<rmcp::model::Tool>,
+    terms: &PayTerms,
+) -> Result<(), CatalogError> {
+    for tool in tools {
+        let remote = tool.name.to_string();
+        if c.hidden.contains(&remote) {
+            continue;
+        }
+        let price = match (c.free.contains(&remote), c.prices.get(&remote)) {
+            (true, _) => UsdcAmount::ZERO,
+            (false, Some(price)) => *price,
+            (false, None) => c.default_price,
+        };
+        let name = format!("{}{remote}", c.prefix);
+        let description = tool.description.as_deref().unwrap_or_default().to_owned();
+        let schema = serde_json::Value::Object((*tool.input_schema).clone());
+        let handler = Arc::new(UpstreamTool { upstream: upstream.clone(), remote });
+        let origin = format!("upstream `{}`", c.name);
+        catalog.insert(&origin, &name, &description, schema, price, terms, handler)?;
+    }
+    tracing::info!(upstream = %c.name, "upstream tools listed");
     Ok(())
 }
+
+/// Retries each late upstream until it answers, then swaps a catalog with its tools in. The
+/// upstream's own reconnect backoff (up to 30 s) paces the attempts; this only polls it.
+fn join_late_upstreams(
+    state: Arc<AppState>,
+    late: Vec<LateUpstream>,
+    terms: PayTerms,
+    cancel: CancellationToken,
+) {
+    for LateUpstream { config, upstream } in late {
+        let (state, cancel, terms) = (state.clone(), cancel.clone(), terms.clone());
+        tokio::spawn(async move {
+            loop {
+                if let Ok(tools) = upstream.list_tools().await {
+                    let added =
+                        state.catalog.update(|c| add_upstream_tools(c, &config, &upstream, tools, &terms));
+                    if let Err(e) = added {
+                        // The start would have failed on this; now the server serves on without it.
+                        tracing::error!(upstream = %config.name, error = %e, "upstream tools not added");
+                    }
+                    return;
+                }
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(LATE_UPSTREAM_POLL) => {}
+                }
+            }
+        });
+    }
+}
+
+/// How often a late upstream is asked again (its backoff decides when it is really dialled).
+const LATE_UPSTREAM_POLL: Duration = Duration::from_secs(1);
 
 fn builtin_catalog(config: &Config, terms: &PayTerms, clock: SharedClock) -> anyhow::Result<Catalog> {
     let mut catalog = Catalog::default();

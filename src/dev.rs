@@ -109,7 +109,7 @@ pub async fn run(
         state.config.dev.demo_payer_funding.display_usdc(),
         chain.payer_key_file.display()
     );
-    for entry in state.catalog.entries() {
+    for entry in state.catalog.current().entries() {
         let price = entry.quote.as_ref().map_or("free".to_owned(), |q| q.amount.display_usdc());
         println!("  tool        {:<18} {price}", entry.tool.name);
     }

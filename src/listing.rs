@@ -13,9 +13,9 @@ pub const SERVER_SCHEMA: &str =
 pub fn documents(app: &AppState, now_unix: u64) -> Value {
     let public_url = &app.config.server.public_url;
     let base = public_url.strip_suffix("/mcp").unwrap_or(public_url);
-    let priced: Vec<_> = app.catalog.entries().filter_map(|e| e.quote.as_ref()).collect();
-    let tools: Vec<Value> = app
-        .catalog
+    let catalog = app.catalog.current();
+    let priced: Vec<_> = catalog.entries().filter_map(|e| e.quote.as_ref()).collect();
+    let tools: Vec<Value> = catalog
         .entries()
         .map(|e| {
             let price = e.quote.as_ref().map(|q| q.price_meta().1);

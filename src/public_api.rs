@@ -42,6 +42,7 @@ fn unavailable(e: impl std::fmt::Display) -> Response {
 async fn well_known(State(app): State<Arc<AppState>>) -> Json<Value> {
     let tools: Vec<Value> = app
         .catalog
+        .current()
         .entries()
         .map(|e| {
             let (t, price) = (&e.tool, e.quote.as_ref().map(|q| q.price_meta().1));

@@ -16,13 +16,13 @@ use crate::limits::WalletLimits;
 use crate::payment::gate::PaymentGate;
 use crate::receipt::Receipts;
 use crate::store::Store;
-use crate::tools::catalog::Catalog;
+use crate::tools::catalog::LiveCatalog;
 use crate::tools::paid_call::PaidCall;
 
 pub struct AppState {
     pub config: Config,
     pub network: Network,
-    pub catalog: Arc<Catalog>,
+    pub catalog: Arc<LiveCatalog>,
     pub store: Arc<dyn Store>,
     pub clock: SharedClock,
     pub gate: Arc<PaymentGate>,

@@ -1,10 +1,11 @@
 //! The tool catalog: every tool tollgate serves, its input validator, price and handler.
 //!
-//! Built once at startup from config; read-only afterwards, so `tools/list` and the price
-//! quotes in challenges never disagree.
+//! Built at startup from config and never edited in place: a change (an upstream that was down
+//! at start and now answers) builds a new catalog and swaps it in whole (`LiveCatalog`), so one
+//! request sees one catalog, and `tools/list` and the quotes in its challenges never disagree.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use rmcp::model::{CallToolResult, JsonObject, MetaObject, Tool};
 use serde_json::Value;
@@ -71,7 +72,7 @@ pub enum CatalogError {
 }
 
 /// All tools, in a stable order.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct Catalog {
     /// Shared, so a paid call's task can own its entry past the request.
     entries: BTreeMap<String, Arc<ToolEntry>>,
@@ -135,5 +136,30 @@ impl Catalog {
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+}
+
+/// The catalog in service. Readers take a snapshot; a change replaces the whole catalog.
+pub struct LiveCatalog {
+    current: RwLock<Arc<Catalog>>,
+}
+
+impl LiveCatalog {
+    pub fn new(catalog: Catalog) -> LiveCatalog {
+        LiveCatalog { current: RwLock::new(Arc::new(catalog)) }
+    }
+
+    /// The catalog now; it stays whole for as long as the caller holds it.
+    pub fn current(&self) -> Arc<Catalog> {
+        self.current.read().expect("catalog lock").clone()
+    }
+
+    /// Applies `change` to a copy of the current catalog and swaps it in, unless it fails.
+    pub fn update<E>(&self, change: impl FnOnce(&mut Catalog) -> Result<(), E>) -> Result<(), E> {
+        let mut current = self.current.write().expect("catalog lock");
+        let mut next = Catalog::clone(&current);
+        change(&mut next)?;
+        *current = Arc::new(next);
+        Ok(())
     }
 }

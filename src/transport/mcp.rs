@@ -49,11 +49,11 @@ impl ServerHandler for McpServer {
         _request: Option<PaginatedRequestParams>,
         _context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, McpError> {
-        Ok(ListToolsResult::with_all_items(self.app.catalog.tools()))
+        Ok(ListToolsResult::with_all_items(self.app.catalog.current().tools()))
     }
 
     fn get_tool(&self, name: &str) -> Option<Tool> {
-        self.app.catalog.get(name).map(|e| e.tool.clone())
+        self.app.catalog.current().get(name).map(|e| e.tool.clone())
     }
 
     async fn call_tool(
@@ -62,7 +62,7 @@ impl ServerHandler for McpServer {
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
         let name = request.name.as_ref();
-        let Some(entry) = self.app.catalog.get(name) else {
+        let Some(entry) = self.app.catalog.current().get(name).cloned() else {
             // A protocol error, as the MCP spec prescribes for unknown tools: nothing is quoted.
             return Err(McpError::invalid_params(format!("unknown tool `{name}`"), None));
         };
@@ -87,6 +87,6 @@ impl ServerHandler for McpServer {
             .unwrap_or_default();
         let arguments = request.arguments.clone().unwrap_or_default();
         let call = ToolCall { arguments, payment, agent, client };
-        Ok(self.app.paid.call(entry, call).await.into())
+        Ok(self.app.paid.call(&entry, call).await.into())
     }
 }

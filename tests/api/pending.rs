@@ -93,7 +93,7 @@ async fn rows_still_in_flight_are_left_to_their_request_and_abandoned_claims_are
     let requirements = app.requirements("counted", json!({})).await;
     let payload = app.sign(&payer, &requirements);
     // A claim whose request died before submitting (as after a crash).
-    let quote = app.state.catalog.get("counted").unwrap().quote.clone().unwrap();
+    let quote = app.state.catalog.current().get("counted").unwrap().quote.clone().unwrap();
     let input = tollgate::payment::decode::PaymentInput::Meta(payload.clone());
     let verified = tollgate::payment::verify::verify(
         &input,

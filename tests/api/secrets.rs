@@ -79,15 +79,24 @@ async fn credentials_in_an_upstream_url_never_reach_the_output() {
         "[[upstream]]\nname = \"keyed\"\nurl = \"http://127.0.0.1:1/mcp?key=UPSECRET\"\n",
     )
     .unwrap();
-    // Act: start fails (the upstream cannot be listed); everything it printed is collected.
-    let out = serve(dir.path(), "http://127.0.0.1:1/")
+    // Act: the server starts without the upstream and reports it, retrying in the background
+    // (each retry may log again); everything it printed for a while is collected.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut server = serve(dir.path(), "http://127.0.0.1:1/")
         .args(["--config", config.to_str().unwrap(), "serve"])
-        .env("TOLLGATE_SERVER__BIND", "127.0.0.1:0")
-        .output()
-        .await
+        .env("TOLLGATE_SERVER__BIND", format!("127.0.0.1:{port}"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
         .unwrap();
+    wait_listening(port).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    server.start_kill().unwrap();
+    let mut text = String::new();
+    server.stdout.take().unwrap().read_to_string(&mut text).await.unwrap();
+    server.stderr.take().unwrap().read_to_string(&mut text).await.unwrap();
     // Assert
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("keyed"), "the failing upstream is named: {text}");
     assert!(!text.contains("UPSECRET"), "the upstream's key leaked: {text}");
 }

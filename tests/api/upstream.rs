@@ -167,6 +167,44 @@ async fn an_http_upstream_is_sold_and_when_it_is_down_nobody_is_charged() {
 }
 
 #[tokio::test]
+async fn an_upstream_down_at_start_does_not_stop_the_server_and_its_tools_join_when_it_answers() {
+    // Arrange: an HTTP upstream whose port has nothing listening yet.
+    let dir = tempfile::tempdir().unwrap();
+    let calls_file = dir.path().join("calls");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut u = upstream("late");
+    u.url = format!("http://127.0.0.1:{port}/mcp");
+    // Act: the server starts anyway.
+    let app = spawn_app_with(move |c: &mut Config| c.upstream = vec![u]).await;
+    let names = |tools: Vec<Value>| -> Vec<String> {
+        tools.iter().map(|t| t["name"].as_str().unwrap().to_owned()).collect()
+    };
+    // Assert: it serves its own tools, without the upstream's (nobody is quoted for them).
+    let listed = names(app.sessionless().list_tools().await);
+    assert!(
+        listed.contains(&"echo".to_owned()) && !listed.iter().any(|n| n.starts_with("up_")),
+        "{listed:?}"
+    );
+    let unknown = app.sessionless().call_tool_raw("up_reverse", json!({ "text": "abc" }), None).await;
+    assert!(unknown["error"]["message"].as_str().unwrap().contains("unknown tool"), "{unknown}");
+    // The upstream comes up: its tools join, priced, and sell.
+    let _server = http_upstream(port, &calls_file).await;
+    let mut listed = Vec::new();
+    for _ in 0..120 {
+        listed = names(app.sessionless().list_tools().await);
+        if listed.contains(&"up_reverse".to_owned()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(listed.contains(&"up_reverse".to_owned()), "{listed:?}");
+    let (paid, _) = pay(&app, "up_reverse", json!({ "text": "abc" })).await;
+    assert!(paid["content"][0]["text"].as_str().unwrap().contains("cba"), "{paid}");
+    assert_eq!(calls(&calls_file), ["reverse"]);
+    app.shutdown().await;
+}
+
+#[tokio::test]
 async fn two_upstreams_offering_one_tool_name_stop_the_start_naming_both() {
     // Arrange: the same upstream listed twice under one prefix, so every tool name collides.
     let app = spawn_app_with(|_| {}).await;
