@@ -32,6 +32,7 @@ fn ceiling(burst: u32, max_keys: usize) -> Arc<Ceiling> {
         max_tracked_keys: max_keys,
         api_key_header: String::new(),
         api_keys_sha256: vec![],
+        api_key_tiers: Default::default(),
         max_sessions_per_client: 16,
         public_burst: 60,
         public_per_second: 10,

@@ -147,6 +147,9 @@ pub struct CeilingConfig {
     /// against the caller's IP (a client cannot mint keys).
     #[serde(default)]
     pub api_keys_sha256: Vec<String>,
+    /// Named tiers of API keys, each with a quota of its own (a bucket per key).
+    #[serde(default)]
+    pub api_key_tiers: BTreeMap<String, ApiKeyTier>,
     /// Live MCP sessions one client key may hold: each has a bucket of its own, so this bounds
     /// how far a client can multiply the ceiling by opening sessions.
     #[serde(default = "default_sessions_per_client")]
@@ -157,6 +160,15 @@ pub struct CeilingConfig {
     pub trusted_proxies: Vec<String>,
     /// Share the ceiling through limits.redis_url (fleet) instead of per process.
     pub shared: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyTier {
+    pub burst: u32,
+    pub per_second: u32,
+    /// SHA-256 (hex) of the tier's API keys.
+    pub keys_sha256: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -510,6 +522,17 @@ impl Config {
         let c = &self.ceiling;
         if c.burst == 0 || c.per_second == 0 {
             return Err(invalid("ceiling.burst", "burst and per_second must be positive"));
+        }
+        if c.api_key_tiers.len() > 255 {
+            return Err(invalid("ceiling.api_key_tiers", "at most 255 tiers"));
+        }
+        for (name, tier) in &c.api_key_tiers {
+            if tier.burst == 0 || tier.per_second == 0 {
+                return Err(invalid(
+                    "ceiling.api_key_tiers",
+                    format!("tier {name:?}: burst and per_second must be positive"),
+                ));
+            }
         }
         if c.public_burst == 0 || c.public_per_second == 0 {
             return Err(invalid(

@@ -82,11 +82,19 @@ pub enum CeilingError {
 
 type Limiter<C> = RateLimiter<u64, BoundedStore, C, StateInformationMiddleware>;
 
+/// An API-key tier: its keys share this quota's shape, each key with a bucket of its own.
+struct Tier<C: GovernorClock> {
+    limiter: Limiter<C>,
+    burst: u32,
+    per_second: u32,
+}
+
 /// The parts of a request that key it, borrowed from its headers.
 enum KeyParts<'a> {
     Session(&'a str),
-    /// First 16 bytes of SHA-256 of the API key, as 32 hex characters.
-    ApiKey([u8; 32]),
+    /// First 16 bytes of SHA-256 of the API key, as 32 hex characters, and its tier (0: the
+    /// default quota, i: `tiers[i - 1]`).
+    ApiKey([u8; 32], u8),
     Ip(IpAddr),
 }
 
@@ -94,7 +102,7 @@ impl KeyParts<'_> {
     fn kind(&self) -> &'static str {
         match self {
             KeyParts::Session(_) => "session",
-            KeyParts::ApiKey(_) => "api_key",
+            KeyParts::ApiKey(..) => "api_key",
             KeyParts::Ip(_) => "ip",
         }
     }
@@ -102,7 +110,7 @@ impl KeyParts<'_> {
     fn owned(&self) -> ClientKey {
         match self {
             KeyParts::Session(s) => ClientKey::Session((*s).to_owned()),
-            KeyParts::ApiKey(hex) => ClientKey::ApiKey(String::from_utf8_lossy(hex).into_owned()),
+            KeyParts::ApiKey(hex, _) => ClientKey::ApiKey(String::from_utf8_lossy(hex).into_owned()),
             KeyParts::Ip(ip) => ClientKey::Ip(*ip),
         }
     }
@@ -118,8 +126,11 @@ pub struct Ceiling<C: GovernorClock = DefaultClock> {
     pub public_burst: u32,
     pub public_per_second: u32,
     api_key_header: Option<http::HeaderName>,
-    /// The first 16 bytes of the SHA-256 of each API key the operator configured.
-    known_api_keys: std::collections::HashSet<[u8; 16]>,
+    /// The first 16 bytes of the SHA-256 of each API key the operator configured, with its
+    /// tier (0: the default quota, i: `tiers[i - 1]`).
+    known_api_keys: std::collections::HashMap<[u8; 16], u8>,
+    /// Quotas of their own for the API keys of each configured tier.
+    tiers: Vec<Tier<C>>,
     /// Session ids this server issued and has not closed: only they earn their own bucket.
     pub sessions: Arc<LiveSessions>,
     trusted: Vec<ipnet::IpNet>,
@@ -154,12 +165,20 @@ impl<C: GovernorClock + Clone> Ceiling<C> {
         let refusals = ["session", "api_key", "ip"]
             .map(|kind| metrics::counter!("tollgate_ceiling_refusals_total", "key_kind" => kind));
         // Tolerates `sha256sum`'s own output ("HEX  -"): the first word is the digest.
-        let known_api_keys = c
-            .api_keys_sha256
-            .iter()
-            .filter_map(|h| hex::decode(h.split_whitespace().next().unwrap_or("")).ok())
-            .filter_map(|d| d.get(..16).and_then(|p| <[u8; 16]>::try_from(p).ok()))
-            .collect();
+        let prefix = |h: &String| {
+            hex::decode(h.split_whitespace().next().unwrap_or(""))
+                .ok()
+                .and_then(|d| d.get(..16).and_then(|p| <[u8; 16]>::try_from(p).ok()))
+        };
+        let mut known_api_keys: std::collections::HashMap<[u8; 16], u8> =
+            c.api_keys_sha256.iter().filter_map(prefix).map(|p| (p, 0)).collect();
+        let mut tiers = Vec::new();
+        for (i, tier) in c.api_key_tiers.values().enumerate() {
+            let index = u8::try_from(i + 1).expect("validated: at most 255 tiers");
+            known_api_keys.extend(tier.keys_sha256.iter().filter_map(prefix).map(|p| (p, index)));
+            let limiter = Self::limiter(tier.burst, tier.per_second, c.max_tracked_keys, &clock);
+            tiers.push(Tier { limiter, burst: tier.burst, per_second: tier.per_second });
+        }
         Ceiling {
             limiter,
             clock,
@@ -170,6 +189,7 @@ impl<C: GovernorClock + Clone> Ceiling<C> {
             public_per_second: c.public_per_second,
             api_key_header,
             known_api_keys,
+            tiers,
             sessions: Arc::new(LiveSessions::new(c.max_tracked_keys, c.max_sessions_per_client)),
             trusted,
             shared,
@@ -223,10 +243,10 @@ impl<C: GovernorClock + Clone> Ceiling<C> {
         if let Some(key) = self.api_key_header.as_ref().and_then(|h| headers.get(h)) {
             let digest = Sha256::digest(key.as_bytes());
             let prefix: [u8; 16] = digest[..16].try_into().expect("16 bytes");
-            if self.known_api_keys.contains(&prefix) {
+            if let Some(&tier) = self.known_api_keys.get(&prefix) {
                 let mut hex = [0u8; 32];
                 hex::encode_to_slice(prefix, &mut hex).expect("32 hex digits for 16 bytes");
-                return KeyParts::ApiKey(hex);
+                return KeyParts::ApiKey(hex, tier);
             }
         }
         KeyParts::Ip(Self::client_block(self.real_ip(headers, peer)))
@@ -235,7 +255,7 @@ impl<C: GovernorClock + Clone> Ceiling<C> {
     fn hash_parts(&self, parts: &KeyParts<'_>) -> u64 {
         match parts {
             KeyParts::Session(s) => self.hasher.hash_one((0u8, s.as_bytes())),
-            KeyParts::ApiKey(hex) => self.hasher.hash_one((1u8, &hex[..])),
+            KeyParts::ApiKey(hex, _) => self.hasher.hash_one((1u8, &hex[..])),
             KeyParts::Ip(ip) => self.hasher.hash_one((2u8, ip)),
         }
     }
@@ -259,18 +279,24 @@ impl<C: GovernorClock + Clone> Ceiling<C> {
 
     /// The client's address: the peer, unless the peer is a trusted proxy, in which case the
     /// right-most untrusted hop of `X-Forwarded-For` (anything left of it could be forged).
+    /// Hops may carry a port ("203.0.113.7:4711", "[2001:db8::1]:443"), as some proxies write
+    /// them. A hop that is no address at all ends the walk at the last trusted hop: skipping it
+    /// would hand the decision to the forgeable hops on its left.
     fn real_ip(&self, headers: &HeaderMap, peer: IpAddr) -> IpAddr {
         if !self.is_trusted(peer) {
             return peer;
         }
-        let hops: Vec<IpAddr> = headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|hop| hop.trim().parse().ok())
-            .collect();
-        hops.iter().rev().copied().find(|ip| !self.is_trusted(*ip)).unwrap_or(peer)
+        let mut nearest_trusted = peer;
+        let values: Vec<&str> =
+            headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).collect();
+        for hop in values.iter().rev().flat_map(|v| v.rsplit(',')) {
+            let Some(ip) = parse_hop(hop.trim()) else { return nearest_trusted };
+            if !self.is_trusted(ip) {
+                return ip;
+            }
+            nearest_trusted = ip;
+        }
+        nearest_trusted
     }
 
     /// Counts one request against `key`.
@@ -281,7 +307,9 @@ impl<C: GovernorClock + Clone> Ceiling<C> {
                 let mut hex = [0u8; 32];
                 let n = h.len().min(32);
                 hex[..n].copy_from_slice(&h.as_bytes()[..n]);
-                KeyParts::ApiKey(hex)
+                let prefix = hex::decode(h).ok().and_then(|d| <[u8; 16]>::try_from(d).ok());
+                let tier = prefix.and_then(|p| self.known_api_keys.get(&p).copied()).unwrap_or(0);
+                KeyParts::ApiKey(hex, tier)
             }
             ClientKey::Ip(ip) => KeyParts::Ip(*ip),
         };
@@ -305,7 +333,7 @@ impl<C: GovernorClock + Clone> Ceiling<C> {
 
     async fn check_parts(&self, parts: &KeyParts<'_>) -> Result<Admitted, CeilingError> {
         if let Some((redis, clock)) = &self.shared {
-            match self.check_shared(redis, clock, &parts.owned()).await {
+            match self.check_shared(redis, clock, parts).await {
                 Ok(decision) => return decision,
                 Err(e) => {
                     // A fleet without Redis still has each replica's own ceiling.
@@ -317,12 +345,25 @@ impl<C: GovernorClock + Clone> Ceiling<C> {
         self.check_local(parts)
     }
 
+    /// The limiter and quota (burst, per second) a request is counted in: its API key's tier, or
+    /// the default.
+    fn quota_of(&self, parts: &KeyParts<'_>) -> (&Limiter<C>, u32, u32) {
+        match parts {
+            KeyParts::ApiKey(_, tier @ 1..) => {
+                let t = &self.tiers[usize::from(*tier) - 1];
+                (&t.limiter, t.burst, t.per_second)
+            }
+            _ => (&self.limiter, self.burst, self.per_second),
+        }
+    }
+
     fn check_local(&self, parts: &KeyParts<'_>) -> Result<Admitted, CeilingError> {
-        match self.limiter.check_key(&self.hash_parts(parts)) {
+        let (limiter, burst, per_second) = self.quota_of(parts);
+        match limiter.check_key(&self.hash_parts(parts)) {
             Ok(snapshot) => {
                 let remaining = snapshot.remaining_burst_capacity();
-                let missing = u64::from(self.burst.saturating_sub(remaining));
-                Ok(Admitted { remaining, reset_secs: missing.div_ceil(u64::from(self.per_second)) })
+                let missing = u64::from(burst.saturating_sub(remaining));
+                Ok(Admitted { remaining, reset_secs: missing.div_ceil(u64::from(per_second)) })
             }
             Err(not_until) => Err(self.refused(parts.kind(), not_until.wait_time_from(self.clock.now()))),
         }
@@ -332,19 +373,19 @@ impl<C: GovernorClock + Clone> Ceiling<C> {
         &self,
         redis: &RedisBuckets,
         clock: &SharedClock,
-        key: &ClientKey,
+        parts: &KeyParts<'_>,
     ) -> redis::RedisResult<Result<Admitted, CeilingError>> {
-        let rate = Rate {
-            limit: u64::from(self.burst),
-            window_us: u64::from(self.burst) * 1_000_000 / u64::from(self.per_second),
-        };
+        let (_, burst, per_second) = self.quota_of(parts);
+        let key = parts.owned();
+        let rate =
+            Rate { limit: u64::from(burst), window_us: u64::from(burst) * 1_000_000 / u64::from(per_second) };
         let charge = Charge { key: format!("ceiling:{key}"), rate, cost: 1 };
         let now = clock.now_millis() * 1000;
         Ok(match redis.check(std::slice::from_ref(&charge), now).await? {
             Verdict::Allowed { tats } => {
                 let remaining = rate.remaining(tats[0], now) as u32;
-                let missing = u64::from(self.burst.saturating_sub(remaining));
-                Ok(Admitted { remaining, reset_secs: missing.div_ceil(u64::from(self.per_second)) })
+                let missing = u64::from(burst.saturating_sub(remaining));
+                Ok(Admitted { remaining, reset_secs: missing.div_ceil(u64::from(per_second)) })
             }
             Verdict::Denied { tat, .. } => {
                 Err(self
@@ -373,9 +414,17 @@ impl<C: GovernorClock + Clone> Ceiling<C> {
     /// Forgets keys whose buckets are full again; run periodically.
     pub fn sweep(&self) {
         self.limiter.retain_recent();
+        for tier in &self.tiers {
+            tier.limiter.retain_recent();
+        }
         self.public.retain_recent();
         metrics::gauge!("tollgate_ceiling_tracked_keys").set(self.tracked_keys() as f64);
     }
+}
+
+/// One `X-Forwarded-For` hop: an address, with or without a port.
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    hop.parse::<IpAddr>().ok().or_else(|| hop.parse::<std::net::SocketAddr>().ok().map(|s| s.ip()))
 }
 
 /// Runs `sweep` every `every` until the process ends.
@@ -398,6 +447,15 @@ mod tests {
             max_tracked_keys: max_keys,
             api_key_header: "x-api-key".into(),
             api_keys_sha256: vec![hex::encode(Sha256::digest(b"secret-key"))],
+            api_key_tiers: [(
+                "partner".to_owned(),
+                crate::config::ApiKeyTier {
+                    burst: burst * 10,
+                    per_second,
+                    keys_sha256: vec![hex::encode(Sha256::digest(b"partner-key"))],
+                },
+            )]
+            .into(),
             max_sessions_per_client: 16,
             public_burst: 5,
             public_per_second: 1,
@@ -471,6 +529,28 @@ mod tests {
         assert!(matches!(ceiling.client_key(&headers, peer), ClientKey::ApiKey(_)), "closed");
     }
 
+    #[tokio::test]
+    async fn a_tiered_api_key_gets_its_tiers_quota_and_an_unknown_key_the_ips() {
+        let ceiling = Ceiling::from_config(&config(2, 1, 100), None);
+        let peer: IpAddr = "192.0.2.9".parse().unwrap();
+        let admitted = |key: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert("x-api-key", key.parse().unwrap());
+            let ceiling = &ceiling;
+            async move {
+                let mut n = 0;
+                while ceiling.check_request(&headers, peer).await.is_ok() && n < 1000 {
+                    n += 1;
+                }
+                n
+            }
+        };
+        assert_eq!(admitted("partner-key").await, 20, "the partner tier's burst");
+        assert_eq!(admitted("secret-key").await, 2, "a plain configured key: the default burst");
+        assert_eq!(admitted("made-up").await, 2, "an unknown key: the IP's own bucket");
+        assert_eq!(admitted("made-up-too").await, 0, "which it shares with every unknown key");
+    }
+
     #[test]
     fn an_ipv6_client_is_keyed_by_its_64_block() {
         let ceiling = Ceiling::from_config(&config(1, 1, 100), None);
@@ -482,6 +562,23 @@ mod tests {
         assert_ne!(ceiling.client_key(&headers, a), ceiling.client_key(&headers, other));
         let v4: IpAddr = "192.0.2.7".parse().unwrap();
         assert_eq!(ceiling.client_key(&headers, v4), ClientKey::Ip(v4));
+    }
+
+    #[test]
+    fn forwarded_hops_with_ports_count_and_garbage_never_hands_the_key_to_forgeable_hops() {
+        let ceiling = Ceiling::from_config(&config(1, 1, 100), None);
+        let proxy: IpAddr = "10.0.0.1".parse().unwrap();
+        let key = |xff: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert("x-forwarded-for", xff.parse().unwrap());
+            ceiling.client_key(&headers, proxy)
+        };
+        assert_eq!(key("198.51.100.9, 203.0.113.7:4711"), ip("203.0.113.7"), "IPv4 with a port");
+        assert_eq!(key("[2001:db8:1:2::1]:443"), ip("2001:db8:1:2::"), "IPv6 with a port, by its /64");
+        assert_eq!(key("198.51.100.9, 10.2.2.2:80"), ip("198.51.100.9"), "a trusted hop with a port");
+        // An unreadable hop stops the walk: the forged hop left of it is not believed.
+        assert_eq!(key("198.51.100.66, not-an-ip, 10.2.2.2"), ip("10.2.2.2"));
+        assert_eq!(key("198.51.100.66, unknown"), ClientKey::Ip(proxy));
     }
 
     #[test]
