@@ -69,12 +69,8 @@ impl App {
         config.validate_for_serving()?;
         let clock = deps.clock;
         let network = Network::from_config(&config.network)?;
+        let terms = pay_terms(&config, &network)?;
         let store = store::open(&config.database).await.context("opening the store")?;
-        let terms = PayTerms {
-            network: network.clone(),
-            pay_to: config.payment.pay_to.context("payment.pay_to is required")?,
-            max_timeout_seconds: config.payment.max_timeout_seconds,
-        };
         let mut catalog = builtin_catalog(&config, &terms, clock.clone())?;
         let late_upstreams = upstream_tools(&config, &terms, &mut catalog).await?;
         for (tool, price) in deps.extra_tools {
@@ -121,7 +117,7 @@ impl App {
         };
         let paid =
             Arc::new(PaidCall::new(gate.clone(), limits.clone(), receipts.clone(), clock.clone(), settings));
-        let catalog = Arc::new(LiveCatalog::new(catalog));
+        let catalog = Arc::new(LiveCatalog::new(catalog, late_upstreams.len()));
         let state = Arc::new(AppState {
             config,
             network,
@@ -205,7 +201,8 @@ fn recover(reconciler: Reconciler, state: Arc<AppState>, cancel: CancellationTok
             if let Err(e) = reconciler.tick().await {
                 tracing::warn!(error = %e, "reconciler pass failed; will retry");
             }
-            if let Err(e) = state.paid.finish_abandoned(&state.catalog.current()).await {
+            let complete = state.catalog.is_complete();
+            if let Err(e) = state.paid.finish_abandoned(&state.catalog.current(), complete).await {
                 tracing::warn!(error = %e, "finishing abandoned calls failed; will retry");
             }
         }
@@ -258,6 +255,27 @@ fn payment_gate(
 }
 
 /// Connects every configured upstream and adds its (non-hidden) tools, priced.
+fn pay_terms(config: &Config, network: &Network) -> anyhow::Result<PayTerms> {
+    Ok(PayTerms {
+        network: network.clone(),
+        pay_to: config.payment.pay_to.context("payment.pay_to is required")?,
+        max_timeout_seconds: config.payment.max_timeout_seconds,
+    })
+}
+
+/// The catalog as public config describes it (built-ins and the upstreams that answer), for
+/// `tollgate listing`: no store, chain or keys.
+pub async fn public_catalog(config: &Config) -> anyhow::Result<(Network, Catalog)> {
+    let network = Network::from_config(&config.network)?;
+    let terms = pay_terms(config, &network)?;
+    let mut catalog = builtin_catalog(config, &terms, Arc::new(SystemClock))?;
+    let late = upstream_tools(config, &terms, &mut catalog).await?;
+    for l in &late {
+        tracing::warn!(upstream = %l.config.name, "upstream did not answer: its tools are not in this listing");
+    }
+    Ok((network, catalog))
+}
+
 /// An upstream that did not answer at start: its tools join the catalog when it does.
 struct LateUpstream {
     config: UpstreamConfig,
@@ -333,6 +351,7 @@ fn join_late_upstreams(
                         // The start would have failed on this; now the server serves on without it.
                         tracing::error!(upstream = %config.name, error = %e, "upstream tools not added");
                     }
+                    state.catalog.source_settled();
                     return;
                 }
                 tokio::select! {

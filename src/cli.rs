@@ -161,13 +161,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("public key: {}", hex::encode(public.as_bytes()));
         }
         Command::Listing => {
-            let mut config = Config::load(cli.config.as_deref())?;
-            // Listing needs the catalog (with upstream tools), not a listening socket.
-            config.server.bind = "127.0.0.1:0".parse()?;
-            let app = App::build(config).await?;
-            let state = app.state();
-            let now = state.clock.now_unix();
-            println!("{}", serde_json::to_string_pretty(&crate::listing::documents(&state, now))?);
+            // Public config only: the catalog (with upstream tools), payTo, network, public URL
+            // and the receipt public keys; no relayer key, store or chain.
+            let config = Config::load(cli.config.as_deref())?;
+            let (network, catalog) = crate::app::public_catalog(&config).await?;
+            let receipt_keys = crate::receipt::ReceiptSigner::public_keys(&config.receipts)?;
+            let input = crate::listing::ListingInput {
+                config: &config,
+                network: &network,
+                catalog: &catalog,
+                receipt_keys,
+            };
+            let now = crate::clock::Clock::now_unix(&crate::clock::SystemClock);
+            println!("{}", serde_json::to_string_pretty(&crate::listing::documents(&input, now))?);
         }
         Command::DeployTestToken { rpc, name, version, mint_to, amount } => {
             use alloy::providers::ProviderBuilder;

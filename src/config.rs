@@ -94,6 +94,28 @@ fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u128, D::Error
     }
 }
 
+/// The `TOLLGATE_SECTION__KEY` variables, typed by the configuration below them: a key whose
+/// value there is a string takes the variable's text as it is, so
+/// `TOLLGATE_NETWORK__EIP712_VERSION=2` is the string "2" (figment's `Env` would read the
+/// number 2, which a string key refuses, and "1.10" the number 1.1); any other key is parsed as
+/// `Env` parses it (numbers, booleans, arrays). Other TOLLGATE_* variables (such as the paying
+/// client's TOLLGATE_PAYER_KEY) are not configuration and must not trip deny_unknown_fields.
+/// Written here because figment 0.10's `Env` has no per-key parser.
+fn typed_env(below: &Figment) -> Figment {
+    let env = Env::prefixed(ENV_PREFIX).filter(|k| k.as_str().contains("__")).split("__");
+    let mut layer = Figment::new();
+    for (key, raw) in env.iter() {
+        let path = key.as_str().to_ascii_lowercase();
+        let is_string = matches!(below.find_value(&path), Ok(figment::value::Value::String(..)));
+        let value = match is_string {
+            true => figment::value::Value::from(raw),
+            false => raw.parse().unwrap_or_else(|_| figment::value::Value::from(raw)),
+        };
+        layer = layer.merge(figment::providers::Serialized::default(&path, value));
+    }
+    layer
+}
+
 /// An address, or nothing when the value is empty (a key to be filled in later).
 fn optional_address<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Address>, D::Error> {
     let text = String::deserialize(d)?;
@@ -394,9 +416,29 @@ impl Config {
         if let Some(file) = file {
             figment = figment.merge(Toml::file_exact(file));
         }
-        // Only `TOLLGATE_SECTION__KEY` variables are configuration; other TOLLGATE_* variables
-        // (such as the paying client's TOLLGATE_PAYER_KEY) must not trip deny_unknown_fields.
-        figment.merge(Env::prefixed(ENV_PREFIX).filter(|k| k.as_str().contains("__")).split("__"))
+        let env = typed_env(&figment);
+        figment.merge(env)
+    }
+
+    /// Every leaf key whose value (in the embedded defaults) is a string, dotted.
+    pub fn string_keys() -> Vec<String> {
+        fn walk(prefix: &str, dict: &figment::value::Dict, out: &mut Vec<String>) {
+            for (key, value) in dict {
+                let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+                match value {
+                    figment::value::Value::String(..) => out.push(path),
+                    figment::value::Value::Dict(_, inner) => walk(&path, inner, out),
+                    _ => {}
+                }
+            }
+        }
+        let mut keys = Vec::new();
+        if let Ok(figment::value::Value::Dict(_, dict)) =
+            Figment::from(Toml::string(DEFAULT_TOML)).find_value("")
+        {
+            walk("", &dict, &mut keys);
+        }
+        keys
     }
 
     /// Loads and validates. This is the only way the program obtains a `Config`.
@@ -643,6 +685,39 @@ mod tests {
             jail.set_env("TOLLGATE_PAYER_KEY", "0xdeadbeef");
             let config = Config::load(Some(Path::new("t.toml"))).expect("loads");
             assert_eq!(config.payment.confirmations, 3);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn every_string_key_takes_a_number_or_a_boolean_from_the_environment() {
+        let keys = Config::string_keys();
+        assert!(keys.contains(&"network.eip712_version".to_owned()) && keys.len() > 20, "{keys:?}");
+        for key in &keys {
+            for text in ["2", "1.10", "true"] {
+                figment::Jail::expect_with(|jail| {
+                    let var = format!("TOLLGATE_{}", key.replace('.', "__").to_uppercase());
+                    jail.set_env(&var, text);
+                    // Some keys refuse "2" for what it says (not an address, not a network):
+                    // never for being a number or a boolean instead of a string.
+                    if let Err(e) = Config::figment(None).extract::<Config>() {
+                        let e = e.to_string();
+                        assert!(!e.contains("invalid type"), "{var}={text}: {e}");
+                    }
+                    Ok(())
+                });
+            }
+        }
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("TOLLGATE_NETWORK__EIP712_VERSION", "2");
+            jail.set_env("TOLLGATE_NETWORK__EIP712_NAME", "1.10");
+            jail.set_env("TOLLGATE_SERVER__SERVER_ID", "true");
+            jail.set_env("TOLLGATE_PAYMENT__CONFIRMATIONS", "3");
+            let config = Config::load(None).expect("loads");
+            assert_eq!(config.network.eip712_version, "2");
+            assert_eq!(config.network.eip712_name, "1.10", "the text as typed, not the number 1.1");
+            assert_eq!(config.server.server_id, "true");
+            assert_eq!(config.payment.confirmations, 3, "numeric keys still parse");
             Ok(())
         });
     }

@@ -1,6 +1,8 @@
 //! The failed-attempt budget: how many payments a client (its API key, else its IP; never a
 //! session, which a client can open more of) may get refused per window before its paid calls
-//! are turned away ahead of verification.
+//! are turned away ahead of verification. A client that has failed lately takes its unit when
+//! an attempt starts (given back unless it fails), so a burst of concurrent attempts is bounded
+//! too; a client with no recent failure pays only for the failures it causes.
 //!
 //! Why: a signature from a fresh, unfunded wallet passes local verification, and everything
 //! after it costs us — store writes, a wallet-limit bucket, RPC reads. Without this, one client
@@ -34,14 +36,20 @@ impl FailureBudget {
         Charge { key: client.to_owned(), rate, cost: 1 }
     }
 
-    /// Refuses a client whose budget is spent; spends nothing.
-    pub fn admit(&self, client: &str, now_ms: u64) -> Result<(), LimitError> {
-        let Some(rate) = self.rate else { return Ok(()) };
-        let charge = self.charge(client, rate);
+    /// Admits a paid attempt, or refuses a client whose budget is spent. A client with no
+    /// recent failure is admitted freely (honest payers, however concurrent, never wait on
+    /// this); one that has failed lately takes a unit up front, so a burst of concurrent
+    /// attempts cannot all pass before the first of them fails.
+    pub fn admit(&self, client: &str, now_ms: u64) -> Result<Attempt, LimitError> {
+        let Some(rate) = self.rate else { return Ok(Attempt { prepaid: false }) };
         let now = now_ms * 1000;
-        match self.buckets.peek(std::slice::from_ref(&charge), now) {
-            Verdict::Allowed { .. } => Ok(()),
-            Verdict::Denied { tat, .. } => {
+        if self.buckets.tat(client).is_none_or(|tat| tat <= now) {
+            return Ok(Attempt { prepaid: false });
+        }
+        let charge = self.charge(client, rate);
+        // Saturated cannot happen for a single key (see `gcra::make_room`).
+        match self.buckets.check(std::slice::from_ref(&charge), now) {
+            Ok(Verdict::Denied { tat, .. }) => {
                 metrics::counter!("tollgate_limit_refusals_total", "axis" => "failed_attempts", "unit" => "requests")
                     .increment(1);
                 Err(LimitError::TooManyFailures {
@@ -52,16 +60,30 @@ impl FailureBudget {
                         .max(1),
                 })
             }
+            _ => Ok(Attempt { prepaid: true }),
         }
     }
 
-    /// Records one refused payment against `client`.
-    pub fn spend(&self, client: &str, now_ms: u64) {
+    /// Settles an admitted attempt: a failure keeps (or takes) its unit, anything else gives a
+    /// prepaid unit back.
+    pub fn settle(&self, client: &str, attempt: Attempt, failed: bool, now_ms: u64) {
         let Some(rate) = self.rate else { return };
-        metrics::counter!("tollgate_payment_failures_total").increment(1);
-        // Denied means already spent; Saturated cannot happen for one key (see make_room).
-        let _ = self.buckets.check(&[self.charge(client, rate)], now_ms * 1000);
+        let charge = self.charge(client, rate);
+        match (attempt.prepaid, failed) {
+            (true, false) => self.buckets.refund(&charge, now_ms * 1000),
+            (false, true) => {
+                // Denied means the budget is already spent: nothing more to record.
+                let _ = self.buckets.check(std::slice::from_ref(&charge), now_ms * 1000);
+            }
+            _ => {}
+        }
     }
+}
+
+/// An admitted paid attempt: whether it took its unit up front.
+#[derive(Debug, Clone, Copy)]
+pub struct Attempt {
+    prepaid: bool,
 }
 
 #[cfg(test)]
@@ -71,20 +93,34 @@ mod tests {
     #[test]
     fn a_client_is_refused_after_its_failures_and_admitted_again_after_the_retry_time() {
         let budget = FailureBudget::from_config(&FailureBudgetConfig { attempts: 3, window_secs: 60 });
+        let client = "ip:192.0.2.1";
+        // Successes cost nothing; three failures spend the budget.
+        for _ in 0..10 {
+            let attempt = budget.admit(client, 0).unwrap();
+            budget.settle(client, attempt, false, 0);
+        }
         for _ in 0..3 {
-            assert!(budget.admit("ip:192.0.2.1", 0).is_ok());
-            budget.spend("ip:192.0.2.1", 0);
+            let attempt = budget.admit(client, 0).unwrap();
+            budget.settle(client, attempt, true, 0);
         }
         let Err(LimitError::TooManyFailures { limit: 3, window_seconds: 60, retry_after_seconds }) =
-            budget.admit("ip:192.0.2.1", 0)
+            budget.admit(client, 0)
         else {
             panic!("refused after three failures")
         };
         assert_eq!(retry_after_seconds, 20, "one failure frees every 20 s");
         assert!(budget.admit("ip:192.0.2.2", 0).is_ok(), "another client is untouched");
-        assert!(budget.admit("ip:192.0.2.1", 20_000).is_ok());
+        // After one refill, a client that has failed lately prepays: of many concurrent
+        // attempts, one is admitted; its success gives the unit back.
+        let first = budget.admit(client, 20_000).unwrap();
+        assert!(budget.admit(client, 20_000).is_err(), "the refill is taken by the first attempt");
+        budget.settle(client, first, false, 20_000);
+        assert!(budget.admit(client, 20_000).is_ok(), "a success gave its unit back");
         let off = FailureBudget::from_config(&FailureBudgetConfig { attempts: 0, window_secs: 60 });
-        off.spend("x", 0);
+        for _ in 0..100 {
+            let attempt = off.admit("x", 0).unwrap();
+            off.settle("x", attempt, true, 0);
+        }
         assert!(off.admit("x", 0).is_ok(), "attempts = 0 turns it off");
     }
 }

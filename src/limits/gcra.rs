@@ -76,7 +76,8 @@ pub fn decide(charges: &[Charge], current: &[Option<u64>], now: u64) -> Verdict 
 /// In-process buckets with a bound on how many are tracked.
 #[derive(Debug)]
 pub struct MemoryBuckets {
-    tats: std::sync::Mutex<HashMap<String, u64>>,
+    /// Per key: its TAT and its window (to compare how busy buckets of different windows are).
+    tats: std::sync::Mutex<HashMap<String, (u64, u64)>>,
     max_keys: usize,
 }
 
@@ -102,21 +103,27 @@ impl MemoryBuckets {
                 return Err(Saturated);
             }
         }
-        let current: Vec<Option<u64>> = charges.iter().map(|c| tats.get(&c.key).copied()).collect();
+        let current: Vec<Option<u64>> = charges.iter().map(|c| tats.get(&c.key).map(|e| e.0)).collect();
         let verdict = decide(charges, &current, now);
         if let Verdict::Allowed { tats: new } = &verdict {
             for (charge, tat) in charges.iter().zip(new) {
-                tats.insert(charge.key.clone(), *tat);
+                tats.insert(charge.key.clone(), (*tat, charge.rate.window_us));
             }
         }
         Ok(verdict)
     }
 
-    /// What `check` would decide, without charging anything.
-    pub fn peek(&self, charges: &[Charge], now: u64) -> Verdict {
-        let tats = self.tats.lock().expect("limiter lock");
-        let current: Vec<Option<u64>> = charges.iter().map(|c| tats.get(&c.key).copied()).collect();
-        decide(charges, &current, now)
+    /// The bucket's TAT, if it is tracked.
+    pub fn tat(&self, key: &str) -> Option<u64> {
+        self.tats.lock().expect("limiter lock").get(key).map(|e| e.0)
+    }
+
+    /// Gives back what an admitted `charge` took (never below an idle bucket).
+    pub fn refund(&self, charge: &Charge, now: u64) {
+        let mut tats = self.tats.lock().expect("limiter lock");
+        if let Some((tat, _)) = tats.get_mut(&charge.key) {
+            *tat = tat.saturating_sub(charge.rate.increment_us(charge.cost)).max(now);
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -129,27 +136,33 @@ impl MemoryBuckets {
 
     /// Forgets idle buckets.
     pub fn sweep(&self, now: u64) {
-        self.tats.lock().expect("limiter lock").retain(|_, tat| *tat > now);
+        self.tats.lock().expect("limiter lock").retain(|_, (tat, _)| *tat > now);
     }
 }
 
 /// Frees room for `new_keys` more: idle buckets first (a full bucket carries no history), then
-/// the busy buckets nearest to idle (the smallest TAT), a sixteenth of the table at a time so
-/// the O(n) scan is paid once per many inserts. A bucket at its limit has the largest TAT and
-/// is forgotten last, so flooding new keys cannot reset the buckets that are holding someone back.
-fn make_room(tats: &mut HashMap<String, u64>, new_keys: usize, max_keys: usize, now: u64) {
-    tats.retain(|_, tat| *tat > now);
+/// the least busy, measured as the share of its window a bucket is booked ahead, (TAT − now) /
+/// window, so buckets of different windows compare fairly; a sixteenth of the table at a time,
+/// so the O(n) scan is paid once per many inserts. A bucket at its limit is booked a whole
+/// window ahead and is forgotten last: flooding new keys cannot reset the buckets holding
+/// someone back.
+fn make_room(tats: &mut HashMap<String, (u64, u64)>, new_keys: usize, max_keys: usize, now: u64) {
+    tats.retain(|_, (tat, _)| *tat > now);
     let excess = (tats.len() + new_keys).saturating_sub(max_keys);
     if excess == 0 {
         return;
     }
+    // Booked share in millionths: exact integers, and windows are at least a second.
+    let busy = |(tat, window): &(u64, u64)| {
+        (u128::from(tat - now) * 1_000_000 / u128::from((*window).max(1))) as u64
+    };
     let evict = excess.max(max_keys / 16).min(tats.len());
-    let mut by_tat: Vec<u64> = tats.values().copied().collect();
-    let (_, threshold, _) = by_tat.select_nth_unstable(evict - 1);
+    let mut shares: Vec<u64> = tats.values().map(busy).collect();
+    let (_, threshold, _) = shares.select_nth_unstable(evict - 1);
     let threshold = *threshold;
     let mut left = evict;
-    tats.retain(|_, tat| {
-        if left > 0 && *tat <= threshold {
+    tats.retain(|_, entry| {
+        if left > 0 && busy(entry) <= threshold {
             left -= 1;
             return false;
         }
@@ -229,13 +242,27 @@ mod tests {
     }
 
     #[test]
-    fn peek_decides_like_check_but_charges_nothing() {
+    fn eviction_compares_how_busy_buckets_are_not_their_raw_times_across_windows() {
+        let buckets = MemoryBuckets::new(2);
+        // A per-minute bucket at its limit (booked a whole minute ahead) ...
+        let minute = [charge("held-back", 1, 60, 1)];
+        buckets.check(&minute, 0).unwrap();
+        // ... and an hourly spend bucket a fifth booked (12 minutes ahead: a later raw TAT).
+        let hour = [charge("spend", 5, 3600, 1)];
+        buckets.check(&hour, 0).unwrap();
+        // A new key evicts the less busy one: the hourly bucket, not the one at its limit.
+        buckets.check(&[charge("new", 10, 60, 1)], 0).unwrap();
+        assert!(matches!(buckets.check(&minute, 0), Ok(Verdict::Denied { .. })), "still held back");
+    }
+
+    #[test]
+    fn a_refund_gives_back_what_a_charge_took() {
         let buckets = MemoryBuckets::new(4);
         let c = [charge("k", 1, 60, 1)];
-        assert!(matches!(buckets.peek(&c, 0), Verdict::Allowed { .. }));
-        assert!(matches!(buckets.peek(&c, 0), Verdict::Allowed { .. }), "peeking spent nothing");
-        buckets.check(&c, 0).unwrap();
-        assert!(matches!(buckets.peek(&c, 0), Verdict::Denied { .. }));
+        assert!(matches!(buckets.check(&c, 0), Ok(Verdict::Allowed { .. })));
+        assert!(matches!(buckets.check(&c, 0), Ok(Verdict::Denied { .. })));
+        buckets.refund(&c[0], 0);
+        assert!(matches!(buckets.check(&c, 0), Ok(Verdict::Allowed { .. })), "refunded");
     }
 
     #[test]

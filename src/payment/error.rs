@@ -118,9 +118,11 @@ impl PaymentError {
         )
     }
 
-    /// Whether the payer's payload caused the refusal (and so spends the client's
-    /// failed-attempt budget), rather than our side or a payment still being worked on.
-    pub fn is_payer_fault(&self) -> bool {
+    /// Whether this refusal keeps the unit the attempt took from the client's failed-attempt
+    /// budget. Every refused payment does, including those our chain could not check (a flood
+    /// that exhausts the RPC must not stop paying for itself), except the statuses of a
+    /// payment already in flight, which the protocol tells the client to resend.
+    pub fn spends_failure_budget(&self) -> bool {
         match self {
             PaymentError::Malformed(_)
             | PaymentError::TooLarge { .. }
@@ -137,13 +139,13 @@ impl PaymentError {
             | PaymentError::IdentifierConflict
             | PaymentError::InsufficientBalance
             | PaymentError::SettlementFailed { .. }
-            | PaymentError::AlreadyUsed => true,
+            | PaymentError::AlreadyUsed
+            | PaymentError::ChainUnavailable
+            | PaymentError::StoreUnavailable => true,
             PaymentError::Pending { .. }
             | PaymentError::InProgress
             | PaymentError::OutcomeUnknown { .. }
-            | PaymentError::Corrupt(_)
-            | PaymentError::ChainUnavailable
-            | PaymentError::StoreUnavailable => false,
+            | PaymentError::Corrupt(_) => false,
         }
     }
 

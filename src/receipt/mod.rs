@@ -133,6 +133,21 @@ impl ReceiptSigner {
         Ok(signer)
     }
 
+    /// The public keys a config publishes, without needing its seed: the current key's when
+    /// the seed is there, and every previous one.
+    pub fn public_keys(c: &ReceiptsConfig) -> Result<Vec<(String, VerifyingKey)>, ReceiptError> {
+        let mut keys = Vec::new();
+        if let Some(seed) = secret_opt(&c.key) {
+            let public = keys::parse_seed(seed).ok_or(ReceiptError::BadKey)?.verifying_key();
+            keys.push((keys::key_id(&public), public));
+        }
+        for public in &c.previous_public_keys {
+            let k = keys::parse_public(public).ok_or_else(|| ReceiptError::BadPreviousKey(public.clone()))?;
+            keys.push((keys::key_id(&k), k));
+        }
+        Ok(keys)
+    }
+
     pub fn new(key: SigningKey) -> ReceiptSigner {
         let public = key.verifying_key();
         let kid = keys::key_id(&public);

@@ -142,11 +142,30 @@ impl Catalog {
 /// The catalog in service. Readers take a snapshot; a change replaces the whole catalog.
 pub struct LiveCatalog {
     current: RwLock<Arc<Catalog>>,
+    /// One change at a time, built outside the read path's lock.
+    writer: std::sync::Mutex<()>,
+    /// Upstreams that may still bring tools: until they do, a tool missing from the catalog
+    /// may be one of theirs, not one that was withdrawn.
+    pending_sources: std::sync::atomic::AtomicUsize,
 }
 
 impl LiveCatalog {
-    pub fn new(catalog: Catalog) -> LiveCatalog {
-        LiveCatalog { current: RwLock::new(Arc::new(catalog)) }
+    pub fn new(catalog: Catalog, pending_sources: usize) -> LiveCatalog {
+        LiveCatalog {
+            current: RwLock::new(Arc::new(catalog)),
+            writer: Default::default(),
+            pending_sources: pending_sources.into(),
+        }
+    }
+
+    /// Whether every source has listed its tools (no upstream is still to join).
+    pub fn is_complete(&self) -> bool {
+        self.pending_sources.load(std::sync::atomic::Ordering::SeqCst) == 0
+    }
+
+    /// A source that was pending has joined (or given up for good).
+    pub fn source_settled(&self) {
+        self.pending_sources.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The catalog now; it stays whole for as long as the caller holds it.
@@ -155,11 +174,12 @@ impl LiveCatalog {
     }
 
     /// Applies `change` to a copy of the current catalog and swaps it in, unless it fails.
+    /// The copy is built outside the lock readers take (compiling schemas takes a while).
     pub fn update<E>(&self, change: impl FnOnce(&mut Catalog) -> Result<(), E>) -> Result<(), E> {
-        let mut current = self.current.write().expect("catalog lock");
-        let mut next = Catalog::clone(&current);
+        let _one = self.writer.lock().expect("catalog writer lock");
+        let mut next = Catalog::clone(&self.current());
         change(&mut next)?;
-        *current = Arc::new(next);
+        *self.current.write().expect("catalog lock") = Arc::new(next);
         Ok(())
     }
 }

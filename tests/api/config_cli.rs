@@ -176,3 +176,37 @@ async fn deploy_test_token_deploys_and_funds_on_a_local_chain() {
     );
     anvil.stop().await;
 }
+
+#[tokio::test]
+async fn listing_runs_from_public_config_alone_without_the_relayer_key() {
+    // Arrange: payTo, network and public URL; the receipt *public* key of a retired seed; no
+    // relayer key, no receipt seed, no database, and a chain that is not there.
+    let dir = tempfile::tempdir().unwrap();
+    let public = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a";
+    let out = tollgate()
+        .arg("listing")
+        .current_dir(dir.path())
+        .env("TOLLGATE_PAYMENT__PAY_TO", "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC")
+        .env("TOLLGATE_NETWORK__ASSET", "0x5FbDB2315678afecb367f032d93F642f64180aa3")
+        .env("TOLLGATE_NETWORK__RPC_URL", "http://127.0.0.1:1/")
+        .env("TOLLGATE_SERVER__PUBLIC_URL", "https://tools.example.com/mcp")
+        .env("TOLLGATE_RECEIPTS__PREVIOUS_PUBLIC_KEYS", format!("[\"{public}\"]"))
+        .env_remove("TOLLGATE_PAYMENT__RELAYER_KEY")
+        .env_remove("TOLLGATE_RECEIPTS__KEY")
+        .output()
+        .await
+        .unwrap();
+    // Assert
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "listing failed: {stderr}");
+    let docs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let server = &docs["server.json"];
+    assert_eq!(server["remotes"][0]["url"], "https://tools.example.com/mcp");
+    let x402 = &server["_meta"]["io.modelcontextprotocol.registry/publisher-provided"]["x402"];
+    assert_eq!(x402["payTo"], "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC");
+    assert_eq!(x402["receiptKeys"][0]["publicKey"], public);
+    assert!(
+        x402["tools"].as_array().unwrap().iter().any(|t| t["name"] == "sha256" && t["price"].is_object())
+    );
+    assert!(!docs["x402_discovery"]["accepts"].as_array().unwrap().is_empty());
+}

@@ -51,7 +51,11 @@ async fn metrics_count_challenges_payments_revenue_and_settlement_latency() {
 #[tokio::test]
 async fn the_listing_describes_the_server_for_the_mcp_registry_and_x402_discovery() {
     let app = spawn_app().await;
-    let docs = tollgate::listing::documents(&app.state, 1_700_000_000);
+    let catalog = app.state.catalog.current();
+    let docs = tollgate::listing::documents(
+        &tollgate::listing::ListingInput::of(&app.state, &catalog),
+        1_700_000_000,
+    );
     let server = &docs["server.json"];
     assert_eq!(server["$schema"], tollgate::listing::SERVER_SCHEMA);
     assert_eq!(server["remotes"][0]["type"], "streamable-http");

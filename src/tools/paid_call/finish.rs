@@ -18,12 +18,21 @@ use crate::tools::catalog::Catalog;
 const BATCH: i64 = 100;
 
 impl PaidCall {
-    /// Starts finishing what is abandoned now; returns how many calls were started.
-    pub async fn finish_abandoned(self: &Arc<Self>, catalog: &Arc<Catalog>) -> Result<usize, StoreError> {
+    /// Starts finishing what is abandoned now; returns how many calls were started. While the
+    /// catalog is not `complete` (an upstream has yet to list its tools), a call whose tool is
+    /// missing waits: it may be that upstream's, and must not be closed as withdrawn.
+    pub async fn finish_abandoned(
+        self: &Arc<Self>,
+        catalog: &Arc<Catalog>,
+        complete: bool,
+    ) -> Result<usize, StoreError> {
         let lease = self.settings.request_timeout.as_secs() as i64;
         let idle_since = self.clock.now_unix() as i64 - lease;
         let mut started = 0;
         for row in self.gate.store.unfinished(idle_since, BATCH).await? {
+            if !complete && row.result_json.is_none() && catalog.get(&row.tool).is_none() {
+                continue;
+            }
             let Ok(slot) = self.finishers.clone().try_acquire_owned() else { break };
             if !self.finishing.lock().expect("not poisoned").insert(row.id) {
                 continue;

@@ -123,18 +123,23 @@ impl PaidCall {
         results::render(entry, self.try_call(entry, call).await)
     }
 
-    /// Steps 3–10, in order; a refused payment is counted against the client.
+    /// Steps 3–10, in order, inside the client's failed-attempt budget (`limits::failures`): a
+    /// client whose payments keep failing is turned away before they cost store writes and RPC
+    /// reads.
     pub async fn try_call(
         self: &Arc<Self>,
         entry: &Arc<ToolEntry>,
         call: ToolCall,
     ) -> Result<Paid, CallError> {
         let client = call.client.clone();
+        let attempt = match entry.quote.is_some() && call.payment.is_some() {
+            true => Some(self.failures.admit(&client, self.clock.now_millis())?),
+            false => None,
+        };
         let outcome = self.try_call_steps(entry, call).await;
-        if let Err(CallError::Payment(e)) = &outcome
-            && e.is_payer_fault()
-        {
-            self.failures.spend(&client, self.clock.now_millis());
+        if let Some(attempt) = attempt {
+            let failed = matches!(&outcome, Err(CallError::Payment(e)) if e.spends_failure_budget());
+            self.failures.settle(&client, attempt, failed, self.clock.now_millis());
         }
         outcome
     }
@@ -157,9 +162,6 @@ impl PaidCall {
             metrics::counter!("tollgate_challenges_total", "tool" => tool).increment(1);
             return Err(CallError::PaymentRequired);
         };
-        // A client whose payments keep being refused is turned away before anything is checked:
-        // minting unfunded wallets must not become store writes and RPC reads.
-        self.failures.admit(&call.client, self.clock.now_millis())?;
         // 5. Local verification; from here on the payer is the recovered signer.
         let margin = self.settings.valid_before_margin_secs;
         let verified = verify(&payment, quote, &self.domain, self.clock.now_unix(), margin)?;

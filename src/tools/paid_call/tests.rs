@@ -365,8 +365,13 @@ async fn a_paid_call_whose_tool_was_withdrawn_ends_in_a_receipt_that_says_so() {
     };
     gate.settle(&row, &verified, quote).await.unwrap();
     h.clock.advance(31);
-    // Act: the tool is gone from the catalog by the time the server finishes the call.
-    let started = h.paid.finish_abandoned(&Arc::new(Catalog::default())).await.unwrap();
+    // While an upstream may still bring the tool back (a catalog not yet complete), the call
+    // is left alone rather than closed as withdrawn.
+    let empty = Arc::new(Catalog::default());
+    assert_eq!(h.paid.finish_abandoned(&empty, false).await.unwrap(), 0, "waits for late upstreams");
+    assert_eq!(h.store.receipt_count().await.unwrap(), 0);
+    // Act: the tool is gone from the complete catalog by the time the server finishes the call.
+    let started = h.paid.finish_abandoned(&empty, true).await.unwrap();
     while h.store.receipt_count().await.unwrap() == 0 {
         tokio::task::yield_now().await;
     }
