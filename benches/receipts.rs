@@ -60,7 +60,9 @@ async fn measured<T>(f: impl std::future::Future<Output = T>) -> (T, f64, usize)
 /// A SQLite log of `n` leaves, bulk-loaded (the bench skips the payments rows receipts reference).
 async fn log_of(dir: &std::path::Path, n: usize) -> (Arc<dyn Store>, Vec<merkle::Hash>) {
     let leaves: Vec<merkle::Hash> = (0..n as u32).map(|i| merkle::leaf_hash(&i.to_be_bytes())).collect();
-    let url = format!("sqlite://{}", dir.join(format!("log{n}.db")).display());
+    static LOGS: AtomicUsize = AtomicUsize::new(0);
+    let file = format!("log{n}-{}.db", LOGS.fetch_add(1, Ordering::Relaxed));
+    let url = format!("sqlite://{}", dir.join(file).display());
     let store = SqliteStore::connect(&url, 2).await.unwrap();
     store.migrate().await.unwrap();
     let options = <sqlx::sqlite::SqliteConnectOptions as std::str::FromStr>::from_str(&url)
@@ -242,24 +244,8 @@ async fn main() {
     println!("log: one inclusion proof (100k)     {:>10.2} ms", prove.as_secs_f64() * 1e3);
 
     // The same, through the store: bulk-load 100k leaves, then read them back and integrate.
-    let url = format!("sqlite://{}", dir.path().join("leaves.db").display());
-    let store = SqliteStore::connect(&url, 1).await.unwrap();
-    store.migrate().await.unwrap();
-    // Leaves only: the bench skips the payments rows the receipts would reference.
-    let options = <sqlx::sqlite::SqliteConnectOptions as std::str::FromStr>::from_str(&url)
-        .unwrap()
-        .foreign_keys(false);
-    let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
-    let mut tx = pool.begin().await.unwrap();
-    for (i, leaf) in leaves.iter().enumerate() {
-        sqlx::query("insert into receipts values ($1, $1, 'p', $1, '{}', 's', 'k', $2, 0)")
-            .bind(i as i64)
-            .bind(hex::encode(leaf))
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-    }
-    tx.commit().await.unwrap();
+    let (store, stored) = log_of(dir.path(), LEAVES).await;
+    assert_eq!(stored, leaves);
     let start = Instant::now();
     let hashes = store.leaf_hashes(0, LEAVES as i64).await.unwrap();
     let decoded: Vec<merkle::Hash> =

@@ -1,6 +1,4 @@
-//! Logging: pretty for people (`dev` on a terminal), JSON for machines (`serve`).
-
-use std::io::IsTerminal;
+//! Logging: pretty for people (`dev`), JSON for machines (`serve`).
 
 use tracing_subscriber::EnvFilter;
 
@@ -9,9 +7,15 @@ use crate::config::{LogConfig, LogFormat};
 /// Targets whose debug output would carry credentials (full URLs).
 const QUIET_TARGETS: [&str; 3] = ["alloy_transport_http=warn", "reqwest=warn", "alloy_rpc_client=warn"];
 
-/// Installs the global subscriber once; later calls (tests) are no-ops.
-pub fn init(config: &LogConfig, interactive: bool) {
-    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.filter));
+/// Installs the global subscriber once; later calls (tests) are no-ops. `dev` logs are for a
+/// person: pretty, and without rmcp's INFO line per request unless RUST_LOG asks for it.
+pub fn init(config: &LogConfig, dev: bool) {
+    let from_env = EnvFilter::try_from_default_env().ok();
+    let quiet_rmcp = dev && from_env.is_none();
+    let mut filter = from_env.unwrap_or_else(|| EnvFilter::new(&config.filter));
+    if quiet_rmcp {
+        filter = filter.add_directive("rmcp=warn".parse().expect("static directive"));
+    }
     // Below WARN these libraries record whole request URLs, and an RPC or facilitator URL
     // carries its API key: capped whatever RUST_LOG asks (added last, so they win).
     for quiet in QUIET_TARGETS {
@@ -20,7 +24,7 @@ pub fn init(config: &LogConfig, interactive: bool) {
     let json = match config.format {
         LogFormat::Json => true,
         LogFormat::Pretty => false,
-        LogFormat::Auto => !(interactive && std::io::stderr().is_terminal()),
+        LogFormat::Auto => !dev,
     };
     // Every line is redacted on its way out: libraries log errors (and whole URLs) on their
     // own, at levels no filter here can be sure to cover.

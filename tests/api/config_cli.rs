@@ -79,11 +79,20 @@ async fn tollgate_dev_serves_tools_and_challenges_then_stops_anvil_on_signal() {
         .env("PATH", path)
         .env("TOLLGATE_SERVER__BIND", "127.0.0.1:0")
         .env("TOLLGATE_DEV__STATE_DIR", dir.path())
+        .env_remove("RUST_LOG")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut log_lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let logs = tokio::spawn(async move {
+        let mut all = Vec::new();
+        while let Ok(Some(line)) = log_lines.next_line().await {
+            all.push(line);
+        }
+        all
+    });
     // Act: wait for "serving", then use it like a client would.
     let mut banner = Vec::new();
     let url = tokio::time::timeout(Duration::from_secs(60), async {
@@ -134,6 +143,11 @@ async fn tollgate_dev_serves_tools_and_challenges_then_stops_anvil_on_signal() {
     assert!(status.success(), "dev exits cleanly: {status}");
     let chain_alive = tokio::net::TcpStream::connect(("127.0.0.1", chain_port)).await.is_ok();
     assert!(!chain_alive, "anvil must stop with tollgate dev");
+    // Its logs are for a person: no JSON, and no rmcp line per request at the default filter.
+    let logs = logs.await.unwrap();
+    assert!(logs.iter().any(|l| l.contains("INFO")), "dev logs something: {logs:?}");
+    assert!(!logs.iter().any(|l| l.trim_start().starts_with('{')), "dev logs are not JSON: {logs:?}");
+    assert!(!logs.iter().any(|l| l.contains("rmcp")), "no rmcp request lines: {logs:?}");
 }
 
 #[tokio::test]
