@@ -20,8 +20,7 @@ use crate::receipt::{ReceiptSigner, Receipts};
 use crate::chain::client::ChainClient;
 use crate::chain::{Network, parse_private_key};
 use crate::clock::{SharedClock, SystemClock};
-use crate::config::UpstreamConfig;
-use crate::config::{Config, SettlerKind, secret_opt};
+use crate::config::{Config, SettlerKind, UpstreamConfig, secret_opt};
 use crate::money::UsdcAmount;
 use crate::payment::gate::PaymentGate;
 use crate::payment::reconcile::Reconciler;
@@ -254,7 +253,7 @@ fn payment_gate(
     })
 }
 
-/// Connects every configured upstream and adds its (non-hidden) tools, priced.
+/// Where tollgate is paid: payTo, network and the offer's validity.
 fn pay_terms(config: &Config, network: &Network) -> anyhow::Result<PayTerms> {
     Ok(PayTerms {
         network: network.clone(),
@@ -282,8 +281,8 @@ struct LateUpstream {
     upstream: Arc<Upstream>,
 }
 
-/// Lists each upstream's tools into the catalog. One that does not answer does not stop the
-/// server: it is returned, to be retried in the background.
+/// Connects every configured upstream and adds its (non-hidden) tools, priced. One that does
+/// not answer does not stop the server: it is returned, to be retried in the background.
 async fn upstream_tools(
     config: &Config,
     terms: &PayTerms,

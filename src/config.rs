@@ -420,27 +420,6 @@ impl Config {
         figment.merge(env)
     }
 
-    /// Every leaf key whose value (in the embedded defaults) is a string, dotted.
-    pub fn string_keys() -> Vec<String> {
-        fn walk(prefix: &str, dict: &figment::value::Dict, out: &mut Vec<String>) {
-            for (key, value) in dict {
-                let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
-                match value {
-                    figment::value::Value::String(..) => out.push(path),
-                    figment::value::Value::Dict(_, inner) => walk(&path, inner, out),
-                    _ => {}
-                }
-            }
-        }
-        let mut keys = Vec::new();
-        if let Ok(figment::value::Value::Dict(_, dict)) =
-            Figment::from(Toml::string(DEFAULT_TOML)).find_value("")
-        {
-            walk("", &dict, &mut keys);
-        }
-        keys
-    }
-
     /// Loads and validates. This is the only way the program obtains a `Config`.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
         Self::from_figment(Self::figment(file))
@@ -689,9 +668,30 @@ mod tests {
         });
     }
 
+    /// Every leaf key whose value (in the embedded defaults) is a string, dotted.
+    fn string_keys() -> Vec<String> {
+        fn walk(prefix: &str, dict: &figment::value::Dict, out: &mut Vec<String>) {
+            for (key, value) in dict {
+                let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+                match value {
+                    figment::value::Value::String(..) => out.push(path),
+                    figment::value::Value::Dict(_, inner) => walk(&path, inner, out),
+                    _ => {}
+                }
+            }
+        }
+        let mut keys = Vec::new();
+        if let Ok(figment::value::Value::Dict(_, dict)) =
+            Figment::from(Toml::string(DEFAULT_TOML)).find_value("")
+        {
+            walk("", &dict, &mut keys);
+        }
+        keys
+    }
+
     #[test]
     fn every_string_key_takes_a_number_or_a_boolean_from_the_environment() {
-        let keys = Config::string_keys();
+        let keys = string_keys();
         assert!(keys.contains(&"network.eip712_version".to_owned()) && keys.len() > 20, "{keys:?}");
         for key in &keys {
             for text in ["2", "1.10", "true"] {

@@ -39,11 +39,8 @@ pub fn documents(app: &ListingInput<'_>, now_unix: u64) -> Value {
     let public_url = &app.config.server.public_url;
     let base = public_url.strip_suffix("/mcp").unwrap_or(public_url);
     let catalog = app.catalog;
-    let keys: Vec<Value> = app
-        .receipt_keys
-        .iter()
-        .map(|(kid, key)| json!({ "kid": kid, "alg": "ed25519", "publicKey": hex::encode(key.as_bytes()) }))
-        .collect();
+    let keys: Vec<Value> =
+        app.receipt_keys.iter().map(|(kid, key)| crate::receipt::keys::published_json(kid, key)).collect();
     let priced: Vec<_> = catalog.entries().filter_map(|e| e.quote.as_ref()).collect();
     let tools: Vec<Value> = catalog
         .entries()

@@ -56,7 +56,9 @@ async fn well_known(State(app): State<Arc<AppState>>) -> Json<Value> {
         .published()
         .iter()
         .map(|(kid, key)| {
-            json!({ "kid": kid, "alg": "ed25519", "publicKey": hex::encode(key.as_bytes()), "current": kid == current })
+            let mut shown = crate::receipt::keys::published_json(kid, key);
+            shown["current"] = json!(kid == current);
+            shown
         })
         .collect();
     Json(json!({

@@ -123,8 +123,6 @@ pub struct Ceiling<C: GovernorClock = DefaultClock> {
     pub per_second: u32,
     /// The public endpoints' bucket, keyed by client identity (never a session), per process.
     public: Limiter<C>,
-    pub public_burst: u32,
-    pub public_per_second: u32,
     api_key_header: Option<http::HeaderName>,
     /// The first 16 bytes of the SHA-256 of each API key the operator configured, with its
     /// tier (0: the default quota, i: `tiers[i - 1]`).
@@ -185,8 +183,6 @@ impl<C: GovernorClock + Clone> Ceiling<C> {
             burst: c.burst,
             per_second: c.per_second,
             public,
-            public_burst: c.public_burst,
-            public_per_second: c.public_per_second,
             api_key_header,
             known_api_keys,
             tiers,
@@ -213,7 +209,7 @@ impl<C: GovernorClock + Clone> Ceiling<C> {
         let parts = self.identity_parts(headers, peer);
         self.public.check_key(&self.hash_parts(&parts)).map(|_| ()).map_err(|not_until| {
             metrics::counter!("tollgate_public_refusals_total").increment(1);
-            not_until.wait_time_from(self.clock.now()).as_millis().div_ceil(1000).max(1) as u64
+            retry_after_secs(not_until.wait_time_from(self.clock.now()))
         })
     }
 
@@ -401,9 +397,7 @@ impl<C: GovernorClock + Clone> Ceiling<C> {
             _ => 2,
         };
         self.refusals[slot].increment(1);
-        // Round up: a client that waits exactly Retry-After must get through.
-        let retry_after_secs = wait.as_millis().div_ceil(1000).max(1) as u64;
-        CeilingError::Exceeded { key_kind, retry_after_secs }
+        CeilingError::Exceeded { key_kind, retry_after_secs: retry_after_secs(wait) }
     }
 
     /// Keys currently tracked (the memory bound).
@@ -420,6 +414,12 @@ impl<C: GovernorClock + Clone> Ceiling<C> {
         self.public.retain_recent();
         metrics::gauge!("tollgate_ceiling_tracked_keys").set(self.tracked_keys() as f64);
     }
+}
+
+/// Whole seconds for `Retry-After`, rounded up: a client that waits exactly that long must get
+/// through.
+fn retry_after_secs(wait: Duration) -> u64 {
+    wait.as_millis().div_ceil(1000).max(1) as u64
 }
 
 /// One `X-Forwarded-For` hop: an address, with or without a port.

@@ -22,6 +22,11 @@ pub enum KeyFileError {
 }
 
 /// `ed25519:` + the first 8 bytes of SHA-256(public key), hex.
+/// A published receipt key as the listing and `/.well-known/x402` show it.
+pub fn published_json(kid: &str, key: &VerifyingKey) -> serde_json::Value {
+    serde_json::json!({ "kid": kid, "alg": "ed25519", "publicKey": hex::encode(key.as_bytes()) })
+}
+
 pub fn key_id(key: &VerifyingKey) -> String {
     let digest = Sha256::digest(key.as_bytes());
     format!("ed25519:{}", hex::encode(&digest[..8]))

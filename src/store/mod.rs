@@ -263,7 +263,6 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<StoredReceipt, StoreError>;
     /// Number of leaves in the log.
     async fn receipt_count(&self) -> Result<i64, StoreError>;
-    /// Leaf hashes (hex) of log indices `[0, size)`, in order.
     /// Leaf hashes (hex) of the receipts with `start <= log_index < end`, in log order.
     async fn leaf_hashes(&self, start: i64, end: i64) -> Result<Vec<String>, StoreError>;
     async fn receipt_at(&self, log_index: i64) -> Result<Option<StoredReceipt>, StoreError>;

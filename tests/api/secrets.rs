@@ -6,41 +6,56 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio::io::AsyncReadExt;
-use tokio::process::Command;
+use tokio::process::{Child, Command};
 use tollgate::chain::anvil::DEV_KEYS;
 
 use crate::helpers::{Mcp, wait_listening};
 
-/// `tollgate serve` with a complete config from the environment (a SQLite file in `dir`) and
-/// debug logs, its RPC URL given by the caller.
-fn serve(dir: &std::path::Path, rpc_url: &str) -> Command {
+/// `tollgate [--config FILE] serve` on a free port with a complete config from the environment
+/// (a SQLite file in `dir`) and debug logs, its RPC URL given by the caller, output piped;
+/// returns it once it listens, with its base URL.
+async fn start_serving(
+    dir: &std::path::Path,
+    rpc_url: &str,
+    config: Option<&std::path::Path>,
+) -> (Child, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut command = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+    if let Some(config) = config {
+        command.arg("--config").arg(config);
+    }
     command
+        .arg("serve")
+        .env("TOLLGATE_SERVER__BIND", format!("127.0.0.1:{port}"))
         .env("TOLLGATE_NETWORK__RPC_URL", rpc_url)
         .env("TOLLGATE_NETWORK__ASSET", "0x5FbDB2315678afecb367f032d93F642f64180aa3")
         .env("TOLLGATE_PAYMENT__PAY_TO", "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC")
         .env("TOLLGATE_PAYMENT__RELAYER_KEY", DEV_KEYS[1])
         .env("TOLLGATE_RECEIPTS__KEY", "11".repeat(32))
         .env("TOLLGATE_DATABASE__URL", format!("sqlite://{}", dir.join("t.db").display()))
-        .env("RUST_LOG", "debug");
-    command
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let server = command.spawn().unwrap();
+    wait_listening(port).await;
+    (server, format!("http://127.0.0.1:{port}"))
+}
+
+/// Stops a server from `start_serving`; returns everything it printed.
+async fn stop_collecting(mut server: Child) -> String {
+    server.start_kill().unwrap();
+    let mut output = String::new();
+    server.stdout.take().unwrap().read_to_string(&mut output).await.unwrap();
+    server.stderr.take().unwrap().read_to_string(&mut output).await.unwrap();
+    output
 }
 
 #[tokio::test]
 async fn credentials_in_an_rpc_url_never_reach_logs_readiness_or_answers() {
     // Arrange: `tollgate serve` whose RPC URL carries keys in its path and query, and is down.
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut server = serve(dir.path(), "http://127.0.0.1:1/v2/SECRETKEY?key=SECRET2")
-        .arg("serve")
-        .env("TOLLGATE_SERVER__BIND", format!("127.0.0.1:{port}"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    wait_listening(port).await;
-    let base = format!("http://127.0.0.1:{port}");
+    let (server, base) = start_serving(dir.path(), "http://127.0.0.1:1/v2/SECRETKEY?key=SECRET2", None).await;
     // Act: readiness, and a paid call that needs the chain.
     let ready = reqwest::get(format!("{base}/readyz")).await.unwrap().text().await.unwrap();
     let mcp = Mcp::sessionless(&format!("{base}/mcp"));
@@ -53,10 +68,7 @@ async fn credentials_in_an_rpc_url_never_reach_logs_readiness_or_answers() {
     let paid =
         mcp.call_tool("sha256", json!({ "text": "x" }), Some(json!({ "x402/payment": payload }))).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    server.start_kill().unwrap();
-    let mut logs = String::new();
-    server.stdout.take().unwrap().read_to_string(&mut logs).await.unwrap();
-    server.stderr.take().unwrap().read_to_string(&mut logs).await.unwrap();
+    let logs = stop_collecting(server).await;
     // Assert: the failures are reported (so the test saw them), the secrets nowhere.
     let ready: Value = serde_json::from_str(&ready).unwrap();
     assert_eq!(ready["ready"], false, "{ready}");
@@ -81,21 +93,9 @@ async fn credentials_in_an_upstream_url_never_reach_the_output() {
     .unwrap();
     // Act: the server starts without the upstream and reports it, retrying in the background
     // (each retry may log again); everything it printed for a while is collected.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut server = serve(dir.path(), "http://127.0.0.1:1/")
-        .args(["--config", config.to_str().unwrap(), "serve"])
-        .env("TOLLGATE_SERVER__BIND", format!("127.0.0.1:{port}"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    wait_listening(port).await;
+    let (server, _) = start_serving(dir.path(), "http://127.0.0.1:1/", Some(&config)).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    server.start_kill().unwrap();
-    let mut text = String::new();
-    server.stdout.take().unwrap().read_to_string(&mut text).await.unwrap();
-    server.stderr.take().unwrap().read_to_string(&mut text).await.unwrap();
+    let text = stop_collecting(server).await;
     // Assert
     assert!(text.contains("keyed"), "the failing upstream is named: {text}");
     assert!(!text.contains("UPSECRET"), "the upstream's key leaked: {text}");

@@ -131,13 +131,12 @@ impl PaidCall {
         entry: &Arc<ToolEntry>,
         call: ToolCall,
     ) -> Result<Paid, CallError> {
-        let client = call.client.clone();
         let attempt = match entry.quote.is_some() && call.payment.is_some() {
-            true => Some(self.failures.admit(&client, self.clock.now_millis())?),
+            true => Some((self.failures.admit(&call.client, self.clock.now_millis())?, call.client.clone())),
             false => None,
         };
         let outcome = self.try_call_steps(entry, call).await;
-        if let Some(attempt) = attempt {
+        if let Some((attempt, client)) = attempt {
             let failed = matches!(&outcome, Err(CallError::Payment(e)) if e.spends_failure_budget());
             self.failures.settle(&client, attempt, failed, self.clock.now_millis());
         }
