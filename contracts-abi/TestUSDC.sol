@@ -45,6 +45,23 @@ contract TestUSDC {
         );
     }
 
+    /// EIP-5267: the EIP-712 domain, so tools (`tollgate doctor`) can read it rather than guess.
+    function eip712Domain()
+        external
+        view
+        returns (
+            bytes1 fields,
+            string memory name_,
+            string memory version_,
+            uint256 chainId,
+            address verifyingContract,
+            bytes32 salt,
+            uint256[] memory extensions
+        )
+    {
+        return (hex"0f", name, version, block.chainid, address(this), bytes32(0), new uint256[](0));
+    }
+
     function mint(address to, uint256 value) external {
         require(msg.sender == owner, "TestUSDC: only owner mints");
         totalSupply += value;

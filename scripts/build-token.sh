@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rebuilds contracts-abi/{TestUSDC,Multicall3}.{abi.json,bin} from their .sol sources with
+# Rebuilds contracts-abi/{TestUSDC,Multicall3,TestWallet,TestWalletFactory}.{abi.json,bin} from their .sol sources with
 # solc-js from the npm registry (pinned), so the committed bytecode can always be reproduced.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,14 +10,14 @@ if [ ! -x "$tools/node_modules/.bin/solcjs" ]; then
   npm install --prefix "$tools" --silent --no-audit --no-fund "solc@$SOLC_VERSION" >&2
 fi
 
-# contracts-abi/NAME.sol -> contracts-abi/NAME.abi.json and contracts-abi/NAME.bin
+# contracts-abi/FILE.sol's contract NAME (default: FILE) -> contracts-abi/NAME.abi.json and .bin
 build() {
-  local name=$1 out
+  local file=$1 name=${2:-$1} out
   out=$(mktemp -d)
   "$tools/node_modules/.bin/solcjs" --optimize --optimize-runs 200 --bin --abi \
-    --output-dir "$out" "contracts-abi/$name.sol" >&2
-  python3 -m json.tool "$out/contracts-abi_${name}_sol_${name}.abi" > "contracts-abi/$name.abi.json"
-  tr -d '\n' < "$out/contracts-abi_${name}_sol_${name}.bin" > "contracts-abi/$name.bin"
+    --output-dir "$out" "contracts-abi/$file.sol" >&2
+  python3 -m json.tool "$out/contracts-abi_${file}_sol_${name}.abi" > "contracts-abi/$name.abi.json"
+  tr -d '\n' < "$out/contracts-abi_${file}_sol_${name}.bin" > "contracts-abi/$name.bin"
   rm -rf "$out"
   echo "rebuilt contracts-abi/$name.bin ($(wc -c < "contracts-abi/$name.bin") hex chars)" >&2
 }
@@ -25,6 +25,9 @@ build() {
 build TestUSDC
 # Multicall3's aggregate3 (same ABI as the canonical deployment on Base), for local chains.
 build Multicall3
+# A minimal ERC-1271 wallet and its CREATE2 factory, for the smart-wallet payer tests.
+build TestWallet
+build TestWallet TestWalletFactory
 
 # The subset of the USDC (FiatToken v2.2) interface that tollgate itself calls or reads: the same
 # selectors and events exist on Base USDC, so production code binds to this file only.

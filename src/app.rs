@@ -22,10 +22,11 @@ use crate::chain::{Network, parse_private_key};
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::{Config, SettlerKind, UpstreamConfig, secret_opt};
 use crate::money::UsdcAmount;
+use crate::payment::cdp_auth::CdpAuth;
 use crate::payment::gate::PaymentGate;
 use crate::payment::reconcile::Reconciler;
 use crate::payment::requirements::PayTerms;
-use crate::payment::settle::{FacilitatorSettler, SelfSettler, Settler};
+use crate::payment::settle::{FacilitatorAuth, FacilitatorSettler, SelfSettler, Settler};
 use crate::store::{self, Store};
 use crate::tools::builtin::{self, Builtin};
 use crate::tools::catalog::{Catalog, CatalogError, LiveCatalog};
@@ -84,6 +85,7 @@ impl App {
             )?;
         }
         let gate = Arc::new(payment_gate(&config, &network, store.clone(), clock.clone())?);
+        gate.settler.preflight(&network.caip2).await.context("payment settler")?;
         let listener = TcpListener::bind(config.server.bind)
             .await
             .with_context(|| format!("binding {}", config.server.bind))?;
@@ -227,23 +229,30 @@ fn payment_gate(
     store: Arc<dyn Store>,
     clock: SharedClock,
 ) -> anyhow::Result<PaymentGate> {
-    let rpc_url = secret_opt(&config.network.rpc_url).context("network.rpc_url")?;
+    let rpc_urls = config.network.rpc_endpoints();
     let p = &config.payment;
     let settle_timeout = Duration::from_secs(p.settle_timeout_secs);
     let settler: Arc<dyn Settler> = match p.settler {
         SettlerKind::SelfRelay => {
             let key = secret_opt(&p.relayer_key).context("payment.relayer_key")?;
-            Arc::new(SelfSettler::new(rpc_url, parse_private_key(key)?, network.asset)?)
+            Arc::new(SelfSettler::new(&rpc_urls, parse_private_key(key)?, network.asset)?)
         }
-        SettlerKind::Facilitator => Arc::new(FacilitatorSettler::new(
-            &p.facilitator.url,
-            secret_opt(&p.facilitator.auth_header).map(|h| SecretString::from(h.to_owned())),
-            settle_timeout,
-        )?),
+        SettlerKind::Facilitator => {
+            let f = &p.facilitator;
+            let auth = match (secret_opt(&f.auth_header), secret_opt(&f.cdp_key_secret)) {
+                (_, Some(_)) => FacilitatorAuth::Cdp(
+                    CdpAuth::new(&f.cdp_key_id, &f.cdp_key_secret)
+                        .context("payment.facilitator.cdp_key_secret")?,
+                ),
+                (Some(header), None) => FacilitatorAuth::Header(SecretString::from(header.to_owned())),
+                (None, None) => FacilitatorAuth::None,
+            };
+            Arc::new(FacilitatorSettler::new(&f.url, auth, settle_timeout)?)
+        }
     };
     Ok(PaymentGate {
         store,
-        chain: Arc::new(ChainClient::connect(rpc_url, network.asset)?),
+        chain: Arc::new(ChainClient::connect_any(&rpc_urls, network.asset)?),
         settler,
         network: network.clone(),
         clock,

@@ -295,6 +295,9 @@ pub enum NetworkPreset {
 pub struct NetworkConfig {
     pub preset: NetworkPreset,
     pub rpc_url: SecretString,
+    /// More JSON-RPC endpoints of the same chain, tried after `rpc_url` in order of health, so
+    /// one provider's outage or rate limit does not stop settlement. Secrets, like `rpc_url`.
+    pub rpc_urls: Vec<SecretString>,
     pub chain_id: u64,
     /// The token (local preset only); `tollgate dev` deploys one and fills this in.
     #[serde(deserialize_with = "optional_address")]
@@ -303,6 +306,13 @@ pub struct NetworkConfig {
     pub eip712_version: String,
     /// Blocks per `eth_getLogs` request (hosted RPCs refuse wide ranges).
     pub max_log_range: u64,
+}
+
+impl NetworkConfig {
+    /// The RPC endpoints in order of preference: `rpc_url`, then `rpc_urls` (empty ones skipped).
+    pub fn rpc_endpoints(&self) -> Vec<&str> {
+        std::iter::once(&self.rpc_url).chain(&self.rpc_urls).filter_map(secret_opt).collect()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -337,6 +347,12 @@ pub struct PaymentConfig {
 pub struct FacilitatorConfig {
     pub url: String,
     pub auth_header: SecretString,
+    /// The Coinbase (CDP) facilitator's API key: its id, and its secret (an Ed25519 key in
+    /// base64, or an EC P-256 key in PEM), as the CDP portal issues them. With these set,
+    /// every facilitator request carries a fresh signed JWT.
+    pub cdp_key_id: String,
+    pub cdp_key_secret: SecretString,
+    pub cdp_key_secret_file: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -452,6 +468,15 @@ impl Config {
             })?;
             self.payment.relayer_key = SecretString::from(key.trim().to_owned());
         }
+        let path = self.payment.facilitator.cdp_key_secret_file.trim();
+        if !path.is_empty() {
+            let key = std::fs::read_to_string(path).map_err(|source| ConfigError::File {
+                key: "payment.facilitator.cdp_key_secret_file",
+                path: path.to_owned(),
+                source,
+            })?;
+            self.payment.facilitator.cdp_key_secret = SecretString::from(key.trim().to_owned());
+        }
         Ok(())
     }
 
@@ -507,6 +532,23 @@ impl Config {
                 "payment.facilitator.url",
                 "is required when payment.settler = \"facilitator\"",
             ));
+        }
+        let f = &p.facilitator;
+        let cdp_secret = secret_opt(&f.cdp_key_secret).is_some();
+        if f.cdp_key_id.trim().is_empty() != !cdp_secret {
+            return Err(invalid(
+                "payment.facilitator.cdp_key_id",
+                "cdp_key_id and cdp_key_secret (or cdp_key_secret_file) are set together",
+            ));
+        }
+        if cdp_secret && secret_opt(&f.auth_header).is_some() {
+            return Err(invalid(
+                "payment.facilitator.auth_header",
+                "set either auth_header or the CDP key, not both",
+            ));
+        }
+        if cdp_secret && let Err(e) = crate::payment::cdp_auth::CdpKey::parse(&f.cdp_key_secret) {
+            return Err(invalid("payment.facilitator.cdp_key_secret", e.to_string()));
         }
         let n = &self.network;
         if n.preset == NetworkPreset::Local && n.eip712_name.is_empty() {
@@ -590,8 +632,8 @@ impl Config {
         if self.payment.pay_to.is_none() {
             return Err(invalid("payment.pay_to", "is required to serve priced tools"));
         }
-        if secret_opt(&self.network.rpc_url).is_none() {
-            return Err(invalid("network.rpc_url", "is required to serve"));
+        if self.network.rpc_endpoints().is_empty() {
+            return Err(invalid("network.rpc_url", "is required to serve (or network.rpc_urls)"));
         }
         if self.network.preset == NetworkPreset::Local && self.network.asset.is_none() {
             return Err(invalid("network.asset", "is required for the local preset"));
@@ -647,6 +689,11 @@ mod tests {
             ("[server]\nbind = \"not an address\"", "bind"),
             ("[server]\nno_such_key = 1", "no_such_key"),
             ("[network]\npreset = \"mainnet\"", "preset"),
+            ("[payment.facilitator]\ncdp_key_id = \"k\"", "payment.facilitator.cdp_key_id"),
+            (
+                "[payment.facilitator]\ncdp_key_id = \"k\"\ncdp_key_secret = \"c2hvcnQ=\"",
+                "payment.facilitator.cdp_key_secret",
+            ),
         ];
         for (toml, key) in cases {
             // Act

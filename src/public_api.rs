@@ -71,6 +71,12 @@ async fn well_known(State(app): State<Arc<AppState>>) -> Json<Value> {
         "payTo": app.config.payment.pay_to.map(|a| a.to_checksum(None)),
         "tools": tools,
         "receiptKeys": keys,
+        // Who signs settlement transactions: our relayer, or the facilitator's signers (from
+        // its /supported), so a payer or auditor can name who settled.
+        "settlement": {
+            "by": app.gate.settler.kind(),
+            "signers": app.gate.settler.signers().iter().map(|a| a.to_checksum(None)).collect::<Vec<_>>(),
+        },
         "log": {
             "checkpoint": "/log/checkpoint",
             "inclusion": "/log/inclusion?index={index}&tree_size={size}",

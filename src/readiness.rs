@@ -85,6 +85,12 @@ pub async fn probe(app: &AppState) -> Report {
         Err(_) => Err("timeout".into()),
     };
     check("chain", chain);
+    if let Some(facilitator) = tokio::time::timeout(timeout, app.gate.settler.ready(&app.network.caip2))
+        .await
+        .unwrap_or_else(|_| Some(Err("timeout".into())))
+    {
+        check("facilitator", facilitator);
+    }
     if let Some(relayer) = app.gate.settler.relayer() {
         let floor = app.config.payment.min_relayer_balance_wei;
         let balance = tokio::time::timeout(timeout, app.gate.chain.gas_balance(relayer)).await;

@@ -5,14 +5,17 @@
 //! so the caller can decide what "unknown" means for money: before submission it means
 //! "nothing charged", after submission it means "pending".
 
+use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use alloy::primitives::{Address, B256, U256};
 use alloy::providers::{DynProvider, Provider, ProviderBuilder};
-use alloy::rpc::client::RpcClient;
+use alloy::rpc::client::{ClientBuilder, RpcClient};
 use alloy::rpc::types::{Filter, TransactionReceipt};
 use alloy::sol_types::SolEvent;
 use alloy::transports::http::Http;
+use alloy::transports::layers::{FallbackLayer, RetryBackoffLayer};
+use tower::Layer;
 
 use super::usdc::Usdc;
 
@@ -34,9 +37,10 @@ pub enum ChainError {
 pub enum TxStatus {
     /// Not mined (unknown, dropped, or still in the mempool).
     NotMined,
-    /// Mined and successful, with this many confirmations (1 = just its own block), and what
-    /// it did with the authorization we expect.
-    Mined { block: u64, confirmations: u64, effect: AuthEffect },
+    /// Mined and successful, with this many confirmations (1 = just its own block), what it
+    /// did with the authorization we expect, and who sent it (our relayer, a facilitator's
+    /// signer, anyone).
+    Mined { block: u64, confirmations: u64, effect: AuthEffect, sender: Address },
     /// Mined and reverted: nothing moved.
     Reverted { block: u64 },
 }
@@ -61,7 +65,12 @@ impl TxStatus {
             return TxStatus::Reverted { block };
         }
         let confirmations = head.max(block).saturating_sub(block) + 1;
-        TxStatus::Mined { block, confirmations, effect: expect.effect_in(receipt, asset) }
+        TxStatus::Mined {
+            block,
+            confirmations,
+            effect: expect.effect_in(receipt, asset),
+            sender: receipt.from,
+        }
     }
 }
 
@@ -152,15 +161,55 @@ pub struct ChainClient {
 }
 
 /// An HTTP JSON-RPC client with a request timeout.
-pub fn rpc_client(url: &str) -> Result<RpcClient, ChainError> {
-    let url = url.parse().map_err(|_| ChainError::BadUrl)?;
+/// A client over one or more endpoints of the same chain. With several, alloy's fallback layer
+/// sends each request to the healthiest endpoint (ranked by recent success and latency) and on
+/// to the next when it fails; every method tollgate uses is sequential there, so a healthy
+/// setup spends one provider's quota, not all of them. Rate limits (HTTP 429, and providers'
+/// rate-limit error codes) are retried with backoff by alloy's retry layer.
+pub fn rpc_client(urls: &[&str]) -> Result<RpcClient, ChainError> {
     let http = reqwest::Client::builder()
         .timeout(RPC_TIMEOUT)
         .build()
         .map_err(|e| ChainError::Unavailable(e.to_string()))?;
+    let transports = urls
+        .iter()
+        .map(|url| Ok(Http::with_client(http.clone(), url.parse().map_err(|_| ChainError::BadUrl)?)))
+        .collect::<Result<Vec<_>, ChainError>>()?;
+    let count = NonZeroUsize::new(transports.len()).ok_or(ChainError::BadUrl)?;
+    let fallback = FallbackLayer::default()
+        .with_active_transport_count(count)
+        .with_sequential_methods(SEQUENTIAL_METHODS.iter().map(|m| (*m).to_owned()).collect());
+    let retry = RetryBackoffLayer::new(RATE_LIMIT_RETRIES, RATE_LIMIT_BACKOFF_MS, COMPUTE_UNITS_PER_SECOND);
     let is_local = false;
-    Ok(RpcClient::new(Http::with_client(http, url), is_local))
+    Ok(ClientBuilder::default().layer(retry).transport(fallback.layer(transports), is_local))
 }
+
+/// Every method tollgate sends. Sequential in the fallback layer: tried on one endpoint at a
+/// time, best first. (Any other method would go to all endpoints at once: correct, but costly.)
+const SEQUENTIAL_METHODS: [&str; 16] = [
+    "eth_call",
+    "eth_chainId",
+    "eth_blockNumber",
+    "eth_getBlockByNumber",
+    "eth_getBalance",
+    "eth_getCode",
+    "eth_getLogs",
+    "eth_getTransactionByHash",
+    "eth_getTransactionCount",
+    "eth_getTransactionReceipt",
+    "eth_estimateGas",
+    "eth_feeHistory",
+    "eth_gasPrice",
+    "eth_maxPriorityFeePerGas",
+    "eth_sendRawTransaction",
+    "eth_sendRawTransactionSync",
+];
+/// Retries of a rate-limited request before its error is returned, and the first backoff.
+const RATE_LIMIT_RETRIES: u32 = 3;
+const RATE_LIMIT_BACKOFF_MS: u64 = 100;
+/// The retry layer's budget estimate (compute units per second, as hosted RPCs count them):
+/// only paces retries after a rate limit, never ordinary requests.
+const COMPUTE_UNITS_PER_SECOND: u64 = 330;
 
 /// Transport errors name the RPC URL, which may carry an API key: cut to scheme and host.
 fn unavailable(e: impl std::fmt::Display) -> ChainError {
@@ -168,8 +217,14 @@ fn unavailable(e: impl std::fmt::Display) -> ChainError {
 }
 
 impl ChainClient {
+    /// Connects to one endpoint.
     pub fn connect(url: &str, asset: Address) -> Result<ChainClient, ChainError> {
-        let provider = ProviderBuilder::new().connect_client(rpc_client(url)?).erased();
+        Self::connect_any(&[url], asset)
+    }
+
+    /// Connects to several endpoints of one chain (see [`rpc_client`]).
+    pub fn connect_any(urls: &[&str], asset: Address) -> Result<ChainClient, ChainError> {
+        let provider = ProviderBuilder::new().connect_client(rpc_client(urls)?).erased();
         Ok(ChainClient { provider, asset })
     }
 

@@ -103,6 +103,7 @@ mod tests {
             let config = NetworkConfig {
                 preset,
                 rpc_url: Default::default(),
+                rpc_urls: vec![],
                 chain_id: 1,
                 asset: None,
                 eip712_name: "ignored".into(),

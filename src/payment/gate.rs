@@ -84,6 +84,14 @@ impl Settlement {
     }
 }
 
+/// A transaction that spent the authorization as we expect, mined: where, and who sent it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Landed {
+    pub tx: TxHash,
+    pub block: u64,
+    pub sender: Address,
+}
+
 /// A transaction hash as answers carry it.
 pub(super) fn hex(tx: TxHash) -> String {
     format!("{tx:#x}")
@@ -371,20 +379,20 @@ impl PaymentGate {
         let expect = expected_transfer(row)?;
         let tx = submitted.tx;
         if let Some(receipt) = &submitted.receipt
-            && let TxStatus::Mined { block, confirmations, effect: AuthEffect::Paid } =
+            && let TxStatus::Mined { block, confirmations, effect: AuthEffect::Paid, sender } =
                 TxStatus::of(receipt, &expect, self.network.asset, 0)
             && confirmations >= self.confirmations
         {
-            return self.mark_settled(row, tx, block).await;
+            return self.mark_settled(row, Landed { tx, block, sender }).await;
         }
         let deadline = tokio::time::Instant::now() + self.settle_timeout;
         let mut poll = CONFIRM_POLL_FIRST;
         loop {
             match self.chain.tx_status(tx, &expect).await {
-                Ok(TxStatus::Mined { block, confirmations, effect: AuthEffect::Paid })
+                Ok(TxStatus::Mined { block, confirmations, effect: AuthEffect::Paid, sender })
                     if confirmations >= self.confirmations =>
                 {
-                    return self.mark_settled(row, tx, block).await;
+                    return self.mark_settled(row, Landed { tx, block, sender }).await;
                 }
                 // Reverted, or mined without spending this authorization: another transaction
                 // may have spent it first (a front-runner submitting the public authorization).
@@ -410,9 +418,9 @@ impl PaymentGate {
     pub(super) async fn mark_settled(
         &self,
         row: &PaymentRecord,
-        tx: TxHash,
-        block: u64,
+        landed: Landed,
     ) -> Result<Settlement, PaymentError> {
+        let Landed { tx, block, sender } = landed;
         let t = Transition { tx_hash: Some(tx), block_number: Some(block as i64), ..Default::default() };
         let from = [PaymentState::Settling, PaymentState::Pending, PaymentState::Claimed];
         let moved = self
@@ -433,7 +441,11 @@ impl PaymentGate {
                 return Err(PaymentError::OutcomeUnknown { transaction: Some(hex(tx)) });
             }
         }
-        tracing::info!(payment.row = row.id, payment.tx = %tx, payment.block = block, "payment settled");
+        let settled_by = match self.settler.signers().contains(&sender) {
+            true => self.settler.kind(),
+            false => "an unlisted sender",
+        };
+        tracing::info!(payment.row = row.id, payment.tx = %tx, payment.block = block, payment.sender = %sender, payment.settled_by = settled_by, "payment settled");
         Ok(Settlement {
             row_id: row.id,
             transaction: tx,

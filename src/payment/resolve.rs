@@ -6,10 +6,10 @@
 //! elsewhere, cancelled, or unused at a block whose timestamp is past validBefore); anything
 //! the chain cannot answer now leaves it pending, recorded as such. Does not submit anything.
 
-use alloy::primitives::{Address, B256};
+use alloy::primitives::Address;
 
 use super::error::PaymentError;
-use super::gate::{PaymentGate, Settlement, hex};
+use super::gate::{Landed, PaymentGate, Settlement, hex};
 use crate::chain::client::{AuthEffect, ExpectedTransfer, Spent, SpentQuery, TxStatus};
 use crate::store::{PaymentRecord, PaymentState};
 
@@ -30,8 +30,8 @@ impl PaymentGate {
             let Ok(status) = self.chain.tx_status(tx, &expect).await else {
                 return Err(self.still_pending(row).await);
             };
-            if let TxStatus::Mined { block, confirmations, effect: AuthEffect::Paid } = status {
-                return self.settled_or_pending(row, tx, block, confirmations).await;
+            if let TxStatus::Mined { block, confirmations, effect: AuthEffect::Paid, sender } = status {
+                return self.settled_or_pending(row, Landed { tx, block, sender }, confirmations).await;
             }
         }
         // The authorization's state and the chain's time, read at one block.
@@ -96,8 +96,8 @@ impl PaymentGate {
             None => return Err(self.still_pending(row).await),
         };
         match self.chain.tx_status(tx, expect).await {
-            Ok(TxStatus::Mined { block, confirmations, effect: AuthEffect::Paid }) => {
-                self.settled_or_pending(row, tx, block, confirmations).await
+            Ok(TxStatus::Mined { block, confirmations, effect: AuthEffect::Paid, sender }) => {
+                self.settled_or_pending(row, Landed { tx, block, sender }, confirmations).await
             }
             Ok(TxStatus::Mined { effect: AuthEffect::SpentOtherwise, .. }) => {
                 tracing::warn!(payment.row = row.id, payment.tx = %tx, "authorization spent without paying payTo the price");
@@ -110,15 +110,14 @@ impl PaymentGate {
     pub(super) async fn settled_or_pending(
         &self,
         row: &PaymentRecord,
-        tx: B256,
-        block: u64,
+        landed: Landed,
         confirmations: u64,
     ) -> Result<Settlement, PaymentError> {
         if confirmations >= self.confirmations {
-            return self.mark_settled(row, tx, block).await;
+            return self.mark_settled(row, landed).await;
         }
-        self.mark_pending(row.id, Some(tx)).await?;
-        Err(PaymentError::Pending { transaction: Some(hex(tx)) })
+        self.mark_pending(row.id, Some(landed.tx)).await?;
+        Err(PaymentError::Pending { transaction: Some(hex(landed.tx)) })
     }
 }
 

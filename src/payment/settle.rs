@@ -20,8 +20,10 @@ use alloy::rpc::types::{TransactionReceipt, TransactionRequest};
 use alloy::signers::local::PrivateKeySigner;
 use alloy::transports::{RpcError, TransportErrorKind};
 use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::cdp_auth::CdpAuth;
 use super::error::PaymentError;
 use super::verify::VerifiedPayment;
 use super::wire::PaymentRequirements;
@@ -80,6 +82,21 @@ pub trait Settler: Send + Sync + 'static {
     fn relayer(&self) -> Option<Address> {
         None
     }
+    /// Checks, before the server takes calls, that this settler can settle on `network`
+    /// (a CAIP-2 id); an error stops start-up.
+    async fn preflight(&self, _network: &str) -> anyhow::Result<()> {
+        Ok(())
+    }
+    /// Readiness of a remote dependency of the settler, when it has one.
+    async fn ready(&self, _network: &str) -> Option<Result<(), String>> {
+        None
+    }
+    /// What signs settlements, for logs.
+    fn kind(&self) -> &'static str;
+    /// Who signs settlement transactions: our relayer, or the facilitator's signers.
+    fn signers(&self) -> Vec<Address> {
+        self.relayer().into_iter().collect()
+    }
 }
 
 /// Submits with tollgate's own relayer key.
@@ -131,11 +148,11 @@ impl<T: Clone> Cached<T> {
 }
 
 impl SelfSettler {
-    pub fn new(rpc_url: &str, relayer: PrivateKeySigner, asset: Address) -> anyhow::Result<SelfSettler> {
+    pub fn new(rpc_urls: &[&str], relayer: PrivateKeySigner, asset: Address) -> anyhow::Result<SelfSettler> {
         let address = relayer.address();
         let provider = ProviderBuilder::new()
             .disable_recommended_fillers()
-            .connect_client(rpc_client(rpc_url)?)
+            .connect_client(rpc_client(rpc_urls)?)
             .erased();
         Ok(SelfSettler {
             provider,
@@ -287,6 +304,10 @@ impl Settler for SelfSettler {
     fn relayer(&self) -> Option<Address> {
         Some(self.relayer)
     }
+
+    fn kind(&self) -> &'static str {
+        "relayer"
+    }
 }
 
 /// Node answers to a broadcast that prove what became of the transaction.
@@ -345,28 +366,173 @@ fn classify_rejection(e: RpcError<TransportErrorKind>) -> SettleError {
     SettleError::Refused(reason)
 }
 
+/// How tollgate proves itself to a facilitator.
+pub enum FacilitatorAuth {
+    /// None: the public testnet facilitator.
+    None,
+    /// A fixed `Authorization` header value.
+    Header(SecretString),
+    /// A fresh JWT per request, signed with a CDP API key (Coinbase's facilitator).
+    Cdp(CdpAuth),
+}
+
+/// Why a facilitator cannot settle our payments, found by asking its `/supported`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FacilitatorCheckError {
+    #[error("facilitator unreachable: {0}")]
+    Unreachable(String),
+    #[error(
+        "the facilitator refused our credentials (HTTP {status}: {said}): check \
+         payment.facilitator.cdp_key_id and cdp_key_secret, or auth_header"
+    )]
+    Unauthorized { status: u16, said: String },
+    #[error("facilitator /supported answered HTTP {0}")]
+    Status(u16),
+    #[error("facilitator /supported did not answer with a list of supported kinds")]
+    Malformed,
+    #[error("the facilitator does not settle x402 v2 `exact` payments on {network}; it offers: {offers}")]
+    Unsupported { network: String, offers: String },
+}
+
+/// `GET /supported`: what a facilitator settles, and with which signer addresses.
+#[derive(Debug, Deserialize)]
+struct Supported {
+    kinds: Vec<SupportedKind>,
+    #[serde(default)]
+    signers: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SupportedKind {
+    x402_version: u64,
+    scheme: String,
+    network: String,
+}
+
+impl Supported {
+    /// The signers that settle on `network`: those listed for it, or for its whole CAIP-2
+    /// namespace (`eip155:*`).
+    fn signers_for(&self, network: &str) -> Vec<Address> {
+        let namespace = network.split(':').next().map(|n| format!("{n}:*"));
+        let mut signers: Vec<Address> = self
+            .signers
+            .iter()
+            .filter(|(k, _)| k.as_str() == network || Some(k.as_str()) == namespace.as_deref())
+            .flat_map(|(_, list)| list.iter().filter_map(|a| a.parse().ok()))
+            .collect();
+        signers.sort();
+        signers.dedup();
+        signers
+    }
+}
+
+/// Success of `/supported` is reused this long by readiness probes: it rarely changes, and
+/// each probe would otherwise spend the facilitator's rate limit.
+const SUPPORTED_TTL: Duration = Duration::from_secs(60);
+/// `/supported` answering 429 is retried this many times, with doubling backoff (as the
+/// official x402 HTTP facilitator client does).
+const SUPPORTED_RETRIES: u32 = 3;
+
 /// Submits through an x402 facilitator (x402 v2 specification §7, the facilitator API).
 pub struct FacilitatorSettler {
     http: reqwest::Client,
     base_url: String,
-    auth_header: Option<SecretString>,
+    auth: FacilitatorAuth,
+    /// The facilitator's signers on our network, from its last `/supported` answer.
+    signers: std::sync::RwLock<Vec<Address>>,
+    checked: Cached<()>,
 }
 
 impl FacilitatorSettler {
-    pub fn new(base_url: &str, auth_header: Option<SecretString>, timeout: Duration) -> anyhow::Result<Self> {
+    pub fn new(base_url: &str, auth: FacilitatorAuth, timeout: Duration) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder().timeout(timeout).build()?;
-        Ok(FacilitatorSettler { http, base_url: base_url.trim_end_matches('/').to_owned(), auth_header })
+        Ok(FacilitatorSettler {
+            http,
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            auth,
+            signers: Default::default(),
+            checked: Cached::new(SUPPORTED_TTL),
+        })
     }
 
-    async fn post(&self, path: &str, body: &Value) -> Result<(u16, Option<Value>), reqwest::Error> {
-        let mut request = self.http.post(format!("{}/{path}", self.base_url)).json(body);
-        if let Some(auth) = &self.auth_header {
-            request = request.header("authorization", auth.expose_secret());
+    /// One authenticated request. Errors are for logs: URLs redacted, never the token.
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(u16, Option<Value>), String> {
+        let url: reqwest::Url =
+            format!("{}/{path}", self.base_url).parse().map_err(|_| "bad facilitator URL".to_owned())?;
+        let mut request = self.http.request(method.clone(), url.clone());
+        if let Some(body) = body {
+            request = request.json(body);
         }
-        let response = request.send().await?;
+        request = match &self.auth {
+            FacilitatorAuth::None => request,
+            FacilitatorAuth::Header(value) => request.header("authorization", value.expose_secret()),
+            FacilitatorAuth::Cdp(cdp) => {
+                let token = cdp.header_for(method.as_str(), &url).map_err(|_| "cannot sign the CDP token")?;
+                request.header("authorization", token)
+            }
+        };
+        let response =
+            request.send().await.map_err(|e| crate::redact::urls(&format!("facilitator /{path}: {e}")))?;
         let status = response.status().as_u16();
         // A body that is not JSON is treated like no body: the status alone decides.
         Ok((status, response.json::<Value>().await.ok()))
+    }
+
+    async fn post(&self, path: &str, body: &Value) -> Result<(u16, Option<Value>), String> {
+        self.call(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    /// Asks `/supported` whether the facilitator settles x402 v2 `exact` on `network`, and
+    /// records its signers there.
+    pub async fn check_supported(&self, network: &str) -> Result<Vec<Address>, FacilitatorCheckError> {
+        let mut backoff = Duration::from_millis(250);
+        let mut attempt = 0;
+        let (status, body) = loop {
+            let answer = self.call(reqwest::Method::GET, "supported", None).await;
+            let (status, body) = answer.map_err(FacilitatorCheckError::Unreachable)?;
+            attempt += 1;
+            if status != 429 || attempt > SUPPORTED_RETRIES {
+                break (status, body);
+            }
+            tokio::time::sleep(backoff).await;
+            backoff *= 2;
+        };
+        match status {
+            200..=299 => {}
+            401 | 403 => {
+                // What the facilitator says about it (CDP: `errorMessage`), cut short.
+                let said = body
+                    .as_ref()
+                    .and_then(|b| b.get("errorMessage").or_else(|| b.get("message")))
+                    .and_then(Value::as_str)
+                    .unwrap_or("no reason given");
+                let said = said.chars().filter(|c| !c.is_control()).take(200).collect();
+                return Err(FacilitatorCheckError::Unauthorized { status, said });
+            }
+            _ => return Err(FacilitatorCheckError::Status(status)),
+        }
+        let supported: Supported =
+            body.and_then(|b| serde_json::from_value(b).ok()).ok_or(FacilitatorCheckError::Malformed)?;
+        let ours = |k: &SupportedKind| k.x402_version == 2 && k.scheme == "exact" && k.network == network;
+        if !supported.kinds.iter().any(ours) {
+            let offers: Vec<String> = supported
+                .kinds
+                .iter()
+                .take(20)
+                .map(|k| format!("v{} {} on {}", k.x402_version, k.scheme, k.network))
+                .collect();
+            let offers = if offers.is_empty() { "nothing".to_owned() } else { offers.join(", ") };
+            return Err(FacilitatorCheckError::Unsupported { network: network.to_owned(), offers });
+        }
+        let signers = supported.signers_for(network);
+        *self.signers.write().expect("not poisoned") = signers.clone();
+        Ok(signers)
     }
 }
 
@@ -383,10 +549,7 @@ impl Settler for FacilitatorSettler {
             "paymentRequirements": req.requirements,
         });
         // /verify moves no money: any failure to get an answer means "not sent".
-        let (status, verdict) = self
-            .post("verify", &body)
-            .await
-            .map_err(|e| SettleError::NotSent(crate::redact::urls(&format!("facilitator /verify: {e}"))))?;
+        let (status, verdict) = self.post("verify", &body).await.map_err(SettleError::NotSent)?;
         match verdict.as_ref().and_then(|v| v.get("isValid")).and_then(Value::as_bool) {
             Some(true) => {}
             // Spent already (by a front-runner, or through another route): the gate asks the
@@ -395,6 +558,12 @@ impl Settler for FacilitatorSettler {
                 return Err(SettleError::Refused(PaymentError::NonceReused));
             }
             Some(false) => return Err(refused(verdict.as_ref(), "invalidReason")),
+            None if status == 401 || status == 403 => {
+                tracing::error!(facilitator.status = status, "the facilitator refused our credentials");
+                return Err(SettleError::NotSent(format!(
+                    "facilitator refused our credentials (HTTP {status})"
+                )));
+            }
             None => return Err(SettleError::NotSent(format!("facilitator /verify answered HTTP {status}"))),
         }
         // /settle may move money: from here on, no answer means "ambiguous".
@@ -416,6 +585,27 @@ impl Settler for FacilitatorSettler {
                 Err(SettleError::Ambiguous { tx })
             }
         }
+    }
+
+    async fn preflight(&self, network: &str) -> anyhow::Result<()> {
+        // Through the readiness cache, so the first probe right after start asks no second time.
+        self.checked.get(async { self.check_supported(network).await.map(drop) }).await?;
+        let signers = self.signers();
+        tracing::info!(facilitator.signers = ?signers, network, "the facilitator settles our payments");
+        Ok(())
+    }
+
+    async fn ready(&self, network: &str) -> Option<Result<(), String>> {
+        let checked = self.checked.get(async { self.check_supported(network).await.map(drop) }).await;
+        Some(checked.map_err(|e| e.to_string()))
+    }
+
+    fn kind(&self) -> &'static str {
+        "facilitator signer"
+    }
+
+    fn signers(&self) -> Vec<Address> {
+        self.signers.read().expect("not poisoned").clone()
     }
 }
 

@@ -14,7 +14,7 @@ use axum::{Json, Router};
 use serde_json::{Value, json};
 use tollgate::config::SettlerKind;
 
-use crate::helpers::{COUNTED_PRICE, TestApp, spawn_app_with};
+use crate::helpers::{COUNTED_PRICE, TestApp, spawn_app, spawn_app_with};
 
 #[derive(Clone, Copy, PartialEq)]
 enum Mode {
@@ -31,15 +31,116 @@ struct Fake {
     mode: Mode,
     rpc: String,
     settles: Arc<AtomicUsize>,
+    /// What `/supported` answers.
+    supported: Value,
+    /// When set, every request must carry a valid CDP JWT.
+    cdp: Option<Arc<CdpCheck>>,
+}
+
+impl Fake {
+    fn new(mode: Mode, rpc: String, settles: Arc<AtomicUsize>) -> Fake {
+        Fake { mode, rpc, settles, supported: supports(LOCAL_NETWORK), cdp: None }
+    }
+}
+
+/// The network `spawn_app` serves (anvil's chain id).
+const LOCAL_NETWORK: &str = "eip155:31337";
+/// The signer the fake facilitator's `/supported` names (anvil's dev account #3, which
+/// `submit_on_chain` settles with).
+const FACILITATOR_SIGNER: &str = "0x90F79bf6EB2c4f870365E785982E1f101E93b906";
+
+fn supports(network: &str) -> Value {
+    json!({
+        "kinds": [{ "x402Version": 2, "scheme": "exact", "network": network }],
+        "extensions": [],
+        "signers": { "eip155:*": [FACILITATOR_SIGNER] },
+    })
 }
 
 /// Starts the fake facilitator on port 0; returns its base URL.
 async fn fake_facilitator(fake: Fake) -> String {
-    let app = Router::new().route("/verify", post(verify)).route("/settle", post(settle)).with_state(fake);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    url
+    let app = Router::new()
+        .route("/verify", post(verify))
+        .route("/settle", post(settle))
+        .route(
+            "/supported",
+            axum::routing::get(|State(fake): State<Fake>| async move { Json(fake.supported) }),
+        )
+        .layer(axum::middleware::from_fn_with_state(fake.clone(), cdp_gate))
+        .with_state(fake);
+    crate::helpers::serve_on_loopback(app).await
+}
+
+/// What CDP checks on a bearer JWT, done by an independent implementation (`jsonwebtoken`'s
+/// verifier with the key's public half): signature, `kid`/`sub`, `iss`/`aud`, `nbf`/`exp`
+/// against this facilitator's clock, that `uris` names this very request, and that no nonce
+/// is used twice.
+struct CdpCheck {
+    key_id: String,
+    key: jsonwebtoken::DecodingKey,
+    algorithm: jsonwebtoken::Algorithm,
+    /// This facilitator's clock runs this far ahead of the real one.
+    skew_secs: u64,
+    nonces: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Every token received, with the endpoint it was sent to.
+    seen: std::sync::Mutex<Vec<(String, String)>>,
+}
+
+impl CdpCheck {
+    fn refusal(&self, method: &str, host: &str, path: &str, authorization: Option<&str>) -> Option<String> {
+        let Some(token) = authorization.and_then(|a| a.strip_prefix("Bearer ")) else {
+            return Some("no bearer token".into());
+        };
+        self.seen.lock().unwrap().push((path.to_owned(), token.to_owned()));
+        let header = jsonwebtoken::decode_header(token).ok()?;
+        let mut validation = jsonwebtoken::Validation::new(self.algorithm);
+        validation.set_audience(&["cdp_service"]);
+        validation.set_issuer(&["cdp"]);
+        validation.set_required_spec_claims(&["exp", "nbf", "sub", "aud", "iss"]);
+        // Expiry is checked below against this facilitator's (skewed) clock.
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
+        let claims = match jsonwebtoken::decode::<Value>(token, &self.key, &validation) {
+            Ok(data) => data.claims,
+            Err(e) => return Some(format!("bad token: {e}")),
+        };
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+            + self.skew_secs;
+        let (nbf, exp) = (claims["nbf"].as_u64().unwrap_or(u64::MAX), claims["exp"].as_u64().unwrap_or(0));
+        if now >= exp || now + 5 < nbf {
+            return Some("expired".into());
+        }
+        if exp - nbf > 300 || header.kid.as_deref() != Some(&self.key_id) || claims["sub"] != self.key_id {
+            return Some("wrong key or lifetime".into());
+        }
+        if claims["uris"] != json!([format!("{method} {host}{path}")]) {
+            return Some("token for another endpoint".into());
+        }
+        let nonce = header.nonce.unwrap_or_default();
+        if nonce.len() < 16 || !self.nonces.lock().unwrap().insert(nonce) {
+            return Some("nonce reused".into());
+        }
+        None
+    }
+}
+
+async fn cdp_gate(
+    State(fake): State<Fake>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(cdp) = &fake.cdp {
+        let authorization = request.headers().get("authorization").and_then(|v| v.to_str().ok());
+        let path = request.uri().path().to_owned();
+        if let Some(why) = cdp.refusal(request.method().as_str(), "127.0.0.1", &path, authorization) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                Json(json!({ "errorType": "unauthorized", "errorMessage": why })),
+            )
+                .into_response();
+        }
+    }
+    next.run(request).await
 }
 
 async fn verify(Json(body): Json<Value>) -> Json<Value> {
@@ -94,8 +195,7 @@ async fn app_with_facilitator(mode: Mode) -> (TestApp, Arc<AtomicUsize>) {
     // The chain must exist before the facilitator knows its RPC: start the app, then point a
     // second replica of it at the facilitator.
     let app = spawn_app_with(|c| c.payment.settle_timeout_secs = 2).await;
-    let url =
-        fake_facilitator(Fake { mode, rpc: app.chain.anvil.endpoint(), settles: settles.clone() }).await;
+    let url = fake_facilitator(Fake::new(mode, app.chain.anvil.endpoint(), settles.clone())).await;
     let mut app = app;
     let mut config = app.state.config.clone();
     config.payment.settler = SettlerKind::Facilitator;
@@ -200,5 +300,150 @@ async fn a_facilitator_timeout_after_settling_is_resolved_from_the_chain_and_cha
     assert_eq!(retry, result, "the retry gets the stored result");
     assert_eq!(before - app.balance(payer.address()).await, U256::from(COUNTED_PRICE));
     assert_eq!((settles.load(Ordering::SeqCst), app.runs()), (1, 1), "settled once, ran once");
+    app.shutdown().await;
+}
+
+/// A CDP API key as the portal issues it, and the fake facilitator's check for it.
+fn cdp_key(ec: bool, skew_secs: u64) -> (String, CdpCheck) {
+    use base64::Engine as _;
+    use p256::elliptic_curve::sec1::ToEncodedPoint as _;
+    let b64url = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let (secret, key, algorithm) = if ec {
+        let key = p256::SecretKey::random(&mut rand::rngs::OsRng);
+        let point = key.public_key().to_encoded_point(false);
+        let pem = key.to_sec1_pem(p256::pkcs8::LineEnding::LF).unwrap().to_string();
+        let decoding = jsonwebtoken::DecodingKey::from_ec_components(
+            &b64url(point.x().unwrap()),
+            &b64url(point.y().unwrap()),
+        );
+        (pem, decoding.unwrap(), jsonwebtoken::Algorithm::ES256)
+    } else {
+        let key = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
+        let public = key.verifying_key().to_bytes();
+        let both = [key.to_bytes().as_slice(), public.as_slice()].concat();
+        let secret = base64::engine::general_purpose::STANDARD.encode(both);
+        let decoding = jsonwebtoken::DecodingKey::from_ed_components(&b64url(&public)).unwrap();
+        (secret, decoding, jsonwebtoken::Algorithm::EdDSA)
+    };
+    let key_id = format!("organizations/test/apiKeys/{}", if ec { "ec" } else { "ed" });
+    let check = CdpCheck {
+        key_id: key_id.clone(),
+        key,
+        algorithm,
+        skew_secs,
+        nonces: Default::default(),
+        seen: Default::default(),
+    };
+    (secret, check)
+}
+
+/// tollgate configured for a CDP-authenticated fake facilitator: the config, and the fake's URL.
+async fn cdp_config(
+    app: &TestApp,
+    cdp: Arc<CdpCheck>,
+    secret: &str,
+    settles: Arc<AtomicUsize>,
+) -> (tollgate::config::Config, String) {
+    let mut fake = Fake::new(Mode::Settle, app.chain.anvil.endpoint(), settles);
+    fake.cdp = Some(cdp.clone());
+    let url = fake_facilitator(fake).await;
+    let mut config = app.state.config.clone();
+    config.payment.settler = SettlerKind::Facilitator;
+    config.payment.facilitator.url = url.clone();
+    config.payment.facilitator.cdp_key_id = cdp.key_id.clone();
+    config.payment.facilitator.cdp_key_secret = secret.to_owned().into();
+    (config, url)
+}
+
+#[tokio::test]
+async fn cdp_jwt_auth_settles_with_either_key_kind_and_each_token_is_fresh_and_bound_to_its_endpoint() {
+    for ec in [false, true] {
+        // Arrange: a facilitator that checks every request's JWT as CDP does.
+        let mut app = spawn_app_with(|c| c.payment.settle_timeout_secs = 5).await;
+        let (secret, check) = cdp_key(ec, 0);
+        let cdp = Arc::new(check);
+        let settles = Arc::new(AtomicUsize::new(0));
+        let (config, url) = cdp_config(&app, cdp.clone(), &secret, settles.clone()).await;
+        app.replace_server(config).await;
+        let payer = app.payer();
+        let before = app.balance(payer.address()).await;
+        // Act
+        let payload = app.sign(&payer, &app.requirements("counted", json!({})).await);
+        let result = app.pay("counted", json!({}), &payload).await;
+        // Assert: accepted at /supported, /verify and /settle, each with its own token.
+        assert_eq!(result["isError"], false, "ec={ec}: {result}");
+        assert_eq!(before - app.balance(payer.address()).await, U256::from(COUNTED_PRICE));
+        assert_eq!(settles.load(Ordering::SeqCst), 1);
+        let seen = cdp.seen.lock().unwrap().clone();
+        let paths: Vec<&str> = seen.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(paths, ["/supported", "/verify", "/settle"], "ec={ec}");
+        // A token cannot be replayed: not verbatim (its nonce), not at another endpoint.
+        let verify_token = &seen[1].1;
+        let http = reqwest::Client::new();
+        for (path, refusal) in [("verify", "nonce reused"), ("settle", "token for another endpoint")] {
+            let answer = http
+                .post(format!("{url}/{path}"))
+                .bearer_auth(verify_token)
+                .json(&json!({}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(answer.status(), 401);
+            let body: Value = answer.json().await.unwrap();
+            assert_eq!(body["errorMessage"], refusal, "ec={ec}");
+        }
+        app.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn a_refused_cdp_token_stops_start_up_with_a_clear_error_and_charges_nothing() {
+    let app = spawn_app().await;
+    // The facilitator's clock is 3 minutes ahead: every token we sign is already expired there.
+    let (secret, check) = cdp_key(false, 180);
+    let cdp = Arc::new(check);
+    let (config, _) = cdp_config(&app, cdp.clone(), &secret, Default::default()).await;
+    let deps = tollgate::app::Deps::default();
+    let err = tollgate::app::App::build_with(config.clone(), deps).await.err().expect("start-up refused");
+    let message = format!("{err:#}");
+    assert!(
+        message.contains("refused our credentials (HTTP 401: expired)") && message.contains("cdp_key_id"),
+        "{message}"
+    );
+    assert!(!message.contains(&secret), "the secret never appears");
+    // Signed with another key than the facilitator knows: refused the same way.
+    let (other_secret, _) = cdp_key(false, 0);
+    let (_, fresh) = cdp_key(false, 0);
+    let (mut config, _) = cdp_config(&app, Arc::new(fresh), &secret, Default::default()).await;
+    config.payment.facilitator.cdp_key_secret = other_secret.into();
+    let err = tollgate::app::App::build_with(config, tollgate::app::Deps::default()).await.err().unwrap();
+    assert!(format!("{err:#}").contains("HTTP 401"), "{err:#}");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn start_up_checks_the_facilitator_supports_our_network_and_publishes_its_signers() {
+    let mut app = spawn_app().await;
+    // A facilitator for another chain only: refused at start, naming what it offers.
+    let mut fake = Fake::new(Mode::Settle, app.chain.anvil.endpoint(), Default::default());
+    fake.supported = supports("eip155:8453");
+    let mut config = app.state.config.clone();
+    config.payment.settler = SettlerKind::Facilitator;
+    config.payment.facilitator.url = fake_facilitator(fake).await;
+    let err =
+        tollgate::app::App::build_with(config.clone(), tollgate::app::Deps::default()).await.err().unwrap();
+    let message = format!("{err:#}");
+    assert!(message.contains("does not settle x402 v2 `exact` payments on eip155:31337"), "{message}");
+    assert!(message.contains("v2 exact on eip155:8453"), "{message}");
+    // One that does: it starts, /readyz reports the facilitator, and its signers are published.
+    config.payment.facilitator.url =
+        fake_facilitator(Fake::new(Mode::Settle, app.chain.anvil.endpoint(), Default::default())).await;
+    app.replace_server(config).await;
+    let (status, report) = crate::helpers::readyz_until(&app.base_url(), 200).await;
+    assert_eq!((status, &report["checks"]["facilitator"]), (200, &json!("ok")), "{report}");
+    let listing: Value =
+        reqwest::get(format!("{}/.well-known/x402", app.base_url())).await.unwrap().json().await.unwrap();
+    assert_eq!(listing["settlement"]["by"], "facilitator signer");
+    assert_eq!(listing["settlement"]["signers"], json!([FACILITATOR_SIGNER]));
     app.shutdown().await;
 }

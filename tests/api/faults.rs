@@ -294,3 +294,38 @@ async fn an_rpc_failure_while_resolving_a_pending_payment_never_says_nothing_was
 fn is_broadcast(request: &Value) -> bool {
     request["method"].as_str().is_some_and(|m| m.starts_with("eth_sendRawTransaction"))
 }
+
+#[tokio::test]
+async fn with_several_rpcs_a_payment_settles_through_the_next_when_the_first_is_down_or_rate_limited() {
+    // Arrange: two first endpoints that fail differently, each before anvil in the list.
+    let limited = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let hits = limited.clone();
+    let rate_limiter = axum::Router::new().fallback(move || {
+        hits.fetch_add(1, Ordering::SeqCst);
+        async { (axum::http::StatusCode::TOO_MANY_REQUESTS, "rate limited") }
+    });
+    let rate_limited = crate::helpers::serve_on_loopback(rate_limiter).await;
+    let down = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    };
+    for first in [down, rate_limited] {
+        let app = spawn_app_with(|c| {
+            let node = tollgate::config::secret_opt(&c.network.rpc_url).unwrap().to_owned();
+            c.network.rpc_url = first.clone().into();
+            c.network.rpc_urls = vec![node.into()];
+        })
+        .await;
+        let payer = app.payer();
+        let before = app.balance(payer.address()).await;
+        // Act
+        let payload = app.sign(&payer, &app.requirements("counted", json!({})).await);
+        let paid = app.pay("counted", json!({}), &payload).await;
+        // Assert: settled and served through the second endpoint, charged once.
+        assert_eq!(paid["isError"], false, "first endpoint {first}: {paid}");
+        assert_eq!(before - app.balance(payer.address()).await, U256::from(COUNTED_PRICE));
+        assert_eq!(app.runs(), 1);
+        app.shutdown().await;
+    }
+    assert!(limited.load(Ordering::SeqCst) > 0, "the rate-limited endpoint was asked first");
+}

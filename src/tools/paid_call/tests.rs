@@ -92,11 +92,20 @@ impl Settler for FakeSettler {
         let tx = B256::from(rand::random::<[u8; 32]>());
         recorder.record(tx, 0).await.map_err(|e| SettleError::NotSent(e.to_string()))?;
         if self.mines {
-            let paid = TxStatus::Mined { block: 10, confirmations: 1, effect: AuthEffect::Paid };
+            let paid = TxStatus::Mined {
+                block: 10,
+                confirmations: 1,
+                effect: AuthEffect::Paid,
+                sender: Address::ZERO,
+            };
             self.chain.mined.lock().unwrap().insert(tx, paid);
             self.chain.used.store(true, Ordering::SeqCst);
         }
         if self.ambiguous { Err(SettleError::Ambiguous { tx: Some(tx) }) } else { Ok(tx.into()) }
+    }
+
+    fn kind(&self) -> &'static str {
+        "test settler"
     }
 }
 
@@ -402,7 +411,12 @@ async fn an_authorization_spent_elsewhere_fails_without_running_the_handler() {
     h.chain.used.store(true, Ordering::SeqCst);
     let spender = B256::repeat_byte(9);
     *h.chain.spent_by.lock().unwrap() = Some(Spent::Used(spender));
-    let elsewhere = TxStatus::Mined { block: 9, confirmations: 2, effect: AuthEffect::SpentOtherwise };
+    let elsewhere = TxStatus::Mined {
+        block: 9,
+        confirmations: 2,
+        effect: AuthEffect::SpentOtherwise,
+        sender: Address::ZERO,
+    };
     h.chain.mined.lock().unwrap().insert(spender, elsewhere);
     let error = h.call(&h.payment()).await.unwrap_err();
     assert!(error.to_string().contains("spent_elsewhere"), "{error}");
