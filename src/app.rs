@@ -259,6 +259,7 @@ fn payment_gate(
         confirmations: p.confirmations,
         settle_timeout,
         log_window: config.network.max_log_range.max(1),
+        allowed_factories: p.eip6492_allowed_factories.clone(),
     })
 }
 

@@ -339,6 +339,9 @@ pub struct PaymentConfig {
     /// Below this relayer balance (wei) the server reports unready: it could not settle.
     #[serde(deserialize_with = "whole_number")]
     pub min_relayer_balance_wei: u128,
+    /// ERC-6492 factories an undeployed smart wallet may be deployed through to pay (the
+    /// deployment costs the settler gas); empty accepts deployed wallets only.
+    pub eip6492_allowed_factories: Vec<Address>,
     pub facilitator: FacilitatorConfig,
 }
 
@@ -535,7 +538,8 @@ impl Config {
         }
         let f = &p.facilitator;
         let cdp_secret = secret_opt(&f.cdp_key_secret).is_some();
-        if f.cdp_key_id.trim().is_empty() != !cdp_secret {
+        let cdp_id = !f.cdp_key_id.trim().is_empty();
+        if cdp_id != cdp_secret {
             return Err(invalid(
                 "payment.facilitator.cdp_key_id",
                 "cdp_key_id and cdp_key_secret (or cdp_key_secret_file) are set together",

@@ -8,8 +8,10 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 
 use alloy::network::EthereumWallet;
-use alloy::primitives::Address;
-use alloy::providers::ProviderBuilder;
+use alloy::network::TransactionBuilder;
+use alloy::primitives::{Address, Bytes};
+use alloy::providers::{Provider, ProviderBuilder};
+use alloy::rpc::types::TransactionRequest;
 use alloy::signers::local::PrivateKeySigner;
 use anyhow::Context;
 use secrecy::SecretString;
@@ -45,6 +47,7 @@ impl DevChain {
             .connect_http(anvil.endpoint().parse()?);
         let n = &config.network;
         let token = usdc::deploy_test_usdc(&provider, &n.eip712_name, &n.eip712_version).await?;
+        install_multicall3(&provider).await.context("placing Multicall3")?;
         let payer = load_or_create_key(payer_key_file)?.address();
         let funding = config.dev.demo_payer_funding;
         usdc::mint(&provider, token, payer, funding.into()).await?;
@@ -67,6 +70,19 @@ impl DevChain {
         config.payment.pay_to = Some(self.pay_to);
         config.payment.relayer_key = SecretString::from(self.relayer_key.to_owned());
     }
+}
+
+/// Places Multicall3 at its canonical address, as on Base: smart-wallet payments that deploy
+/// their wallet are simulated through it. Deployed normally, then its code copied there.
+async fn install_multicall3<P: Provider>(provider: &P) -> anyhow::Result<()> {
+    let code = hex::decode(include_str!("../contracts-abi/Multicall3.bin").trim())?;
+    let tx = TransactionRequest::default().with_deploy_code(Bytes::from(code));
+    let receipt = provider.send_transaction(tx).await?.get_receipt().await?;
+    let deployed = receipt.contract_address.context("Multicall3 deployment has no address")?;
+    let runtime = provider.get_code_at(deployed).await?;
+    let _: serde_json::Value =
+        provider.raw_request("anvil_setCode".into(), (crate::chain::wallets::MULTICALL3, runtime)).await?;
+    Ok(())
 }
 
 /// Runs the demo until `shutdown`; anvil stops with it.

@@ -8,7 +8,7 @@
 use std::num::NonZeroUsize;
 use std::time::Duration;
 
-use alloy::primitives::{Address, B256, U256};
+use alloy::primitives::{Address, B256, Bytes, U256};
 use alloy::providers::{DynProvider, Provider, ProviderBuilder};
 use alloy::rpc::client::{ClientBuilder, RpcClient};
 use alloy::rpc::types::{Filter, TransactionReceipt};
@@ -115,6 +115,23 @@ pub trait Chain: Send + Sync + 'static {
     async fn chain_id(&self) -> Result<u64, ChainError>;
     /// Native (gas) balance in wei.
     async fn gas_balance(&self, who: Address) -> Result<U256, ChainError>;
+    /// Whether `who` holds code (a contract, or an ERC-7702 delegation).
+    async fn has_code(&self, who: Address) -> Result<bool, ChainError>;
+    /// What the wallet at `wallet` says of `signature` over `digest` (ERC-1271).
+    async fn erc1271_valid(
+        &self,
+        wallet: Address,
+        digest: B256,
+        signature: Bytes,
+    ) -> Result<bool, ChainError>;
+    /// A simulated deploy (`factory.call(calldata)`) then token call `transfer`: `None` when the
+    /// transfer would succeed, else its revert reason.
+    async fn simulate_deployed_transfer(
+        &self,
+        factory: Address,
+        calldata: Bytes,
+        transfer: Bytes,
+    ) -> Result<Option<String>, ChainError>;
 }
 
 #[async_trait::async_trait]
@@ -150,6 +167,25 @@ impl Chain for ChainClient {
     }
     async fn gas_balance(&self, who: Address) -> Result<U256, ChainError> {
         ChainClient::gas_balance(self, who).await
+    }
+    async fn has_code(&self, who: Address) -> Result<bool, ChainError> {
+        ChainClient::has_code(self, who).await
+    }
+    async fn erc1271_valid(
+        &self,
+        wallet: Address,
+        digest: B256,
+        signature: Bytes,
+    ) -> Result<bool, ChainError> {
+        ChainClient::erc1271_valid(self, wallet, digest, signature).await
+    }
+    async fn simulate_deployed_transfer(
+        &self,
+        factory: Address,
+        calldata: Bytes,
+        transfer: Bytes,
+    ) -> Result<Option<String>, ChainError> {
+        ChainClient::simulate_deployed_transfer(self, factory, calldata, transfer).await
     }
 }
 
@@ -230,6 +266,10 @@ impl ChainClient {
 
     pub fn provider(&self) -> &DynProvider {
         &self.provider
+    }
+
+    pub fn asset(&self) -> Address {
+        self.asset
     }
 
     pub async fn authorization_used(&self, authorizer: Address, nonce: B256) -> Result<bool, ChainError> {

@@ -7,6 +7,7 @@
 pub mod anvil;
 pub mod client;
 pub mod usdc;
+pub mod wallets;
 
 use alloy::primitives::{Address, B256};
 use alloy::signers::local::PrivateKeySigner;

@@ -19,8 +19,14 @@ pub enum PaymentError {
     // ---- local verification: nothing was charged ----
     #[error("accepted.{field} does not match this tool's payment requirements")]
     RequirementsMismatch { field: &'static str },
-    #[error("the EIP-712 signature does not recover to authorization.from")]
+    #[error(
+        "the EIP-712 signature is not authorization.from's (neither its ECDSA nor its wallet's ERC-1271)"
+    )]
     BadSignature,
+    #[error("the smart wallet's ERC-6492 factory is not one this server accepts")]
+    FactoryNotAllowed,
+    #[error("the smart wallet could not be deployed through its factory")]
+    WalletDeploymentFailed,
     #[error("authorization.to is not this server's payTo address")]
     RecipientMismatch,
     #[error("authorization expires too soon (validBefore must be at least {margin_secs}s in the future)")]
@@ -83,6 +89,8 @@ impl PaymentError {
             PaymentError::RequirementsMismatch { field: "network" } => "invalid_exact_evm_network_mismatch",
             PaymentError::RequirementsMismatch { .. } => "invalid_payment_requirements",
             PaymentError::BadSignature => "invalid_exact_evm_signature",
+            PaymentError::FactoryNotAllowed => "eip6492_factory_not_allowed",
+            PaymentError::WalletDeploymentFailed => "smart_wallet_deployment_failed",
             PaymentError::RecipientMismatch => "invalid_exact_evm_recipient_mismatch",
             PaymentError::Expired { .. } => "invalid_exact_evm_payload_authorization_valid_before",
             PaymentError::NotYetValid => "invalid_exact_evm_payload_authorization_valid_after",
@@ -129,6 +137,8 @@ impl PaymentError {
             | PaymentError::UnsupportedVersion(_)
             | PaymentError::RequirementsMismatch { .. }
             | PaymentError::BadSignature
+            | PaymentError::FactoryNotAllowed
+            | PaymentError::WalletDeploymentFailed
             | PaymentError::RecipientMismatch
             | PaymentError::Expired { .. }
             | PaymentError::NotYetValid

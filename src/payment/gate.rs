@@ -126,6 +126,8 @@ pub struct PaymentGate {
     pub settle_timeout: Duration,
     /// Blocks per `eth_getLogs` request (hosted RPCs refuse wide ranges).
     pub log_window: u64,
+    /// ERC-6492 factories through which an undeployed smart wallet may be deployed to pay.
+    pub allowed_factories: Vec<Address>,
 }
 
 /// The store failed before anything could move: the answer may say nothing was charged.
@@ -148,6 +150,15 @@ pub fn args_hash(args: &serde_json::Map<String, serde_json::Value>) -> String {
 }
 
 impl PaymentGate {
+    /// Proves a smart wallet's signature with the chain (`wallet::prove`); an EOA's, proven
+    /// locally already, passes untouched.
+    pub async fn prove_payer(&self, payment: VerifiedPayment) -> Result<VerifiedPayment, PaymentError> {
+        if payment.signature.is_proven() {
+            return Ok(payment);
+        }
+        super::wallet::prove(self.chain.as_ref(), &self.allowed_factories, payment).await
+    }
+
     fn now(&self) -> i64 {
         self.clock.now_unix() as i64
     }

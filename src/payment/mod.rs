@@ -10,6 +10,7 @@ pub mod requirements;
 mod resolve;
 pub mod settle;
 pub mod verify;
+pub mod wallet;
 pub mod wire;
 
 pub use error::{Money, PaymentError};

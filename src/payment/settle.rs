@@ -14,10 +14,11 @@ use alloy::consensus::{Transaction as _, TxEnvelope};
 use alloy::eips::eip1559::Eip1559Estimation;
 use alloy::eips::eip2718::Encodable2718;
 use alloy::network::{EthereumWallet, NetworkTransactionBuilder, TransactionBuilder};
-use alloy::primitives::{Address, B256, U256};
+use alloy::primitives::{Address, B256, Bytes, U256};
 use alloy::providers::{DynProvider, Provider, ProviderBuilder};
 use alloy::rpc::types::{TransactionReceipt, TransactionRequest};
 use alloy::signers::local::PrivateKeySigner;
+use alloy::sol_types::SolCall as _;
 use alloy::transports::{RpcError, TransportErrorKind};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
@@ -25,7 +26,8 @@ use serde_json::{Value, json};
 
 use super::cdp_auth::CdpAuth;
 use super::error::PaymentError;
-use super::verify::VerifiedPayment;
+use super::verify::{PayerSignature, VerifiedPayment};
+use super::wallet;
 use super::wire::PaymentRequirements;
 use crate::chain::client::rpc_client;
 use crate::chain::usdc::Usdc;
@@ -116,6 +118,10 @@ pub struct SelfSettler {
     /// Whether the node answers `eth_sendRawTransactionSync` (EIP-7966); learnt once.
     sync_send: std::sync::atomic::AtomicBool,
 }
+
+/// How long a wallet deployment is waited for: polls of the receipt, this far apart.
+const DEPLOY_POLLS: u32 = 120;
+const DEPLOY_POLL: Duration = Duration::from_millis(250);
 
 /// Fee estimates move with the base fee, block by block: a second-old one is good enough for
 /// a limit with 2x base-fee headroom (alloy's estimate), and saves a round trip per payment.
@@ -217,6 +223,57 @@ impl SelfSettler {
         Ok(envelope)
     }
 
+    /// Deploys an ERC-6492 payer's wallet through its factory, unless it exists by now, and
+    /// waits for the deployment to be mined: only a deployed wallet can vouch for its signature
+    /// to the token. No payer money moves here, so every failure means "not charged".
+    async fn deploy_wallet(
+        &self,
+        wallet: Address,
+        factory: Address,
+        calldata: Bytes,
+    ) -> Result<(), SettleError> {
+        let rpc_down = |e: RpcError<TransportErrorKind>| {
+            SettleError::NotSent(format!("RPC unavailable: {}", rpc_failure(&e)))
+        };
+        if !self.provider.get_code_at(wallet).await.map_err(rpc_down)?.is_empty() {
+            return Ok(());
+        }
+        let tx = TransactionRequest::default().with_to(factory).with_input(calldata).with_from(self.relayer);
+        let (hash, raw) = {
+            let mut next = self.next_nonce.lock().await;
+            match self.build(tx, &mut next).await {
+                Ok(envelope) => (*envelope.tx_hash(), envelope.encoded_2718()),
+                Err(SettleError::Refused(_)) => {
+                    return Err(SettleError::Refused(PaymentError::WalletDeploymentFailed));
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let submitted = match self.broadcast(hash, &raw).await {
+            Ok(submitted) => submitted,
+            Err(e) => {
+                *self.next_nonce.lock().await = None;
+                return Err(rpc_down(e));
+            }
+        };
+        let mut receipt = submitted.receipt;
+        for _ in 0..DEPLOY_POLLS {
+            if receipt.is_some() {
+                break;
+            }
+            tokio::time::sleep(DEPLOY_POLL).await;
+            receipt = self.provider.get_transaction_receipt(hash).await.map_err(rpc_down)?;
+        }
+        match receipt {
+            Some(r) if r.status() => {
+                tracing::info!(payment.wallet = %wallet, payment.deploy_tx = %hash, "smart wallet deployed to pay");
+                Ok(())
+            }
+            Some(_) => Err(SettleError::Refused(PaymentError::WalletDeploymentFailed)),
+            None => Err(SettleError::NotSent("the wallet deployment was not mined in time".into())),
+        }
+    }
+
     /// Broadcasts, returning the receipt with the answer when the node can (EIP-7966).
     async fn broadcast(&self, hash: B256, raw: &[u8]) -> Result<Submitted, RpcError<TransportErrorKind>> {
         use std::sync::atomic::Ordering;
@@ -245,20 +302,33 @@ impl Settler for SelfSettler {
         recorder: &dyn TxRecorder,
     ) -> Result<Submitted, SettleError> {
         let a = &req.payment.authorization;
-        let sig = &req.payment.signature;
-        let usdc = Usdc::new(self.asset, &self.provider);
-        let call = usdc.transferWithAuthorization_1(
-            a.from,
-            a.to,
-            a.value,
-            a.validAfter,
-            a.validBefore,
-            a.nonce,
-            27 + u8::from(sig.v()),
-            sig.r().into(),
-            sig.s().into(),
-        );
-        let tx = call.into_transaction_request().with_from(self.relayer);
+        let input = match &req.payment.signature {
+            PayerSignature::Eoa(sig) => Usdc::transferWithAuthorization_1Call {
+                from: a.from,
+                to: a.to,
+                value: a.value,
+                validAfter: a.validAfter,
+                validBefore: a.validBefore,
+                nonce: a.nonce,
+                v: 27 + u8::from(sig.v()),
+                r: sig.r().into(),
+                s: sig.s().into(),
+            }
+            .abi_encode()
+            .into(),
+            // The `bytes` overload: FiatToken v2.2 asks the wallet (ERC-1271) there.
+            PayerSignature::Contract(signature) => wallet::transfer_call(req.payment, signature.clone()),
+            PayerSignature::Counterfactual { factory, calldata, inner } => {
+                self.deploy_wallet(a.from, *factory, calldata.clone()).await?;
+                wallet::transfer_call(req.payment, inner.clone())
+            }
+            // Never reached: the gate proves a wallet's signature before anything is claimed.
+            PayerSignature::Unproven(_) => return Err(SettleError::Refused(PaymentError::BadSignature)),
+        };
+        let tx = TransactionRequest::default()
+            .with_to(self.asset)
+            .with_input::<Bytes>(input)
+            .with_from(self.relayer);
         let mut attempts = 0;
         loop {
             attempts += 1;

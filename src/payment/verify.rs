@@ -2,14 +2,15 @@
 //!
 //! Guarantees, in this order (the x402 exact EVM scheme, specs/schemes/exact/scheme_exact_evm.md in the x402 repository): x402 v2; `accepted` equals this tool's
 //! requirements; the EIP-712 TransferWithAuthorization signature recovers to
-//! `authorization.from` (that address becomes the [`Payer`]); recipient is our payTo; the
+//! `authorization.from` (that address becomes the [`Payer`]), or else is left for the wallet at
+//! `from` to vouch for (`wallet::prove`, which needs the chain); recipient is our payTo; the
 //! validity window holds with a safety margin, and is no longer than the offer's
 //! `maxTimeoutSeconds` (plus clock skew); the value is the price exactly.
 //! Does NOT check: chain state (nonce unused, balance) — the settle stage does, after the claim.
 
 use std::fmt;
 
-use alloy::primitives::{Address, B256, Signature, U256};
+use alloy::primitives::{Address, B256, Bytes, Signature, U256};
 use alloy::sol_types::{Eip712Domain, SolStruct};
 use serde_json::Value;
 
@@ -40,13 +41,46 @@ impl fmt::Display for Payer {
     }
 }
 
+/// How the payer signed. Never logged.
+#[derive(Debug, Clone)]
+pub enum PayerSignature {
+    /// A 65-byte ECDSA signature recovering to `from`: an EOA, proven locally.
+    Eoa(Signature),
+    /// Not provable without the chain (a smart wallet's): `payer` is only the claimed `from`
+    /// until `wallet::prove` turns this into one of the variants below. Nothing keys limits on,
+    /// claims or settles an unproven payment.
+    Unproven(Unproven),
+    /// A deployed smart wallet's signature: its `isValidSignature` said yes (ERC-1271).
+    Contract(Bytes),
+    /// An undeployed wallet's (ERC-6492): deployed through an allowed factory at settlement,
+    /// then `inner` is its ERC-1271 signature; a simulation of both succeeded.
+    Counterfactual { factory: Address, calldata: Bytes, inner: Bytes },
+}
+
+/// A signature only `from`'s contract (or its factory) can vouch for.
+#[derive(Debug, Clone)]
+pub struct Unproven {
+    /// The signature itself (an ERC-6492 wrapper's inner signature).
+    pub signature: Bytes,
+    /// From an ERC-6492 wrapper: the factory and the calldata that deploy the wallet.
+    pub deployment: Option<(Address, Bytes)>,
+    /// The EIP-712 digest the wallet is asked about.
+    pub digest: B256,
+}
+
+impl PayerSignature {
+    pub fn is_proven(&self) -> bool {
+        !matches!(self, PayerSignature::Unproven(_))
+    }
+}
+
 /// A payment that passed every local check.
 #[derive(Debug, Clone)]
 pub struct VerifiedPayment {
+    /// `authorization.from`, proven by its signature once `signature.is_proven()`.
     pub payer: Payer,
     pub authorization: TransferWithAuthorization,
-    /// 65-byte r‖s‖v; never logged.
-    pub signature: Signature,
+    pub signature: PayerSignature,
     /// SHA-256 of the RFC 8785 canonical payload: tells a replay from a different payload.
     pub payload_hash: String,
     /// The x402 `payment-identifier` extension id, when the client sent one.
@@ -77,8 +111,8 @@ pub fn verify(
     }
     assert_accepted_matches(&payload.accepted, quote)?;
     let authorization = parse_authorization(&payload.payload.authorization)?;
-    let signature = parse_signature(&payload.payload.signature)?;
-    let payer = assert_signed_by_from(&authorization, &signature, domain)?;
+    let signature = classify_signature(&payload.payload.signature, &authorization, domain)?;
+    let payer = Payer(authorization.from);
     let pay_to: Address = quote.requirements.pay_to.parse().expect("quote holds a valid payTo");
     if authorization.to != pay_to {
         return Err(PaymentError::RecipientMismatch);
@@ -147,36 +181,41 @@ fn parse_authorization(a: &Authorization) -> Result<TransferWithAuthorization, P
     })
 }
 
-/// Only 65-byte EOA signatures: the payer must be *recovered*, which a smart-wallet
-/// (ERC-1271) signature does not allow without a chain call.
-fn parse_signature(s: &str) -> Result<Signature, PaymentError> {
+/// Sorts the signature: an EOA's ECDSA signature of `from` is proven here; anything else (a
+/// smart wallet's ERC-1271 signature, an ERC-6492 wrapper) needs the chain (`wallet::prove`).
+fn classify_signature(
+    s: &str,
+    authorization: &TransferWithAuthorization,
+    domain: &Eip712Domain,
+) -> Result<PayerSignature, PaymentError> {
     let bytes = s
         .strip_prefix("0x")
         .and_then(|h| hex::decode(h).ok())
         .ok_or_else(|| PaymentError::Malformed("payload.signature is not 0x-hex".into()))?;
-    if bytes.len() != 65 {
-        return Err(PaymentError::BadSignature);
-    }
-    Signature::from_raw(&bytes).map_err(|_| PaymentError::BadSignature)
-}
-
-fn assert_signed_by_from(
-    authorization: &TransferWithAuthorization,
-    signature: &Signature,
-    domain: &Eip712Domain,
-) -> Result<Payer, PaymentError> {
-    // USDC rejects high-s (malleable) signatures on chain; refusing them here means a payment
-    // we accept is one the token will accept.
-    if signature.normalize_s().is_some() {
+    if bytes.is_empty() {
         return Err(PaymentError::BadSignature);
     }
     let digest = authorization.eip712_signing_hash(domain);
-    let recovered =
-        signature.recover_address_from_prehash(&digest).map_err(|_| PaymentError::BadSignature)?;
-    if recovered != authorization.from {
-        return Err(PaymentError::BadSignature);
+    if let Some(wrapped) = super::wallet::unwrap_6492(&bytes) {
+        let w = wrapped?;
+        let deployment = (!w.factory.is_zero() && !w.calldata.is_empty()).then_some((w.factory, w.calldata));
+        return Ok(PayerSignature::Unproven(Unproven { signature: w.inner, deployment, digest }));
     }
-    Ok(Payer(recovered))
+    match recover_eoa(&bytes, &digest, authorization.from) {
+        Some(signature) => Ok(PayerSignature::Eoa(signature)),
+        None => Ok(PayerSignature::Unproven(Unproven { signature: bytes.into(), deployment: None, digest })),
+    }
+}
+
+/// The signature, when it is a 65-byte ECDSA signature of `digest` by `from`. High-s
+/// (malleable) signatures are refused, as USDC refuses them on chain.
+pub fn recover_eoa(bytes: &[u8], digest: &B256, from: Address) -> Option<Signature> {
+    let signature = Signature::from_raw(bytes).ok()?;
+    if signature.normalize_s().is_some() {
+        return None;
+    }
+    let recovered = signature.recover_address_from_prehash(digest).ok()?;
+    (recovered == from).then_some(signature)
 }
 
 /// How far a payer's clock may run ahead of ours when it sets validBefore.

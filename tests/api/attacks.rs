@@ -420,7 +420,11 @@ async fn silent_facilitator() -> String {
         )
     });
     let settle = axum::routing::post(|| async { axum::http::StatusCode::INTERNAL_SERVER_ERROR });
-    let router = axum::Router::new().route("/verify", verify).route("/settle", settle);
+    let supported = axum::routing::get(|| async {
+        axum::Json(json!({ "kinds": [{ "x402Version": 2, "scheme": "exact", "network": "eip155:31337" }] }))
+    });
+    let router =
+        axum::Router::new().route("/verify", verify).route("/settle", settle).route("/supported", supported);
     crate::helpers::serve_on_loopback(router).await
 }
 

@@ -26,3 +26,4 @@ mod restart;
 mod secrets;
 mod store;
 mod upstream;
+mod wallets;

@@ -164,6 +164,9 @@ impl PaidCall {
         // 5. Local verification; from here on the payer is the recovered signer.
         let margin = self.settings.valid_before_margin_secs;
         let verified = verify(&payment, quote, &self.domain, self.clock.now_unix(), margin)?;
+        // A smart wallet's signature is proven by its contract (an RPC call, inside the
+        // failed-attempt budget like every refusal): only then is `from` the payer.
+        let verified = self.gate.prove_payer(verified).await?;
         tracing::info!(payment.payer = %verified.payer, tool = %quote.tool, "payment verified");
         // A payment already held (a retry, or a replay) is answered for what it is: it never
         // spends the payer's wallet limits again, nor is refused for a tool's readiness.

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use alloy::primitives::{Address, B256, U256};
+use alloy::primitives::{Address, B256, Bytes, U256};
 use alloy::signers::local::PrivateKeySigner;
 use rmcp::model::{CallToolResult, JsonObject};
 use serde_json::json;
@@ -71,6 +71,21 @@ impl Chain for FakeChain {
     }
     async fn gas_balance(&self, _: Address) -> Result<U256, ChainError> {
         Ok(U256::MAX)
+    }
+    // The payers here are EOAs: no code, and no wallet to ask.
+    async fn has_code(&self, _: Address) -> Result<bool, ChainError> {
+        Ok(false)
+    }
+    async fn erc1271_valid(&self, _: Address, _: B256, _: Bytes) -> Result<bool, ChainError> {
+        Ok(false)
+    }
+    async fn simulate_deployed_transfer(
+        &self,
+        _: Address,
+        _: Bytes,
+        _: Bytes,
+    ) -> Result<Option<String>, ChainError> {
+        Ok(Some("no factories here".into()))
     }
 }
 
@@ -249,6 +264,7 @@ async fn harness(settler: impl FnOnce(Arc<FakeChain>) -> FakeSettler) -> Harness
         .insert("test", "counted", "counts", schema, UsdcAmount::from_atomic(PRICE), &terms, handler)
         .unwrap();
     let gate = Arc::new(PaymentGate {
+        allowed_factories: vec![],
         store: store.clone(),
         chain: chain.clone(),
         settler: Arc::new(settler(chain.clone())),
