@@ -237,18 +237,7 @@ fn payment_gate(
             let key = secret_opt(&p.relayer_key).context("payment.relayer_key")?;
             Arc::new(SelfSettler::new(&rpc_urls, parse_private_key(key)?, network.asset)?)
         }
-        SettlerKind::Facilitator => {
-            let f = &p.facilitator;
-            let auth = match (secret_opt(&f.auth_header), secret_opt(&f.cdp_key_secret)) {
-                (_, Some(_)) => FacilitatorAuth::Cdp(
-                    CdpAuth::new(&f.cdp_key_id, &f.cdp_key_secret)
-                        .context("payment.facilitator.cdp_key_secret")?,
-                ),
-                (Some(header), None) => FacilitatorAuth::Header(SecretString::from(header.to_owned())),
-                (None, None) => FacilitatorAuth::None,
-            };
-            Arc::new(FacilitatorSettler::new(&f.url, auth, settle_timeout)?)
-        }
+        SettlerKind::Facilitator => Arc::new(facilitator_settler(config)?),
     };
     Ok(PaymentGate {
         store,
@@ -261,6 +250,19 @@ fn payment_gate(
         log_window: config.network.max_log_range.max(1),
         allowed_factories: p.eip6492_allowed_factories.clone(),
     })
+}
+
+/// The configured facilitator, with the credentials it takes.
+pub fn facilitator_settler(config: &Config) -> anyhow::Result<FacilitatorSettler> {
+    let f = &config.payment.facilitator;
+    let auth = match (secret_opt(&f.auth_header), secret_opt(&f.cdp_key_secret)) {
+        (_, Some(_)) => FacilitatorAuth::Cdp(
+            CdpAuth::new(&f.cdp_key_id, &f.cdp_key_secret).context("payment.facilitator.cdp_key_secret")?,
+        ),
+        (Some(header), None) => FacilitatorAuth::Header(SecretString::from(header.to_owned())),
+        (None, None) => FacilitatorAuth::None,
+    };
+    FacilitatorSettler::new(&f.url, auth, Duration::from_secs(config.payment.settle_timeout_secs))
 }
 
 /// Where tollgate is paid: payTo, network and the offer's validity.

@@ -60,6 +60,13 @@ pub enum Command {
     },
     /// Apply database migrations and exit.
     Migrate,
+    /// Preflight before going live: chain id, the token's EIP-712 domain, payTo, relayer gas,
+    /// the facilitator's /supported and credentials, migrations, Redis. Exits 1 on any failure.
+    Doctor {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the embedded default configuration, with every key documented.
     PrintDefaultConfig,
 }
@@ -188,6 +195,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .await?;
             }
             println!("{token}");
+        }
+        Command::Doctor { json } => {
+            let config = Config::load(cli.config.as_deref())?;
+            let report = crate::doctor::run(&config).await;
+            match json {
+                true => println!("{}", crate::doctor::to_json(&report)),
+                false => print!("{}", report.render()),
+            }
+            if !report.ok {
+                std::process::exit(1);
+            }
         }
         Command::Migrate => {
             let config = Config::load(cli.config.as_deref())?;

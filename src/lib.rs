@@ -26,6 +26,7 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod dev;
+pub mod doctor;
 pub mod jsonrpc;
 pub mod limits;
 pub mod listing;

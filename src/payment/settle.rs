@@ -558,6 +558,11 @@ impl FacilitatorSettler {
         self.call(reqwest::Method::POST, path, Some(body)).await
     }
 
+    /// The HTTP status the facilitator answers `body` at `path` with (`tollgate doctor`).
+    pub async fn probe(&self, path: &str, body: &Value) -> Result<u16, String> {
+        self.post(path, body).await.map(|(status, _)| status)
+    }
+
     /// Asks `/supported` whether the facilitator settles x402 v2 `exact` on `network`, and
     /// records its signers there.
     pub async fn check_supported(&self, network: &str) -> Result<Vec<Address>, FacilitatorCheckError> {

@@ -217,6 +217,8 @@ pub type SignReceipt<'a> = &'a (dyn Fn(&ReceiptSlot) -> NewReceipt + Send + Sync
 pub trait Store: Send + Sync + 'static {
     /// Applies pending migrations (also run by `tollgate migrate`).
     async fn migrate(&self) -> Result<(), StoreError>;
+    /// The versions of this build's migrations the database has not applied (`tollgate doctor`).
+    async fn pending_migrations(&self) -> Result<Vec<i64>, StoreError>;
     /// Cheap liveness check for `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
     /// Atomically claims (network, asset, payer, nonce). Exactly one caller ever wins.
@@ -281,12 +283,17 @@ pub trait Store: Send + Sync + 'static {
 
 /// Opens the backend named by the URL scheme and applies migrations.
 pub async fn open(config: &DatabaseConfig) -> Result<Arc<dyn Store>, StoreError> {
+    let store = connect(config).await?;
+    store.migrate().await?;
+    Ok(store)
+}
+
+/// Connects to the backend named by the URL scheme, migrating nothing.
+pub async fn connect(config: &DatabaseConfig) -> Result<Arc<dyn Store>, StoreError> {
     let url = config.url.expose_secret();
-    let store: Arc<dyn Store> = if url.starts_with("sqlite:") {
+    Ok(if url.starts_with("sqlite:") {
         Arc::new(SqliteStore::connect(url, config.max_connections).await?)
     } else {
         Arc::new(PgStore::connect(url, config.max_connections).await?)
-    };
-    store.migrate().await?;
-    Ok(store)
+    })
 }

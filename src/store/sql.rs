@@ -199,6 +199,20 @@ macro_rules! impl_store {
                 Ok(())
             }
 
+            async fn pending_migrations(&self) -> Result<Vec<i64>, StoreError> {
+                let applied: Vec<i64> =
+                    match sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                        .fetch_all(&self.pool)
+                        .await
+                    {
+                        Ok(applied) => applied,
+                        // No bookkeeping table: nothing was ever migrated here.
+                        Err(sqlx::Error::Database(_)) => Vec::new(),
+                        Err(e) => return Err(e.into()),
+                    };
+                Ok($migrator.iter().map(|m| m.version).filter(|v| !applied.contains(v)).collect())
+            }
+
             async fn ping(&self) -> Result<(), StoreError> {
                 sqlx::query("select 1").execute(&self.pool).await?;
                 Ok(())

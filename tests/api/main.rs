@@ -10,6 +10,7 @@ mod charging;
 mod client;
 mod concurrency;
 mod config_cli;
+mod doctor;
 mod facilitator;
 mod faults;
 mod fleet;

@@ -135,6 +135,9 @@ impl Store for Flaky {
     async fn migrate(&self) -> Result<(), StoreError> {
         self.inner.migrate().await
     }
+    async fn pending_migrations(&self) -> Result<Vec<i64>, StoreError> {
+        self.inner.pending_migrations().await
+    }
     async fn ping(&self) -> Result<(), StoreError> {
         self.inner.ping().await
     }
