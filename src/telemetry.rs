@@ -5,7 +5,8 @@ use tracing_subscriber::EnvFilter;
 use crate::config::{LogConfig, LogFormat};
 
 /// Targets whose debug output would carry credentials (full URLs).
-const QUIET_TARGETS: [&str; 3] = ["alloy_transport_http=warn", "reqwest=warn", "alloy_rpc_client=warn"];
+const QUIET_TARGETS: [&str; 4] =
+    ["alloy_transport_http=warn", "alloy_transport=warn", "reqwest=warn", "alloy_rpc_client=warn"];
 
 /// Installs the global subscriber once; later calls (tests) are no-ops. `dev` logs are for a
 /// person: pretty, and without rmcp's INFO line per request unless RUST_LOG asks for it.

@@ -28,6 +28,8 @@ pub struct OnChainPayment {
     pub tx: String,
     pub amount: U256,
     pub to: Address,
+    /// Who sent the settling transaction.
+    pub sender: Address,
 }
 
 /// (token, nonce as lower-case 0x-hex). EIP-3009 nonces are unique per token and authorizer
@@ -89,6 +91,7 @@ impl Chain {
                     tx: format!("{tx:#x}"),
                     amount: transfer.data.value,
                     to: transfer.data.to,
+                    sender: receipt.from,
                 };
                 out.insert((asset, format!("{:#x}", event.data.nonce)), payment);
             }

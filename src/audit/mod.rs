@@ -110,7 +110,9 @@ pub async fn audit_with(req: &AuditRequest<'_>, options: &AuditOptions) -> anyho
     let network = chain.network().await?;
     let scan = scan_of(wallet, &receipts, &listing, options);
     let payments = chain.payments(&scan).await?;
-    let rows = reconcile(&receipts, &keys, &in_log, &payments, &network, &mut problems);
+    let settlers = published_settlers(&listing);
+    let mut rows = reconcile(&receipts, &keys, &in_log, &payments, &network, &mut problems);
+    name_settlers(&mut rows, &payments, &settlers);
 
     if let Some(c) = head.filter(|_| problems.is_empty()) {
         log::save_state(&req.state_file, c)?;
@@ -129,6 +131,25 @@ pub async fn audit_with(req: &AuditRequest<'_>, options: &AuditOptions) -> anyho
         problems,
         warnings,
     })
+}
+
+/// The addresses the server publishes as its settlement signers (its relayer, or its
+/// facilitator's signers from `/supported`).
+fn published_settlers(listing: &Value) -> Vec<Address> {
+    let signers = listing["settlement"]["signers"].as_array();
+    signers.into_iter().flatten().filter_map(|a| a.as_str()?.parse().ok()).collect()
+}
+
+/// Names who sent each matched payment's transaction: "server" for a published signer, else
+/// the sender's address (a third party redeemed the authorization, which tollgate honours).
+fn name_settlers(rows: &mut [Row], payments: &Payments, settlers: &[Address]) {
+    for row in rows.iter_mut().filter(|r| r.on_chain) {
+        let sender = payments.values().find(|p| p.tx.eq_ignore_ascii_case(&row.tx)).map(|p| p.sender);
+        row.settled_by = sender.map(|s| match settlers.contains(&s) {
+            true => "server".to_owned(),
+            false => s.to_checksum(None),
+        });
+    }
 }
 
 fn signature_ok(r: &SignedReceipt, keys: &BTreeMap<String, VerifyingKey>) -> bool {
@@ -260,5 +281,6 @@ fn row(
         signature_ok: signature_ok(r, keys),
         in_log,
         on_chain,
+        settled_by: None,
     }
 }

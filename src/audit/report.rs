@@ -124,6 +124,9 @@ pub struct Row {
     /// `Some(true)` included, `Some(false)` not, `None` not yet checkpointed (within the grace).
     pub in_log: Option<bool>,
     pub on_chain: bool,
+    /// Who sent the settling transaction: "server" (a signer the server publishes: its relayer
+    /// or its facilitator's), or another address.
+    pub settled_by: Option<String>,
 }
 
 /// Everything the audit saw; it passes when there is no problem.
@@ -159,7 +162,7 @@ pub fn render(report: &AuditReport) -> String {
     let _ = writeln!(out, "audit of {} at {} on {}", report.wallet, report.server, report.network);
     let _ = writeln!(
         out,
-        "{:>5} {:>6}  {:<18} {:>12}  {:<10} {:<14} {:<4} {:<7} {:<5}",
+        "{:>5} {:>6}  {:<18} {:>12}  {:<10} {:<14} {:<4} {:<7} {:<5} settled by",
         "seq", "log", "tool", "amount", "outcome", "tx", "sig", "log", "chain"
     );
     for r in &report.receipts {
@@ -208,7 +211,7 @@ fn row_line(r: &Row) -> String {
         None => "pending",
     };
     format!(
-        "{:>5} {:>6}  {:<18} {:>12}  {:<10} {:<14} {:<4} {:<7} {:<5}",
+        "{:>5} {:>6}  {:<18} {:>12}  {:<10} {:<14} {:<4} {:<7} {:<5} {}",
         r.payer_seq,
         r.log_index,
         r.tool,
@@ -217,6 +220,7 @@ fn row_line(r: &Row) -> String {
         tx,
         mark(r.signature_ok),
         log,
-        mark(r.on_chain)
+        mark(r.on_chain),
+        r.settled_by.as_deref().unwrap_or("-")
     )
 }

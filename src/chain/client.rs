@@ -14,10 +14,11 @@ use alloy::rpc::client::{ClientBuilder, RpcClient};
 use alloy::rpc::types::{Filter, TransactionReceipt};
 use alloy::sol_types::SolEvent;
 use alloy::transports::http::Http;
-use alloy::transports::layers::{FallbackLayer, RetryBackoffLayer};
+use alloy::transports::layers::{FallbackLayer, RateLimitRetryPolicy, RetryBackoffLayer, RetryPolicy};
 use tower::Layer;
 
 use super::usdc::Usdc;
+use super::wallets::Deployment;
 
 /// Per-request RPC timeout: a stuck RPC must not hold a paid call past its settle deadline.
 pub const RPC_TIMEOUT: Duration = Duration::from_secs(10);
@@ -124,14 +125,9 @@ pub trait Chain: Send + Sync + 'static {
         digest: B256,
         signature: Bytes,
     ) -> Result<bool, ChainError>;
-    /// A simulated deploy (`factory.call(calldata)`) then token call `transfer`: `None` when the
-    /// transfer would succeed, else its revert reason.
-    async fn simulate_deployed_transfer(
-        &self,
-        factory: Address,
-        calldata: Bytes,
-        transfer: Bytes,
-    ) -> Result<Option<String>, ChainError>;
+    /// A simulated deployment, the deployed wallet's own check, then the transfer: `None` when
+    /// all would succeed, else why not.
+    async fn simulate_deployed_transfer(&self, deploy: &Deployment) -> Result<Option<String>, ChainError>;
 }
 
 #[async_trait::async_trait]
@@ -179,13 +175,8 @@ impl Chain for ChainClient {
     ) -> Result<bool, ChainError> {
         ChainClient::erc1271_valid(self, wallet, digest, signature).await
     }
-    async fn simulate_deployed_transfer(
-        &self,
-        factory: Address,
-        calldata: Bytes,
-        transfer: Bytes,
-    ) -> Result<Option<String>, ChainError> {
-        ChainClient::simulate_deployed_transfer(self, factory, calldata, transfer).await
+    async fn simulate_deployed_transfer(&self, deploy: &Deployment) -> Result<Option<String>, ChainError> {
+        ChainClient::simulate_deployed_transfer(self, deploy).await
     }
 }
 
@@ -215,7 +206,12 @@ pub fn rpc_client(urls: &[&str]) -> Result<RpcClient, ChainError> {
     let fallback = FallbackLayer::default()
         .with_active_transport_count(count)
         .with_sequential_methods(SEQUENTIAL_METHODS.iter().map(|m| (*m).to_owned()).collect());
-    let retry = RetryBackoffLayer::new(RATE_LIMIT_RETRIES, RATE_LIMIT_BACKOFF_MS, COMPUTE_UNITS_PER_SECOND);
+    let retry = RetryBackoffLayer::new_with_policy(
+        RATE_LIMIT_RETRIES,
+        RATE_LIMIT_BACKOFF_MS,
+        COMPUTE_UNITS_PER_SECOND,
+        ShortHints,
+    );
     let is_local = false;
     Ok(ClientBuilder::default().layer(retry).transport(fallback.layer(transports), is_local))
 }
@@ -240,6 +236,24 @@ const SEQUENTIAL_METHODS: [&str; 16] = [
     "eth_sendRawTransaction",
     "eth_sendRawTransactionSync",
 ];
+/// alloy's rate-limit policy, with the server's backoff hint (`Retry-After`, up to minutes)
+/// capped: a settlement holds the relayer's nonce lock while it asks the RPC, so one provider
+/// asking for a long pause must not stall every settlement behind it.
+#[derive(Debug, Clone, Copy)]
+struct ShortHints;
+
+const MAX_BACKOFF_HINT: Duration = Duration::from_secs(1);
+
+impl RetryPolicy for ShortHints {
+    fn should_retry(&self, error: &alloy::transports::TransportError) -> bool {
+        RateLimitRetryPolicy::default().should_retry(error)
+    }
+
+    fn backoff_hint(&self, error: &alloy::transports::TransportError) -> Option<Duration> {
+        RateLimitRetryPolicy::default().backoff_hint(error).map(|hint| hint.min(MAX_BACKOFF_HINT))
+    }
+}
+
 /// Retries of a rate-limited request before its error is returned, and the first backoff.
 const RATE_LIMIT_RETRIES: u32 = 3;
 const RATE_LIMIT_BACKOFF_MS: u64 = 100;

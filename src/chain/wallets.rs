@@ -4,6 +4,7 @@
 
 use alloy::primitives::{Address, B256, Bytes, address};
 use alloy::providers::Provider;
+use alloy::rpc::types::TransactionRequest;
 use alloy::sol_types::SolCall;
 use alloy::transports::RpcError;
 
@@ -34,8 +35,8 @@ impl ChainClient {
         Ok(!code.is_empty())
     }
 
-    /// Whether the wallet at `wallet` accepts `signature` for `digest` (ERC-1271). A revert, an
-    /// empty or short answer, or any other value is a no.
+    /// Whether the wallet at `wallet` accepts `signature` for `digest` (ERC-1271). A revert or
+    /// any answer but the magic word is a no; a node that cannot answer is not.
     pub async fn erc1271_valid(
         &self,
         wallet: Address,
@@ -43,41 +44,85 @@ impl ChainClient {
         signature: Bytes,
     ) -> Result<bool, ChainError> {
         let input = IERC1271::isValidSignatureCall { hash: digest, signature }.abi_encode();
-        let call = alloy::rpc::types::TransactionRequest::default().to(wallet).input(input.into());
+        let call = TransactionRequest::default().to(wallet).input(input.into()).gas_limit(WALLET_CALL_GAS);
         match self.provider().call(call).await {
-            Ok(answer) => Ok(answer.len() >= 4 && answer[..4] == crate::payment::wallet::ERC1271_MAGIC),
-            Err(RpcError::ErrorResp(_)) => Ok(false),
+            Ok(answer) => Ok(vouches(&answer)),
+            Err(RpcError::ErrorResp(e)) if is_revert(e.code, &e.message) => Ok(false),
             Err(e) => Err(unavailable(e)),
         }
     }
 
-    /// Simulates `factory.call(calldata)` then the token call `transfer` in one Multicall3
-    /// `eth_call`: `None` when the transfer would succeed, else its revert reason.
+    /// Simulates, in one Multicall3 `eth_call`, the deployment `factory.call(calldata)`, then
+    /// `wallet.isValidSignature(digest, signature)`, then the token call `transfer`: `None` when
+    /// the factory put a wallet at `wallet` that vouches for the signature and the transfer
+    /// would succeed; else why not. (Checking the wallet itself matters: a factory call that
+    /// deploys some other contract leaves `wallet` empty, and a call to an empty address
+    /// "succeeds" with no answer.)
     pub async fn simulate_deployed_transfer(
         &self,
-        factory: Address,
-        calldata: Bytes,
-        transfer: Bytes,
+        deploy: &Deployment,
     ) -> Result<Option<String>, ChainError> {
+        let check =
+            IERC1271::isValidSignatureCall { hash: deploy.digest, signature: deploy.signature.clone() };
         let calls = vec![
-            Multicall3::Call3 { target: factory, allowFailure: true, callData: calldata },
-            Multicall3::Call3 { target: self.asset(), allowFailure: true, callData: transfer },
+            Multicall3::Call3 {
+                target: deploy.factory,
+                allowFailure: true,
+                callData: deploy.calldata.clone(),
+            },
+            Multicall3::Call3 {
+                target: deploy.wallet,
+                allowFailure: true,
+                callData: check.abi_encode().into(),
+            },
+            Multicall3::Call3 { target: self.asset(), allowFailure: true, callData: deploy.transfer.clone() },
         ];
         let multicall = Multicall3::new(MULTICALL3, self.provider());
-        let results = match multicall.aggregate3(calls).call().await {
+        let results = match multicall.aggregate3(calls).gas(SIMULATION_GAS).call().await {
             Ok(results) => results,
-            Err(alloy::contract::Error::TransportError(RpcError::ErrorResp(e))) => {
+            Err(alloy::contract::Error::TransportError(RpcError::ErrorResp(e)))
+                if is_revert(e.code, &e.message) =>
+            {
                 return Ok(Some(e.message.to_string()));
             }
             Err(alloy::contract::Error::TransportError(e)) => return Err(unavailable(e)),
             Err(e) => return Ok(Some(e.to_string())),
         };
-        match results.get(1) {
-            Some(r) if r.success => Ok(None),
-            Some(r) => Ok(Some(revert_reason(&r.returnData))),
-            None => Ok(Some("no answer from the simulation".into())),
+        match (results.get(1), results.get(2)) {
+            (Some(vouched), _) if !(vouched.success && vouches(&vouched.returnData)) => {
+                Ok(Some("invalid signature: the deployed wallet does not vouch for it".into()))
+            }
+            (_, Some(transfer)) if transfer.success => Ok(None),
+            (_, Some(transfer)) => Ok(Some(revert_reason(&transfer.returnData))),
+            _ => Ok(Some("no answer from the simulation".into())),
         }
     }
+}
+
+/// An undeployed wallet's payment, as the simulation needs it.
+pub struct Deployment {
+    pub factory: Address,
+    pub calldata: Bytes,
+    pub wallet: Address,
+    pub digest: B256,
+    pub signature: Bytes,
+    /// The token call `transferWithAuthorization(…, bytes signature)`.
+    pub transfer: Bytes,
+}
+
+/// Gas for one `isValidSignature` call into a wallet (arbitrary code: bounded), and for the
+/// whole deploy-check-transfer simulation.
+const WALLET_CALL_GAS: u64 = 2_000_000;
+const SIMULATION_GAS: u64 = 5_000_000;
+
+/// An ERC-1271 yes: at least one ABI word (as FiatToken decodes it) starting with the magic.
+fn vouches(answer: &[u8]) -> bool {
+    answer.len() >= 32 && answer[..4] == crate::payment::wallet::ERC1271_MAGIC
+}
+
+/// Whether a node's error answer is the call's own revert (execution), not the node's trouble.
+fn is_revert(code: i64, message: &str) -> bool {
+    code == 3 || message.to_ascii_lowercase().contains("revert")
 }
 
 /// A revert's `Error(string)` message, or a placeholder.

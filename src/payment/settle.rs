@@ -31,6 +31,7 @@ use super::wallet;
 use super::wire::PaymentRequirements;
 use crate::chain::client::rpc_client;
 use crate::chain::usdc::Usdc;
+use crate::chain::wallets::{MULTICALL3, Multicall3};
 
 /// Why a submission did not produce a transaction hash.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,9 +120,9 @@ pub struct SelfSettler {
     sync_send: std::sync::atomic::AtomicBool,
 }
 
-/// How long a wallet deployment is waited for: polls of the receipt, this far apart.
-const DEPLOY_POLLS: u32 = 120;
-const DEPLOY_POLL: Duration = Duration::from_millis(250);
+/// Most gas a deploy-then-transfer settlement may take (a smart wallet's deployment runs the
+/// payer's chosen code at our expense: ~300k for common wallets, bounded here).
+const MAX_DEPLOY_AND_TRANSFER_GAS: u64 = 1_500_000;
 
 /// Fee estimates move with the base fee, block by block: a second-old one is good enough for
 /// a limit with 2x base-fee headroom (alloy's estimate), and saves a round trip per payment.
@@ -180,6 +181,7 @@ impl SelfSettler {
     async fn build(
         &self,
         tx: TransactionRequest,
+        gas_cap: u64,
         nonce: &mut Option<u64>,
     ) -> Result<TxEnvelope, SettleError> {
         let not_sent = |e: RpcError<TransportErrorKind>| {
@@ -206,6 +208,9 @@ impl SelfSettler {
         )?;
         // Headroom over the estimate: state can shift between simulation and inclusion.
         let gas_limit = gas.saturating_mul(12) / 10;
+        if gas_limit > gas_cap {
+            return Err(SettleError::Refused(PaymentError::WalletDeploymentFailed));
+        }
         if balance < U256::from(gas_limit) * U256::from(fees.max_fee_per_gas) {
             return Err(SettleError::NotSent("the relayer cannot pay for gas".into()));
         }
@@ -221,57 +226,6 @@ impl SelfSettler {
             .map_err(|_| SettleError::NotSent("relayer could not sign".into()))?;
         *nonce = Some(pending + 1);
         Ok(envelope)
-    }
-
-    /// Deploys an ERC-6492 payer's wallet through its factory, unless it exists by now, and
-    /// waits for the deployment to be mined: only a deployed wallet can vouch for its signature
-    /// to the token. No payer money moves here, so every failure means "not charged".
-    async fn deploy_wallet(
-        &self,
-        wallet: Address,
-        factory: Address,
-        calldata: Bytes,
-    ) -> Result<(), SettleError> {
-        let rpc_down = |e: RpcError<TransportErrorKind>| {
-            SettleError::NotSent(format!("RPC unavailable: {}", rpc_failure(&e)))
-        };
-        if !self.provider.get_code_at(wallet).await.map_err(rpc_down)?.is_empty() {
-            return Ok(());
-        }
-        let tx = TransactionRequest::default().with_to(factory).with_input(calldata).with_from(self.relayer);
-        let (hash, raw) = {
-            let mut next = self.next_nonce.lock().await;
-            match self.build(tx, &mut next).await {
-                Ok(envelope) => (*envelope.tx_hash(), envelope.encoded_2718()),
-                Err(SettleError::Refused(_)) => {
-                    return Err(SettleError::Refused(PaymentError::WalletDeploymentFailed));
-                }
-                Err(e) => return Err(e),
-            }
-        };
-        let submitted = match self.broadcast(hash, &raw).await {
-            Ok(submitted) => submitted,
-            Err(e) => {
-                *self.next_nonce.lock().await = None;
-                return Err(rpc_down(e));
-            }
-        };
-        let mut receipt = submitted.receipt;
-        for _ in 0..DEPLOY_POLLS {
-            if receipt.is_some() {
-                break;
-            }
-            tokio::time::sleep(DEPLOY_POLL).await;
-            receipt = self.provider.get_transaction_receipt(hash).await.map_err(rpc_down)?;
-        }
-        match receipt {
-            Some(r) if r.status() => {
-                tracing::info!(payment.wallet = %wallet, payment.deploy_tx = %hash, "smart wallet deployed to pay");
-                Ok(())
-            }
-            Some(_) => Err(SettleError::Refused(PaymentError::WalletDeploymentFailed)),
-            None => Err(SettleError::NotSent("the wallet deployment was not mined in time".into())),
-        }
     }
 
     /// Broadcasts, returning the receipt with the answer when the node can (EIP-7966).
@@ -302,33 +256,46 @@ impl Settler for SelfSettler {
         recorder: &dyn TxRecorder,
     ) -> Result<Submitted, SettleError> {
         let a = &req.payment.authorization;
-        let input = match &req.payment.signature {
-            PayerSignature::Eoa(sig) => Usdc::transferWithAuthorization_1Call {
-                from: a.from,
-                to: a.to,
-                value: a.value,
-                validAfter: a.validAfter,
-                validBefore: a.validBefore,
-                nonce: a.nonce,
-                v: 27 + u8::from(sig.v()),
-                r: sig.r().into(),
-                s: sig.s().into(),
+        let (to, input, gas_cap) = match &req.payment.signature {
+            PayerSignature::Eoa(sig) => {
+                let input: Bytes = Usdc::transferWithAuthorization_1Call {
+                    from: a.from,
+                    to: a.to,
+                    value: a.value,
+                    validAfter: a.validAfter,
+                    validBefore: a.validBefore,
+                    nonce: a.nonce,
+                    v: 27 + u8::from(sig.v()),
+                    r: sig.r().into(),
+                    s: sig.s().into(),
+                }
+                .abi_encode()
+                .into();
+                (self.asset, input, u64::MAX)
             }
-            .abi_encode()
-            .into(),
             // The `bytes` overload: FiatToken v2.2 asks the wallet (ERC-1271) there.
-            PayerSignature::Contract(signature) => wallet::transfer_call(req.payment, signature.clone()),
+            PayerSignature::Contract(signature) => {
+                (self.asset, wallet::transfer_call(req.payment, signature.clone()), u64::MAX)
+            }
+            // One transaction through Multicall3: deploy (allowed to fail, should the wallet
+            // exist by now), then the transfer (must succeed). Estimated from our relayer, so
+            // the deployment costs gas only when the payment goes through with it.
             PayerSignature::Counterfactual { factory, calldata, inner } => {
-                self.deploy_wallet(a.from, *factory, calldata.clone()).await?;
-                wallet::transfer_call(req.payment, inner.clone())
+                let calls = vec![
+                    Multicall3::Call3 { target: *factory, allowFailure: true, callData: calldata.clone() },
+                    Multicall3::Call3 {
+                        target: self.asset,
+                        allowFailure: false,
+                        callData: wallet::transfer_call(req.payment, inner.clone()),
+                    },
+                ];
+                let input = Multicall3::aggregate3Call { calls }.abi_encode().into();
+                (MULTICALL3, input, MAX_DEPLOY_AND_TRANSFER_GAS)
             }
             // Never reached: the gate proves a wallet's signature before anything is claimed.
             PayerSignature::Unproven(_) => return Err(SettleError::Refused(PaymentError::BadSignature)),
         };
-        let tx = TransactionRequest::default()
-            .with_to(self.asset)
-            .with_input::<Bytes>(input)
-            .with_from(self.relayer);
+        let tx = TransactionRequest::default().with_to(to).with_input::<Bytes>(input).with_from(self.relayer);
         let mut attempts = 0;
         loop {
             attempts += 1;
@@ -336,7 +303,7 @@ impl Settler for SelfSettler {
                 // Nonce, signing and recording in order; the broadcast itself runs unlocked, so
                 // a settlement waiting for its block (sync send) does not hold up the next one.
                 let mut next = self.next_nonce.lock().await;
-                let envelope = self.build(tx.clone(), &mut next).await?;
+                let envelope = self.build(tx.clone(), gas_cap, &mut next).await?;
                 let nonce = envelope.nonce();
                 if let Err(e) = recorder.record(*envelope.tx_hash(), nonce).await {
                     *next = None;
@@ -664,7 +631,25 @@ impl Settler for FacilitatorSettler {
 
     async fn preflight(&self, network: &str) -> anyhow::Result<()> {
         // Through the readiness cache, so the first probe right after start asks no second time.
-        self.checked.get(async { self.check_supported(network).await.map(drop) }).await?;
+        let checked = self.checked.get(async { self.check_supported(network).await.map(drop) }).await;
+        match checked {
+            Ok(()) => {}
+            // Down for now is no verdict: serve unready (readiness keeps asking), rather than
+            // crash-loop a fleet while the facilitator has an outage.
+            Err(e @ FacilitatorCheckError::Unreachable(_)) => {
+                tracing::warn!(error = %e, "the facilitator did not answer at start; unready until it does");
+                return Ok(());
+            }
+            Err(FacilitatorCheckError::Status(status)) if status == 429 || status >= 500 => {
+                tracing::warn!(
+                    facilitator.status = status,
+                    "the facilitator is failing at start; unready until it answers"
+                );
+                return Ok(());
+            }
+            // A definitive answer: wrong credentials, network or URL.
+            Err(e) => return Err(e.into()),
+        }
         let signers = self.signers();
         tracing::info!(facilitator.signers = ?signers, network, "the facilitator settles our payments");
         Ok(())

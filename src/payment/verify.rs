@@ -195,6 +195,13 @@ fn classify_signature(
     if bytes.is_empty() {
         return Err(PaymentError::BadSignature);
     }
+    // Smart-wallet signatures (WebAuthn, multi-owner, 6492-wrapped) run to a few hundred bytes;
+    // anything longer is only load for the wallet calls that would check it.
+    if bytes.len() > MAX_SIGNATURE_BYTES {
+        return Err(PaymentError::Malformed(format!(
+            "payload.signature exceeds {MAX_SIGNATURE_BYTES} bytes"
+        )));
+    }
     let digest = authorization.eip712_signing_hash(domain);
     if let Some(wrapped) = super::wallet::unwrap_6492(&bytes) {
         let w = wrapped?;
@@ -206,6 +213,9 @@ fn classify_signature(
         None => Ok(PayerSignature::Unproven(Unproven { signature: bytes.into(), deployment: None, digest })),
     }
 }
+
+/// The longest signature accepted.
+pub const MAX_SIGNATURE_BYTES: usize = 4096;
 
 /// The signature, when it is a 65-byte ECDSA signature of `digest` by `from`. High-s
 /// (malleable) signatures are refused, as USDC refuses them on chain.

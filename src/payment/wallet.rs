@@ -22,6 +22,7 @@ use super::error::PaymentError;
 use super::verify::{PayerSignature, Unproven, VerifiedPayment, recover_eoa};
 use crate::chain::client::{Chain, ChainError};
 use crate::chain::usdc::Usdc;
+use crate::chain::wallets::Deployment;
 
 /// The 32-byte suffix that marks an ERC-6492 signature.
 pub const ERC6492_MAGIC: [u8; 32] = [
@@ -69,8 +70,15 @@ pub async fn prove(
         if !allowed_factories.contains(factory) {
             return Err(PaymentError::FactoryNotAllowed);
         }
-        let transfer = transfer_call(&payment, signature.clone());
-        let outcome = chain.simulate_deployed_transfer(*factory, calldata.clone(), transfer).await;
+        let deploy = Deployment {
+            factory: *factory,
+            calldata: calldata.clone(),
+            wallet: from,
+            digest: *digest,
+            signature: signature.clone(),
+            transfer: transfer_call(&payment, signature.clone()),
+        };
+        let outcome = chain.simulate_deployed_transfer(&deploy).await;
         if let Some(reason) = outcome.map_err(unavailable)? {
             return Err(simulation_refusal(&reason));
         }

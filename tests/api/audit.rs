@@ -85,6 +85,8 @@ async fn an_honest_server_passes_the_audit_and_stays_consistent_across_audits() 
     assert!(first.ok(), "{}", tollgate::audit::render(&first));
     assert_eq!(first.receipts.len(), 3);
     assert!(first.receipts.iter().all(|r| r.signature_ok && r.on_chain && r.in_log == Some(true)));
+    // Settled by the signer the server publishes (its relayer here).
+    assert!(first.receipts.iter().all(|r| r.settled_by.as_deref() == Some("server")), "{first:?}");
     assert_eq!(first.checkpoint_size, 3);
     // Act 2: more calls, one of them not yet checkpointed.
     paid_calls(&app, 2).await;

@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 use tollgate::chain::anvil::DEV_KEYS;
 use tollgate::chain::parse_private_key;
 use tollgate::chain::usdc::{self, TransferWithAuthorization};
+use tollgate::config::secret_opt;
 use tollgate::payment::wallet::ERC6492_MAGIC;
 
 use crate::helpers::{COUNTED_PRICE, TestApp, spawn_app_with};
@@ -177,5 +178,68 @@ async fn refused_wallet_payments_charge_nothing_and_spend_the_failure_budget() {
         app.pay("counted", json!({}), &wallet_payload(&app, &requirements, wallet, &owner)).await;
     assert_eq!(turned_away["structuredContent"]["axis"], "failed_attempts", "{turned_away}");
     assert_eq!(app.runs(), 0);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_eoa_cannot_wrap_its_signature_to_make_the_relayer_deploy_someone_elses_wallet() {
+    // Arrange: an allowed factory, and a funded EOA payer.
+    let mut app = spawn_app_with(|_| {}).await;
+    let wallets = Wallets::deploy(&app).await;
+    let mut config = app.state.config.clone();
+    config.payment.eip6492_allowed_factories = vec![wallets.factory];
+    let relayer =
+        tollgate::chain::parse_private_key(secret_opt(&config.payment.relayer_key).unwrap()).unwrap();
+    app.replace_server(config).await;
+    let payer = app.payer();
+    let before = app.balance(payer.address()).await;
+    let gas_before = app.chain().gas_balance(relayer.address()).await.unwrap();
+    // Act: its own valid ECDSA signature, wrapped with deployment info for another wallet.
+    let other = PrivateKeySigner::random().address();
+    let salt = B256::repeat_byte(9);
+    let target =
+        TestWalletFactory::new(wallets.factory, &wallets.minter).predict(other, salt).call().await.unwrap();
+    let mut payload = app.sign(&payer, &app.requirements("counted", json!({})).await);
+    wrap_6492(&mut payload, wallets.factory, wallets.deploy_calldata(other, salt));
+    let refused = app.pay("counted", json!({}), &payload).await;
+    // Assert: refused as a signature `from` (no wallet) cannot vouch for; nothing deployed,
+    // no gas spent, nothing charged.
+    let error = refused["structuredContent"]["error"].as_str().unwrap_or_default();
+    assert_eq!(error, "invalid_exact_evm_signature", "{refused}");
+    assert!(app.chain().provider().get_code_at(target).await.unwrap().is_empty(), "nothing was deployed");
+    assert_eq!(app.chain().gas_balance(relayer.address()).await.unwrap(), gas_before, "no gas spent");
+    assert_eq!(app.balance(payer.address()).await, before);
+    assert_eq!(app.runs(), 0);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_settled_wallet_payment_is_served_again_without_asking_the_chain() {
+    // Arrange: tollgate reaches the chain through a relay we can cut.
+    let mut app = spawn_app_with(|_| {}).await;
+    let port: u16 = app.chain.anvil.endpoint().rsplit(':').next().unwrap().parse().unwrap();
+    let relay = crate::helpers::Relay::start(port).await;
+    let mut config = app.state.config.clone();
+    config.network.rpc_url = format!("http://127.0.0.1:{}", relay.port).into();
+    app.replace_server(config).await;
+    let wallets = Wallets::deploy(&app).await;
+    let owner = PrivateKeySigner::random();
+    let salt = B256::repeat_byte(5);
+    let wallet = wallets.funded(&app, owner.address(), salt).await;
+    wallets.deploy_wallet(owner.address(), salt).await;
+    let payload = wallet_payload(&app, &requirements(&app).await, wallet, &owner);
+    let paid = app.pay("counted", json!({}), &payload).await;
+    assert_eq!(paid["isError"], false, "{paid}");
+    // Act: the chain becomes unreachable, and the client resends the same payment.
+    relay.up.store(false, std::sync::atomic::Ordering::SeqCst);
+    let through_relay = format!("http://127.0.0.1:{}", relay.port);
+    let cut = tollgate::chain::client::ChainClient::connect(&through_relay, app.chain.token).unwrap();
+    while cut.chain_id().await.is_ok() {}
+    // Open connections through the relay close on its next 20 ms poll.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let again = app.pay("counted", json!({}), &payload).await;
+    // Assert: the stored answer, not "chain unavailable, nothing was charged" (it was).
+    assert_eq!(again, paid);
+    assert_eq!(app.runs(), 1);
     app.shutdown().await;
 }

@@ -163,15 +163,18 @@ impl PaidCall {
         };
         // 5. Local verification; from here on the payer is the recovered signer.
         let margin = self.settings.valid_before_margin_secs;
-        let verified = verify(&payment, quote, &self.domain, self.clock.now_unix(), margin)?;
-        // A smart wallet's signature is proven by its contract (an RPC call, inside the
-        // failed-attempt budget like every refusal): only then is `from` the payer.
-        let verified = self.gate.prove_payer(verified).await?;
-        tracing::info!(payment.payer = %verified.payer, tool = %quote.tool, "payment verified");
+        let mut verified = verify(&payment, quote, &self.domain, self.clock.now_unix(), margin)?;
         // A payment already held (a retry, or a replay) is answered for what it is: it never
-        // spends the payer's wallet limits again, nor is refused for a tool's readiness.
+        // spends the payer's wallet limits again, nor is refused for a tool's readiness. Held
+        // means settled, for this very payload (`known` never hands back one to settle), so a
+        // smart wallet's signature is not asked again: were its answer different now (new
+        // owners, a flaky node), a payer whose money moved would be re-challenged.
         let known = self.gate.known(&verified, quote, &call.arguments).await?;
         if known.is_none() {
+            // A smart wallet's signature is proven by its contract (RPC, inside the
+            // failed-attempt budget like every refusal): only then is `from` the payer.
+            verified = self.gate.prove_payer(verified).await?;
+            tracing::info!(payment.payer = %verified.payer, tool = %quote.tool, "payment verified");
             // 6. Wallet limits, on the recovered payer, before anything is claimed or charged.
             let limit = LimitRequest {
                 payer: verified.payer,

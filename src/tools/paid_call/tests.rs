@@ -81,9 +81,7 @@ impl Chain for FakeChain {
     }
     async fn simulate_deployed_transfer(
         &self,
-        _: Address,
-        _: Bytes,
-        _: Bytes,
+        _: &crate::chain::wallets::Deployment,
     ) -> Result<Option<String>, ChainError> {
         Ok(Some("no factories here".into()))
     }
