@@ -17,12 +17,12 @@ use crate::limits::WalletLimits;
 use crate::limits::redis::RedisBuckets;
 use crate::receipt::{ReceiptSigner, Receipts};
 
+use crate::cdp_auth::CdpAuth;
 use crate::chain::client::ChainClient;
 use crate::chain::{Network, parse_private_key};
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::{Config, SettlerKind, UpstreamConfig, secret_opt};
 use crate::money::UsdcAmount;
-use crate::payment::cdp_auth::CdpAuth;
 use crate::payment::gate::PaymentGate;
 use crate::payment::reconcile::Reconciler;
 use crate::payment::requirements::PayTerms;

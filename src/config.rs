@@ -551,7 +551,7 @@ impl Config {
                 "set either auth_header or the CDP key, not both",
             ));
         }
-        if cdp_secret && let Err(e) = crate::payment::cdp_auth::CdpKey::parse(&f.cdp_key_secret) {
+        if cdp_secret && let Err(e) = crate::cdp_auth::CdpKey::parse(&f.cdp_key_secret) {
             return Err(invalid("payment.facilitator.cdp_key_secret", e.to_string()));
         }
         let n = &self.network;

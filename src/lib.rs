@@ -19,6 +19,7 @@ pub mod app;
 pub mod audit;
 pub mod background;
 pub mod canonical;
+pub mod cdp_auth;
 pub mod ceiling;
 pub mod chain;
 pub mod cli;

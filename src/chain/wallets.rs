@@ -10,6 +10,9 @@ use alloy::transports::RpcError;
 
 use super::client::{ChainClient, ChainError};
 
+/// The ERC-1271 answer for a valid signature: `isValidSignature`'s selector.
+pub const ERC1271_MAGIC: [u8; 4] = [0x16, 0x26, 0xba, 0x7e];
+
 /// Multicall3's address on Base, Base Sepolia and most EVM chains (CREATE2-deterministic);
 /// `tollgate dev` places the same contract there on anvil.
 pub const MULTICALL3: Address = address!("cA11bde05977b3631167028862bE2a173976CA11");
@@ -117,7 +120,7 @@ const SIMULATION_GAS: u64 = 5_000_000;
 
 /// An ERC-1271 yes: at least one ABI word (as FiatToken decodes it) starting with the magic.
 fn vouches(answer: &[u8]) -> bool {
-    answer.len() >= 32 && answer[..4] == crate::payment::wallet::ERC1271_MAGIC
+    answer.len() >= 32 && answer[..4] == ERC1271_MAGIC
 }
 
 /// Whether a node's error answer is the call's own revert (execution), not the node's trouble.

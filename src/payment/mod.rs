@@ -1,7 +1,6 @@
 //! The x402 payment stage, in pipeline order: decode and verify (local), claim, settle,
 //! reconcile. `requirements` turns prices into `accepts`; `wire` holds the x402 v2 types.
 
-pub mod cdp_auth;
 pub mod decode;
 pub mod error;
 pub mod gate;

@@ -24,11 +24,11 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::cdp_auth::CdpAuth;
 use super::error::PaymentError;
 use super::verify::{PayerSignature, VerifiedPayment};
 use super::wallet;
 use super::wire::PaymentRequirements;
+use crate::cdp_auth::CdpAuth;
 use crate::chain::client::rpc_client;
 use crate::chain::usdc::Usdc;
 use crate::chain::wallets::{MULTICALL3, Multicall3};

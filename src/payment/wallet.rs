@@ -30,9 +30,6 @@ pub const ERC6492_MAGIC: [u8; 32] = [
     0x92, 0x64, 0x92, 0x64, 0x92, 0x64, 0x92, 0x64, 0x92, 0x64, 0x92, 0x64, 0x92, 0x64, 0x92,
 ];
 
-/// The ERC-1271 answer for a valid signature: `isValidSignature`'s selector.
-pub const ERC1271_MAGIC: [u8; 4] = [0x16, 0x26, 0xba, 0x7e];
-
 /// An ERC-6492 wrapper: `abi.encode(factory, factoryCalldata, signature) ++ magic`.
 pub struct Wrapped {
     pub factory: Address,

@@ -447,3 +447,32 @@ async fn start_up_checks_the_facilitator_supports_our_network_and_publishes_its_
     assert_eq!(listing["settlement"]["signers"], json!([FACILITATOR_SIGNER]));
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_facilitator_down_at_start_leaves_the_server_up_but_unready_until_it_answers() {
+    let mut app = spawn_app().await;
+    // Nothing listens there yet.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let mut config = app.state.config.clone();
+    config.payment.settler = SettlerKind::Facilitator;
+    config.payment.facilitator.url = format!("http://{addr}");
+    app.replace_server(config).await;
+    let (status, report) = crate::helpers::readyz_until(&app.base_url(), 503).await;
+    assert_eq!(status, 503, "{report}");
+    assert!(report["checks"]["facilitator"].as_str().unwrap().contains("unreachable"), "{report}");
+    // It comes up: the next probe finds it, and the server turns ready.
+    let fake = Fake::new(Mode::Settle, app.chain.anvil.endpoint(), Default::default());
+    let router = Router::new()
+        .route(
+            "/supported",
+            axum::routing::get(|State(fake): State<Fake>| async move { Json(fake.supported) }),
+        )
+        .with_state(fake);
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    let (status, report) = crate::helpers::readyz_until(&app.base_url(), 200).await;
+    assert_eq!((status, &report["checks"]["facilitator"]), (200, &json!("ok")), "{report}");
+    app.shutdown().await;
+}
