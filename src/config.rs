@@ -422,6 +422,21 @@ fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { key, reason: reason.into() }
 }
 
+/// Reads the secret at `path` (trimmed) into `secret`, when `path` is set.
+fn read_secret_file(key: &'static str, path: &str, secret: &mut SecretString) -> Result<(), ConfigError> {
+    let path = path.trim();
+    if path.is_empty() {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::File {
+        key,
+        path: path.to_owned(),
+        source,
+    })?;
+    *secret = SecretString::from(text.trim().to_owned());
+    Ok(())
+}
+
 /// Returns the secret when it is set (non-empty).
 pub fn secret_opt(s: &SecretString) -> Option<&str> {
     let v = s.expose_secret().trim();
@@ -453,34 +468,15 @@ impl Config {
 
     /// `*_file` keys let orchestrators mount secrets as files (k8s Secrets, Docker secrets).
     fn resolve_secret_files(&mut self) -> Result<(), ConfigError> {
-        let path = self.receipts.key_file.trim();
-        if !path.is_empty() {
-            let key = std::fs::read_to_string(path).map_err(|source| ConfigError::File {
-                key: "receipts.key_file",
-                path: path.to_owned(),
-                source,
-            })?;
-            self.receipts.key = SecretString::from(key.trim().to_owned());
-        }
-        let path = self.payment.relayer_key_file.trim();
-        if !path.is_empty() {
-            let key = std::fs::read_to_string(path).map_err(|source| ConfigError::File {
-                key: "payment.relayer_key_file",
-                path: path.to_owned(),
-                source,
-            })?;
-            self.payment.relayer_key = SecretString::from(key.trim().to_owned());
-        }
-        let path = self.payment.facilitator.cdp_key_secret_file.trim();
-        if !path.is_empty() {
-            let key = std::fs::read_to_string(path).map_err(|source| ConfigError::File {
-                key: "payment.facilitator.cdp_key_secret_file",
-                path: path.to_owned(),
-                source,
-            })?;
-            self.payment.facilitator.cdp_key_secret = SecretString::from(key.trim().to_owned());
-        }
-        Ok(())
+        read_secret_file("receipts.key_file", &self.receipts.key_file, &mut self.receipts.key)?;
+        let p = &mut self.payment;
+        read_secret_file("payment.relayer_key_file", &p.relayer_key_file, &mut p.relayer_key)?;
+        let f = &mut p.facilitator;
+        read_secret_file(
+            "payment.facilitator.cdp_key_secret_file",
+            &f.cdp_key_secret_file,
+            &mut f.cdp_key_secret,
+        )
     }
 
     /// Checks what serde cannot: ranges, formats and cross-field rules.
