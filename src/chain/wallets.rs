@@ -118,14 +118,17 @@ pub struct Deployment {
 const WALLET_CALL_GAS: u64 = 2_000_000;
 const SIMULATION_GAS: u64 = 5_000_000;
 
-/// An ERC-1271 yes: at least one ABI word (as FiatToken decodes it) starting with the magic.
+/// An ERC-1271 yes: the first ABI word is exactly `bytes32(0x1626ba7e)`, as FiatToken v2.2's
+/// `SignatureChecker` decodes it (the magic, then 28 zero bytes).
 fn vouches(answer: &[u8]) -> bool {
-    answer.len() >= 32 && answer[..4] == ERC1271_MAGIC
+    answer.len() >= 32 && answer[..4] == ERC1271_MAGIC && answer[4..32].iter().all(|b| *b == 0)
 }
 
 /// Whether a node's error answer is the call's own revert (execution), not the node's trouble.
+/// Running out of the gas we capped a wallet call with is the wallet's doing: a no too.
 fn is_revert(code: i64, message: &str) -> bool {
-    code == 3 || message.to_ascii_lowercase().contains("revert")
+    let message = message.to_ascii_lowercase();
+    code == 3 || message.contains("revert") || message.contains("out of gas")
 }
 
 /// A revert's `Error(string)` message, or a placeholder.

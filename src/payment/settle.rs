@@ -120,6 +120,10 @@ pub struct SelfSettler {
     sync_send: std::sync::atomic::AtomicBool,
 }
 
+/// Most gas a settlement may take: a plain transfer needs ~90k; a smart wallet's ERC-1271 check
+/// runs the payer's chosen code at our expense, bounded here (passkey wallets need the most).
+const MAX_TRANSFER_GAS: u64 = 300_000;
+const MAX_WALLET_TRANSFER_GAS: u64 = 800_000;
 /// Most gas a deploy-then-transfer settlement may take (a smart wallet's deployment runs the
 /// payer's chosen code at our expense: ~300k for common wallets, bounded here).
 const MAX_DEPLOY_AND_TRANSFER_GAS: u64 = 1_500_000;
@@ -209,7 +213,16 @@ impl SelfSettler {
         // Headroom over the estimate: state can shift between simulation and inclusion.
         let gas_limit = gas.saturating_mul(12) / 10;
         if gas_limit > gas_cap {
-            return Err(SettleError::Refused(PaymentError::WalletDeploymentFailed));
+            tracing::warn!(
+                settlement.gas = gas_limit,
+                settlement.gas_cap = gas_cap,
+                "settlement refused: it would cost more gas than allowed"
+            );
+            let reason = match gas_cap {
+                MAX_DEPLOY_AND_TRANSFER_GAS => PaymentError::WalletDeploymentFailed,
+                _ => PaymentError::SettlementFailed { reason: "settlement_gas_exceeds_cap".into() },
+            };
+            return Err(SettleError::Refused(reason));
         }
         if balance < U256::from(gas_limit) * U256::from(fees.max_fee_per_gas) {
             return Err(SettleError::NotSent("the relayer cannot pay for gas".into()));
@@ -271,11 +284,11 @@ impl Settler for SelfSettler {
                 }
                 .abi_encode()
                 .into();
-                (self.asset, input, u64::MAX)
+                (self.asset, input, MAX_TRANSFER_GAS)
             }
             // The `bytes` overload: FiatToken v2.2 asks the wallet (ERC-1271) there.
             PayerSignature::Contract(signature) => {
-                (self.asset, wallet::transfer_call(req.payment, signature.clone()), u64::MAX)
+                (self.asset, wallet::transfer_call(req.payment, signature.clone()), MAX_WALLET_TRANSFER_GAS)
             }
             // One transaction through Multicall3: deploy (allowed to fail, should the wallet
             // exist by now), then the transfer (must succeed). Estimated from our relayer, so
@@ -296,20 +309,51 @@ impl Settler for SelfSettler {
             PayerSignature::Unproven(_) => return Err(SettleError::Refused(PaymentError::BadSignature)),
         };
         let tx = TransactionRequest::default().with_to(to).with_input::<Bytes>(input).with_from(self.relayer);
+        let counterfactual = matches!(req.payment.signature, PayerSignature::Counterfactual { .. });
         let mut attempts = 0;
+        // The first transaction broadcast, if any: from then on nothing can be "not sent" (a
+        // "nonce too low" may mean it was mined through another node), so every later failure
+        // is ambiguous and names it.
+        let mut sent: Option<B256> = None;
         loop {
             attempts += 1;
-            let (envelope, nonce) = {
+            let built = {
                 // Nonce, signing and recording in order; the broadcast itself runs unlocked, so
                 // a settlement waiting for its block (sync send) does not hold up the next one.
                 let mut next = self.next_nonce.lock().await;
-                let envelope = self.build(tx.clone(), gas_cap, &mut next).await?;
-                let nonce = envelope.nonce();
-                if let Err(e) = recorder.record(*envelope.tx_hash(), nonce).await {
-                    *next = None;
-                    return Err(SettleError::NotSent(format!("cannot record tx: {e}")));
+                match self.build(tx.clone(), gas_cap, &mut next).await {
+                    Ok(envelope) => {
+                        let nonce = envelope.nonce();
+                        match recorder.record(*envelope.tx_hash(), nonce).await {
+                            Ok(()) => Ok((envelope, nonce)),
+                            Err(e) => {
+                                *next = None;
+                                Err(SettleError::NotSent(format!("cannot record tx: {e}")))
+                            }
+                        }
+                    }
+                    Err(e) => Err(e),
                 }
-                (envelope, nonce)
+            };
+            let (envelope, nonce) = match (built, sent) {
+                (Ok(built), _) => built,
+                (Err(_), Some(first)) => return Err(SettleError::Ambiguous { tx: Some(first) }),
+                // Multicall3 reverts with its own message, hiding USDC's: an authorization spent
+                // meanwhile (by a front-runner) must reach the gate as spent, which asks the
+                // chain who spent it, never as a plain failure.
+                (Err(SettleError::Refused(e)), None) if counterfactual && e != PaymentError::NonceReused => {
+                    let used = Usdc::new(self.asset, &self.provider)
+                        .authorizationState(a.from, a.nonce)
+                        .call()
+                        .await;
+                    return Err(match used {
+                        Ok(true) => SettleError::Refused(PaymentError::NonceReused),
+                        Ok(false) => SettleError::Refused(e),
+                        // Unknown either way, and nothing was sent.
+                        Err(_) => SettleError::NotSent("RPC unavailable".into()),
+                    });
+                }
+                (Err(e), None) => return Err(e),
             };
             let hash = *envelope.tx_hash();
             let error = match self.broadcast(hash, &envelope.encoded_2718()).await {
@@ -326,6 +370,7 @@ impl Settler for SelfSettler {
                 // still show who spent the authorization.
                 Some(Refusal::NonceTaken) if attempts < 3 => {
                     tracing::info!(payment.tx = %hash, relayer.nonce = nonce, "relayer nonce taken; signing again");
+                    sent.get_or_insert(hash);
                 }
                 // Anything else after a broadcast is ambiguous, even a node's explicit refusal
                 // (in a load-balanced pool another node may hold it): the gate resolves it from
