@@ -200,7 +200,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = Config::load(cli.config.as_deref())?;
             let report = crate::doctor::run(&config).await;
             match json {
-                true => println!("{}", crate::doctor::to_json(&report)),
+                true => println!("{}", serde_json::to_string(&report)?),
                 false => print!("{}", report.render()),
             }
             if !report.ok {

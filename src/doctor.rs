@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use alloy::primitives::{Address, B256, U256};
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::chain::Network;
 use crate::chain::client::ChainClient;
@@ -78,26 +78,22 @@ pub async fn run(config: &Config) -> Report {
         checks.add("rpc", Err("no network.rpc_url or rpc_urls".into()));
     }
     // Every endpoint on its own: a fallback one on the wrong chain would only show in an outage.
-    let mut chain = None;
+    let mut any_answered = false;
     for (i, url) in endpoints.iter().enumerate() {
         let name =
             if endpoints.len() == 1 { "chain_id".to_owned() } else { format!("chain_id (rpc {})", i + 1) };
         let outcome = match (&network, ChainClient::connect(url, Address::ZERO)) {
             (Err(e), _) => Err(e.clone()),
             (_, Err(e)) => Err(e.to_string()),
-            (Ok(n), Ok(client)) => match bounded(client.chain_id()).await {
-                Ok(id) if id == n.chain_id => Ok(format!("{id} ({})", n.caip2)),
-                Ok(id) => Err(format!("the RPC serves chain {id}, the config expects {}", n.chain_id)),
-                Err(e) => Err(e),
-            },
+            (Ok(n), Ok(client)) => bounded(client.chain_id()).await.and_then(|id| {
+                crate::readiness::chain_id_is(id, n.chain_id).map(|()| format!("{id} ({})", n.caip2))
+            }),
         };
-        if outcome.is_ok() && chain.is_none() {
-            chain =
-                ChainClient::connect_any(&endpoints, network.as_ref().map(|n| n.asset).unwrap_or_default())
-                    .ok();
-        }
+        any_answered |= outcome.is_ok();
         checks.add(&name, outcome);
     }
+    let asset = network.as_ref().map(|n| n.asset).unwrap_or_default();
+    let chain = any_answered.then(|| ChainClient::connect_any(&endpoints, asset).ok()).flatten();
     let relayer = relayer_address(config);
     match (&chain, &network) {
         (Some(chain), Ok(network)) => checks.add("eip712_domain", eip712_domain(chain, network).await),
@@ -231,10 +227,7 @@ fn pay_to(config: &Config, relayer: Option<Address>) -> Result<String, String> {
 
 async fn relayer_gas(chain: &ChainClient, relayer: Address, floor: u128) -> Result<String, String> {
     let wei = bounded(chain.gas_balance(relayer)).await?;
-    match wei >= U256::from(floor) {
-        true => Ok(format!("{wei} wei at {relayer}")),
-        false => Err(format!("{wei} wei at {relayer}, below payment.min_relayer_balance_wei = {floor}")),
-    }
+    crate::readiness::gas_enough(wei, floor).map(|()| format!("{wei} wei at {relayer}"))
 }
 
 /// `/supported` for our network, and whether our credentials pass: a `/verify` of a payload no
@@ -278,9 +271,4 @@ async fn redis(config: &Config) -> Result<String, String> {
     let buckets =
         bounded(crate::limits::redis::RedisBuckets::connect(url, &config.limits.key_prefix)).await?;
     bounded(buckets.ping()).await.map(|()| "PING answered".to_owned())
-}
-
-/// The report as JSON, for scripts.
-pub fn to_json(report: &Report) -> Value {
-    serde_json::to_value(report).unwrap_or(Value::Null)
 }

@@ -79,8 +79,7 @@ pub async fn probe(app: &AppState) -> Report {
     check("limiter", if limiter { Ok(()) } else { Err("redis unavailable".into()) });
     let chain = tokio::time::timeout(timeout, app.gate.chain.chain_id()).await;
     let chain = match chain {
-        Ok(Ok(id)) if id == app.network.chain_id => Ok(()),
-        Ok(Ok(id)) => Err(format!("RPC is on chain {id}, expected {}", app.network.chain_id)),
+        Ok(Ok(id)) => chain_id_is(id, app.network.chain_id),
         Ok(Err(e)) => Err(crate::redact::urls(&e.to_string())),
         Err(_) => Err("timeout".into()),
     };
@@ -97,11 +96,7 @@ pub async fn probe(app: &AppState) -> Report {
         let outcome = match balance {
             Ok(Ok(wei)) => {
                 metrics::gauge!("tollgate_relayer_balance_wei").set(f64::from(wei));
-                if wei >= alloy::primitives::U256::from(floor) {
-                    Ok(())
-                } else {
-                    Err(format!("relayer balance {wei} wei is below {floor}"))
-                }
+                gas_enough(wei, floor)
             }
             Ok(Err(e)) => Err(crate::redact::urls(&e.to_string())),
             Err(_) => Err("timeout".into()),
@@ -109,4 +104,20 @@ pub async fn probe(app: &AppState) -> Report {
         check("relayer_gas", outcome);
     }
     Report { ready, checks }
+}
+
+/// The RPC's chain against the configured one (readiness and `tollgate doctor`).
+pub fn chain_id_is(found: u64, expected: u64) -> Result<(), String> {
+    match found == expected {
+        true => Ok(()),
+        false => Err(format!("RPC is on chain {found}, expected {expected}")),
+    }
+}
+
+/// The relayer's gas money against `payment.min_relayer_balance_wei`.
+pub fn gas_enough(wei: alloy::primitives::U256, floor: u128) -> Result<(), String> {
+    match wei >= alloy::primitives::U256::from(floor) {
+        true => Ok(()),
+        false => Err(format!("relayer balance {wei} wei is below payment.min_relayer_balance_wei = {floor}")),
+    }
 }

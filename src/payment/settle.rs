@@ -120,13 +120,24 @@ pub struct SelfSettler {
     sync_send: std::sync::atomic::AtomicBool,
 }
 
-/// Most gas a settlement may take: a plain transfer needs ~90k; a smart wallet's ERC-1271 check
-/// runs the payer's chosen code at our expense, bounded here (passkey wallets need the most).
-const MAX_TRANSFER_GAS: u64 = 300_000;
-const MAX_WALLET_TRANSFER_GAS: u64 = 800_000;
-/// Most gas a deploy-then-transfer settlement may take (a smart wallet's deployment runs the
-/// payer's chosen code at our expense: ~300k for common wallets, bounded here).
-const MAX_DEPLOY_AND_TRANSFER_GAS: u64 = 1_500_000;
+/// Most gas a settlement may take, and the refusal past it. A plain transfer needs ~90k; a
+/// smart wallet's ERC-1271 check, and its deployment, run the payer's chosen code at our
+/// expense, bounded here (passkey wallets need the most; deployments ~300k for common ones).
+struct GasCap {
+    limit: u64,
+    refusal: fn() -> PaymentError,
+}
+
+impl GasCap {
+    const TRANSFER: GasCap = GasCap { limit: 300_000, refusal: over_cap };
+    const WALLET_TRANSFER: GasCap = GasCap { limit: 800_000, refusal: over_cap };
+    const DEPLOY_AND_TRANSFER: GasCap =
+        GasCap { limit: 1_500_000, refusal: || PaymentError::WalletDeploymentFailed };
+}
+
+fn over_cap() -> PaymentError {
+    PaymentError::SettlementFailed { reason: "settlement_gas_exceeds_cap".into() }
+}
 
 /// Fee estimates move with the base fee, block by block: a second-old one is good enough for
 /// a limit with 2x base-fee headroom (alloy's estimate), and saves a round trip per payment.
@@ -185,7 +196,7 @@ impl SelfSettler {
     async fn build(
         &self,
         tx: TransactionRequest,
-        gas_cap: u64,
+        gas_cap: &GasCap,
         nonce: &mut Option<u64>,
     ) -> Result<TxEnvelope, SettleError> {
         let not_sent = |e: RpcError<TransportErrorKind>| {
@@ -212,17 +223,13 @@ impl SelfSettler {
         )?;
         // Headroom over the estimate: state can shift between simulation and inclusion.
         let gas_limit = gas.saturating_mul(12) / 10;
-        if gas_limit > gas_cap {
+        if gas_limit > gas_cap.limit {
             tracing::warn!(
                 settlement.gas = gas_limit,
-                settlement.gas_cap = gas_cap,
+                settlement.gas_cap = gas_cap.limit,
                 "settlement refused: it would cost more gas than allowed"
             );
-            let reason = match gas_cap {
-                MAX_DEPLOY_AND_TRANSFER_GAS => PaymentError::WalletDeploymentFailed,
-                _ => PaymentError::SettlementFailed { reason: "settlement_gas_exceeds_cap".into() },
-            };
-            return Err(SettleError::Refused(reason));
+            return Err(SettleError::Refused((gas_cap.refusal)()));
         }
         if balance < U256::from(gas_limit) * U256::from(fees.max_fee_per_gas) {
             return Err(SettleError::NotSent("the relayer cannot pay for gas".into()));
@@ -284,11 +291,11 @@ impl Settler for SelfSettler {
                 }
                 .abi_encode()
                 .into();
-                (self.asset, input, MAX_TRANSFER_GAS)
+                (self.asset, input, GasCap::TRANSFER)
             }
             // The `bytes` overload: FiatToken v2.2 asks the wallet (ERC-1271) there.
             PayerSignature::Contract(signature) => {
-                (self.asset, wallet::transfer_call(req.payment, signature.clone()), MAX_WALLET_TRANSFER_GAS)
+                (self.asset, wallet::transfer_call(req.payment, signature.clone()), GasCap::WALLET_TRANSFER)
             }
             // One transaction through Multicall3: deploy (allowed to fail, should the wallet
             // exist by now), then the transfer (must succeed). Estimated from our relayer, so
@@ -303,7 +310,7 @@ impl Settler for SelfSettler {
                     },
                 ];
                 let input = Multicall3::aggregate3Call { calls }.abi_encode().into();
-                (MULTICALL3, input, MAX_DEPLOY_AND_TRANSFER_GAS)
+                (MULTICALL3, input, GasCap::DEPLOY_AND_TRANSFER)
             }
             // Never reached: the gate proves a wallet's signature before anything is claimed.
             PayerSignature::Unproven(_) => return Err(SettleError::Refused(PaymentError::BadSignature)),
@@ -321,7 +328,7 @@ impl Settler for SelfSettler {
                 // Nonce, signing and recording in order; the broadcast itself runs unlocked, so
                 // a settlement waiting for its block (sync send) does not hold up the next one.
                 let mut next = self.next_nonce.lock().await;
-                match self.build(tx.clone(), gas_cap, &mut next).await {
+                match self.build(tx.clone(), &gas_cap, &mut next).await {
                     Ok(envelope) => {
                         let nonce = envelope.nonce();
                         match recorder.record(*envelope.tx_hash(), nonce).await {
@@ -575,6 +582,12 @@ impl FacilitatorSettler {
         self.post(path, body).await.map(|(status, _)| status)
     }
 
+    /// [`Self::check_supported`], its success reused for `SUPPORTED_TTL` (start-up and readiness
+    /// probes share it).
+    async fn supported_cached(&self, network: &str) -> Result<(), FacilitatorCheckError> {
+        self.checked.get(async { self.check_supported(network).await.map(drop) }).await
+    }
+
     /// Asks `/supported` whether the facilitator settles x402 v2 `exact` on `network`, and
     /// records its signers there.
     pub async fn check_supported(&self, network: &str) -> Result<Vec<Address>, FacilitatorCheckError> {
@@ -676,8 +689,7 @@ impl Settler for FacilitatorSettler {
 
     async fn preflight(&self, network: &str) -> anyhow::Result<()> {
         // Through the readiness cache, so the first probe right after start asks no second time.
-        let checked = self.checked.get(async { self.check_supported(network).await.map(drop) }).await;
-        match checked {
+        match self.supported_cached(network).await {
             Ok(()) => {}
             // Down for now is no verdict: serve unready (readiness keeps asking), rather than
             // crash-loop a fleet while the facilitator has an outage.
@@ -701,7 +713,7 @@ impl Settler for FacilitatorSettler {
     }
 
     async fn ready(&self, network: &str) -> Option<Result<(), String>> {
-        let checked = self.checked.get(async { self.check_supported(network).await.map(drop) }).await;
+        let checked = self.supported_cached(network).await;
         Some(checked.map_err(|e| e.to_string()))
     }
 

@@ -59,7 +59,12 @@ fn supports(network: &str) -> Value {
 
 /// Starts the fake facilitator on port 0; returns its base URL.
 async fn fake_facilitator(fake: Fake) -> String {
-    let app = Router::new()
+    crate::helpers::serve_on_loopback(fake_router(fake)).await
+}
+
+/// The fake facilitator's routes: `/verify`, `/settle` and `/supported`, behind its CDP check.
+fn fake_router(fake: Fake) -> Router {
+    Router::new()
         .route("/verify", post(verify))
         .route("/settle", post(settle))
         .route(
@@ -67,8 +72,7 @@ async fn fake_facilitator(fake: Fake) -> String {
             axum::routing::get(|State(fake): State<Fake>| async move { Json(fake.supported) }),
         )
         .layer(axum::middleware::from_fn_with_state(fake.clone(), cdp_gate))
-        .with_state(fake);
-    crate::helpers::serve_on_loopback(app).await
+        .with_state(fake)
 }
 
 /// What CDP checks on a bearer JWT, done by an independent implementation (`jsonwebtoken`'s
@@ -464,12 +468,7 @@ async fn a_facilitator_down_at_start_leaves_the_server_up_but_unready_until_it_a
     assert!(report["checks"]["facilitator"].as_str().unwrap().contains("unreachable"), "{report}");
     // It comes up: the next probe finds it, and the server turns ready.
     let fake = Fake::new(Mode::Settle, app.chain.anvil.endpoint(), Default::default());
-    let router = Router::new()
-        .route(
-            "/supported",
-            axum::routing::get(|State(fake): State<Fake>| async move { Json(fake.supported) }),
-        )
-        .with_state(fake);
+    let router = fake_router(fake);
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
     let (status, report) = crate::helpers::readyz_until(&app.base_url(), 200).await;

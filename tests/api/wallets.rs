@@ -91,6 +91,16 @@ fn wrap_6492(payload: &mut Value, factory: Address, calldata: Bytes) {
     payload["payload"]["signature"] = json!(format!("0x{}", hex::encode(wrapped)));
 }
 
+/// tollgate with the test factory deployed and on `payment.eip6492_allowed_factories`.
+async fn app_allowing_the_factory() -> (TestApp, Wallets) {
+    let mut app = spawn_app_with(|_| {}).await;
+    let wallets = Wallets::deploy(&app).await;
+    let mut config = app.state.config.clone();
+    config.payment.eip6492_allowed_factories = vec![wallets.factory];
+    app.replace_server(config).await;
+    (app, wallets)
+}
+
 async fn requirements(app: &TestApp) -> Value {
     serde_json::to_value(app.requirements("counted", json!({})).await).unwrap()
 }
@@ -118,11 +128,7 @@ async fn a_deployed_erc1271_wallet_pays_and_is_the_payer() {
 
 #[tokio::test]
 async fn a_counterfactual_wallet_from_an_allowed_factory_is_deployed_then_pays() {
-    let mut app = spawn_app_with(|_| {}).await;
-    let wallets = Wallets::deploy(&app).await;
-    let mut config = app.state.config.clone();
-    config.payment.eip6492_allowed_factories = vec![wallets.factory];
-    app.replace_server(config).await;
+    let (app, wallets) = app_allowing_the_factory().await;
     let owner = PrivateKeySigner::random();
     let salt = B256::repeat_byte(2);
     let wallet = wallets.funded(&app, owner.address(), salt).await;
@@ -184,13 +190,10 @@ async fn refused_wallet_payments_charge_nothing_and_spend_the_failure_budget() {
 #[tokio::test]
 async fn an_eoa_cannot_wrap_its_signature_to_make_the_relayer_deploy_someone_elses_wallet() {
     // Arrange: an allowed factory, and a funded EOA payer.
-    let mut app = spawn_app_with(|_| {}).await;
-    let wallets = Wallets::deploy(&app).await;
-    let mut config = app.state.config.clone();
-    config.payment.eip6492_allowed_factories = vec![wallets.factory];
+    let (app, wallets) = app_allowing_the_factory().await;
     let relayer =
-        tollgate::chain::parse_private_key(secret_opt(&config.payment.relayer_key).unwrap()).unwrap();
-    app.replace_server(config).await;
+        tollgate::chain::parse_private_key(secret_opt(&app.state.config.payment.relayer_key).unwrap())
+            .unwrap();
     let payer = app.payer();
     let before = app.balance(payer.address()).await;
     let gas_before = app.chain().gas_balance(relayer.address()).await.unwrap();
