@@ -23,6 +23,7 @@ use tollgate::chain::usdc::Usdc;
 use tollgate::client::sign::{SignParams, sign_payment};
 use tollgate::clock::{Clock, SystemClock};
 use tollgate::config::Config;
+use tollgate::config::PriceSetting;
 use tollgate::dev::DevChain;
 use tollgate::money::UsdcAmount;
 use tollgate::payment::wire::PaymentRequirements;
@@ -118,8 +119,11 @@ async fn main() {
         input_schema: json!({ "type": "object" }),
         handler: Arc::new(Counted(runs.clone())),
     };
-    let deps =
-        Deps { clock: Arc::new(SystemClock), extra_tools: vec![(tool, UsdcAmount::from_atomic(PRICE))] };
+    let deps = Deps {
+        clock: Arc::new(SystemClock),
+        extra_tools: vec![(tool, PriceSetting::Fixed(UsdcAmount::from_atomic(PRICE)))],
+        config_file: None,
+    };
     let app = App::build_with(config, deps).await.unwrap();
     let url = format!("http://{}/mcp", app.local_addr());
     let state = app.state();

@@ -155,6 +155,7 @@ async fn appends_per_second(store: Arc<dyn Store>) -> f64 {
             payload_json: "{}".into(),
             args_json: Some("{}".into()),
             args_hash: String::new(),
+            price_terms: None,
             now: 0,
         };
         let Claim::Won(row) = store.claim(&p).await.unwrap() else { panic!("fresh store") };
@@ -181,6 +182,8 @@ async fn appends_per_second(store: Arc<dyn Store>) -> f64 {
             settlement: &settlement,
             pay_to: alloy::primitives::Address::with_last_byte(1),
             now: 1,
+            terms: None,
+            refund: None,
         };
         receipts.issue(&input).await.unwrap();
     }

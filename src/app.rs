@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,15 +22,16 @@ use crate::cdp_auth::CdpAuth;
 use crate::chain::client::ChainClient;
 use crate::chain::{Network, parse_private_key};
 use crate::clock::{SharedClock, SystemClock};
-use crate::config::{Config, SettlerKind, UpstreamConfig, secret_opt};
+use crate::config::{ChargePolicy, Config, PriceSetting, SettlerKind, UpstreamConfig, secret_opt};
 use crate::money::UsdcAmount;
 use crate::payment::gate::PaymentGate;
 use crate::payment::reconcile::Reconciler;
+use crate::payment::refund::Refunder;
 use crate::payment::requirements::PayTerms;
 use crate::payment::settle::{FacilitatorAuth, FacilitatorSettler, SelfSettler, Settler};
 use crate::store::{self, Store};
 use crate::tools::builtin::{self, Builtin};
-use crate::tools::catalog::{Catalog, CatalogError, LiveCatalog};
+use crate::tools::catalog::{Catalog, CatalogError, LiveCatalog, NewTool, PriceSource, ToolPrice};
 use crate::tools::paid_call::{CallSettings, PaidCall};
 use crate::tools::upstream::{Upstream, UpstreamTool};
 
@@ -38,13 +40,17 @@ pub use crate::state::AppState;
 /// What tests and embedders may inject; production uses the defaults.
 pub struct Deps {
     pub clock: SharedClock,
-    /// Tools added beside the built-ins, each with its price.
-    pub extra_tools: Vec<(Builtin, UsdcAmount)>,
+    /// Tools added beside the built-ins, each with its price (its charge policy, unless the
+    /// price sets one, is `tools.charge`).
+    pub extra_tools: Vec<(Builtin, PriceSetting)>,
+    /// The `--config` file the config came from: prices reload from it (SIGHUP, or a change
+    /// when `tools.watch_config`).
+    pub config_file: Option<PathBuf>,
 }
 
 impl Default for Deps {
     fn default() -> Self {
-        Deps { clock: Arc::new(SystemClock), extra_tools: Vec::new() }
+        Deps { clock: Arc::new(SystemClock), extra_tools: Vec::new(), config_file: None }
     }
 }
 
@@ -73,16 +79,9 @@ impl App {
         let store = store::open(&config.database).await.context("opening the store")?;
         let mut catalog = builtin_catalog(&config, &terms, clock.clone())?;
         let late_upstreams = upstream_tools(&config, &terms, &mut catalog).await?;
-        for (tool, price) in deps.extra_tools {
-            catalog.insert(
-                "an injected tool",
-                tool.name,
-                tool.description,
-                tool.input_schema,
-                price,
-                &terms,
-                tool.handler,
-            )?;
+        for (tool, setting) in deps.extra_tools {
+            let price = ToolPrice { setting, default_charge: config.tools.charge };
+            catalog.insert(new_tool("an injected tool", tool, PriceSource::Injected), &price, &terms)?;
         }
         let gate = Arc::new(payment_gate(&config, &network, store.clone(), clock.clone())?);
         gate.settler.preflight(&network.caip2).await.context("payment settler")?;
@@ -115,9 +114,17 @@ impl App {
             tool_timeout: Duration::from_secs(config.tools.timeout_secs),
             pay_to: terms.pay_to,
             failed_attempts: config.limits.failed_attempts,
+            unpaid_penalty_secs: config.tools.unpaid_penalty_secs,
         };
-        let paid =
-            Arc::new(PaidCall::new(gate.clone(), limits.clone(), receipts.clone(), clock.clone(), settings));
+        let refunder = match secret_opt(&config.tools.refund_key) {
+            Some(key) => {
+                let key = parse_private_key(key).context("tools.refund_key")?;
+                Some(Arc::new(Refunder::new(key, &config.network.rpc_endpoints(), network.asset)?))
+            }
+            None => None,
+        };
+        let paid = PaidCall::new(gate.clone(), limits.clone(), receipts.clone(), clock.clone(), settings);
+        let paid = Arc::new(paid.with_refunder(refunder));
         let catalog = Arc::new(LiveCatalog::new(catalog, late_upstreams.len()));
         let state = Arc::new(AppState {
             config,
@@ -131,6 +138,8 @@ impl App {
             metrics,
             receipts,
             paid,
+            terms: terms.clone(),
+            config_file: deps.config_file,
         });
         Ok(App { listener, metrics_listener, state, late_upstreams, terms })
     }
@@ -162,6 +171,7 @@ impl App {
         recover(reconciler, self.state.clone(), cancel.child_token());
         join_late_upstreams(self.state.clone(), self.late_upstreams, self.terms, cancel.child_token());
         crate::ceiling::spawn_sweeper(self.state.ceiling.clone(), SWEEP_INTERVAL, cancel.child_token());
+        spawn_price_reloader(self.state.clone(), cancel.child_token());
         let every = Duration::from_secs(self.state.config.receipts.checkpoint_interval_secs);
         let (receipts, clock) = (self.state.receipts.clone(), self.state.clock.clone());
         crate::receipt::spawn_checkpointer(receipts, clock, every, cancel.child_token());
@@ -290,6 +300,7 @@ pub async fn public_catalog(config: &Config) -> anyhow::Result<(Network, Catalog
 /// An upstream that did not answer at start: its tools join the catalog when it does.
 struct LateUpstream {
     config: UpstreamConfig,
+    tools_charge: ChargePolicy,
     upstream: Arc<Upstream>,
 }
 
@@ -304,11 +315,11 @@ async fn upstream_tools(
     for c in &config.upstream {
         let upstream = Arc::new(Upstream::new(c));
         match upstream.list_tools().await {
-            Ok(tools) => add_upstream_tools(catalog, c, &upstream, tools, terms)?,
+            Ok(tools) => add_upstream_tools(catalog, c, config.tools.charge, &upstream, tools, terms)?,
             Err(e) => {
                 let why = crate::redact::urls(&format!("{e:#}"));
                 tracing::warn!(upstream = %c.name, error = %why, "upstream unavailable at start; its tools join when it answers");
-                late.push(LateUpstream { config: c.clone(), upstream });
+                late.push(LateUpstream { config: c.clone(), tools_charge: config.tools.charge, upstream });
             }
         }
     }
@@ -318,6 +329,7 @@ async fn upstream_tools(
 fn add_upstream_tools(
     catalog: &mut Catalog,
     c: &UpstreamConfig,
+    tools_charge: ChargePolicy,
     upstream: &Arc<Upstream>,
     tools: Vec<rmcp::model::Tool>,
     terms: &PayTerms,
@@ -327,17 +339,22 @@ fn add_upstream_tools(
         if c.hidden.contains(&remote) {
             continue;
         }
-        let price = match (c.free.contains(&remote), c.prices.get(&remote)) {
-            (true, _) => UsdcAmount::ZERO,
-            (false, Some(price)) => *price,
-            (false, None) => c.default_price,
-        };
+        let price = upstream_price(c, &remote, tools_charge);
         let name = format!("{}{remote}", c.prefix);
         let description = tool.description.as_deref().unwrap_or_default().to_owned();
         let schema = serde_json::Value::Object((*tool.input_schema).clone());
+        let source = PriceSource::Upstream { upstream: c.name.clone(), remote: remote.clone() };
         let handler = Arc::new(UpstreamTool { upstream: upstream.clone(), remote });
         let origin = format!("upstream `{}`", c.name);
-        catalog.insert(&origin, &name, &description, schema, price, terms, handler)?;
+        let new = NewTool {
+            origin: &origin,
+            name: &name,
+            description: &description,
+            input_schema: schema,
+            handler,
+            source,
+        };
+        catalog.insert(new, &price, terms)?;
     }
     tracing::info!(upstream = %c.name, "upstream tools listed");
     Ok(())
@@ -351,13 +368,14 @@ fn join_late_upstreams(
     terms: PayTerms,
     cancel: CancellationToken,
 ) {
-    for LateUpstream { config, upstream } in late {
+    for LateUpstream { config, tools_charge, upstream } in late {
         let (state, cancel, terms) = (state.clone(), cancel.clone(), terms.clone());
         tokio::spawn(async move {
             loop {
                 if let Ok(tools) = upstream.list_tools().await {
-                    let added =
-                        state.catalog.update(|c| add_upstream_tools(c, &config, &upstream, tools, &terms));
+                    let added = state
+                        .catalog
+                        .update(|c| add_upstream_tools(c, &config, tools_charge, &upstream, tools, &terms));
                     if let Err(e) = added {
                         // The start would have failed on this; now the server serves on without it.
                         tracing::error!(upstream = %config.name, error = %e, "upstream tools not added");
@@ -380,16 +398,106 @@ const LATE_UPSTREAM_POLL: Duration = Duration::from_secs(1);
 fn builtin_catalog(config: &Config, terms: &PayTerms, clock: SharedClock) -> anyhow::Result<Catalog> {
     let mut catalog = Catalog::default();
     for tool in builtin::all(clock) {
-        let price = config.tools.prices.get(tool.name).copied().unwrap_or(UsdcAmount::ZERO);
-        catalog.insert(
-            "a built-in",
-            tool.name,
-            tool.description,
-            tool.input_schema,
-            price,
-            terms,
-            tool.handler,
-        )?;
+        let price = builtin_price(config, tool.name);
+        catalog.insert(new_tool("a built-in", tool, PriceSource::Builtin), &price, terms)?;
     }
     Ok(catalog)
+}
+
+fn new_tool(origin: &str, tool: Builtin, source: PriceSource) -> NewTool<'_> {
+    let Builtin { name, description, input_schema, handler } = tool;
+    NewTool { origin, name, description, input_schema, handler, source }
+}
+
+/// A built-in's price in `[tools.prices]` (not listed: free).
+fn builtin_price(config: &Config, name: &str) -> ToolPrice {
+    let setting = config.tools.prices.get(name).cloned().unwrap_or(PriceSetting::Fixed(UsdcAmount::ZERO));
+    ToolPrice { setting, default_charge: config.tools.charge }
+}
+
+/// An upstream tool's price: free if listed so, else its own entry, else the upstream's default.
+fn upstream_price(c: &UpstreamConfig, remote: &str, tools_charge: ChargePolicy) -> ToolPrice {
+    let setting = match (c.free.iter().any(|f| f == remote), c.prices.get(remote)) {
+        (true, _) => PriceSetting::Fixed(UsdcAmount::ZERO),
+        (false, Some(setting)) => setting.clone(),
+        (false, None) => PriceSetting::Fixed(c.default_price),
+    };
+    ToolPrice { setting, default_charge: c.charge.unwrap_or(tools_charge) }
+}
+
+/// How often the config file is looked at when `tools.watch_config` is on.
+const WATCH_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Reloads prices on SIGHUP and, with `tools.watch_config`, when the config file changes.
+fn spawn_price_reloader(state: Arc<AppState>, cancel: CancellationToken) {
+    let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(signal) => Some(signal),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; prices reload only on file change");
+            None
+        }
+    };
+    let file = state.config_file.clone();
+    let watch = state.config.tools.watch_config && file.is_some();
+    let modified = move |f: &Option<PathBuf>| {
+        f.as_ref().and_then(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok())
+    };
+    tokio::spawn(async move {
+        let mut seen = modified(&file);
+        loop {
+            let hangup = async {
+                match hangups.as_mut() {
+                    Some(signal) => signal.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let reload = tokio::select! {
+                () = cancel.cancelled() => return,
+                _ = hangup => true,
+                () = tokio::time::sleep(WATCH_INTERVAL), if watch => {
+                    let now = modified(&file);
+                    std::mem::replace(&mut seen, now) != now
+                }
+            };
+            if reload {
+                // A failed reload keeps the table in service; it is logged, never fatal.
+                let _ = reload_prices(&state);
+            }
+        }
+    });
+}
+
+/// Reads the config again (file and environment) and re-prices the catalog from it. A config
+/// that does not validate, or a price that does not check, keeps the old table and says why.
+pub fn reload_prices(state: &AppState) -> anyhow::Result<Vec<String>> {
+    let reloaded = Config::load(state.config_file.as_deref())
+        .map_err(anyhow::Error::from)
+        .and_then(|config| reprice(state, &config, &state.terms).map_err(anyhow::Error::from));
+    match &reloaded {
+        Ok(changed) => {
+            metrics::counter!("tollgate_price_reloads_total", "outcome" => "applied").increment(1);
+            tracing::info!(changed = ?changed, "prices reloaded");
+        }
+        Err(e) => {
+            metrics::counter!("tollgate_price_reloads_total", "outcome" => "refused").increment(1);
+            tracing::error!(error = %format!("{e:#}"), "price reload refused; the previous prices stay in service");
+        }
+    }
+    reloaded
+}
+
+/// Re-prices the catalog in service from `config` (a reload): built-ins from `[tools.prices]`,
+/// upstream tools from their `[[upstream]]`. All or nothing: a price that does not check keeps
+/// the old table. Returns the tools whose price or policy changed.
+pub fn reprice(state: &AppState, config: &Config, terms: &PayTerms) -> Result<Vec<String>, CatalogError> {
+    state.catalog.update(|catalog| {
+        catalog.reprice(terms, |name, source| match source {
+            PriceSource::Builtin => Some(builtin_price(config, name)),
+            PriceSource::Upstream { upstream, remote } => {
+                let c = config.upstream.iter().find(|u| &u.name == upstream)?;
+                Some(upstream_price(c, remote, config.tools.charge))
+            }
+            PriceSource::Injected => None,
+        })
+    })
 }

@@ -216,7 +216,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve => {
             let config = Config::load(cli.config.as_deref())?;
             crate::telemetry::init(&config.log, false);
-            let app = App::build(config).await?;
+            let deps = crate::app::Deps { config_file: cli.config.clone(), ..Default::default() };
+            let app = App::build_with(config, deps).await?;
             tracing::info!(addr = %app.local_addr(), "serving");
             app.run_until(shutdown_signal()).await?;
         }

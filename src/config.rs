@@ -58,9 +58,14 @@ pub struct UpstreamConfig {
     /// Price of tools not listed in `prices`, atomic units ("0" = free).
     #[serde(default = "zero_price")]
     pub default_price: UsdcAmount,
-    /// Per-tool prices (upstream tool names, without the prefix).
+    /// Per-tool prices (upstream tool names, without the prefix): atomic units, or a table
+    /// with an expression, bounds and a charge policy ([`PriceSetting`]).
     #[serde(default)]
-    pub prices: BTreeMap<String, UsdcAmount>,
+    pub prices: BTreeMap<String, PriceSetting>,
+    /// This upstream's charge policy, unless a tool's price table sets its own (default:
+    /// `tools.charge`).
+    #[serde(default)]
+    pub charge: Option<ChargePolicy>,
     /// Tools that are free whatever the default price.
     #[serde(default)]
     pub free: Vec<String>,
@@ -389,8 +394,80 @@ pub const BUILTIN_TOOLS: [&str; 3] = ["echo", "sha256", "quote_of_the_day"];
 pub struct ToolsConfig {
     /// Longest a tool may run; below `server.request_timeout_secs` (the handler lease).
     pub timeout_secs: u64,
-    /// Built-in tool name → price in atomic units; "0" is free.
-    pub prices: BTreeMap<String, UsdcAmount>,
+    /// Built-in tool name → its price ([`PriceSetting`]); "0" is free.
+    pub prices: BTreeMap<String, PriceSetting>,
+    /// The charge policy of every priced tool that does not set its own.
+    pub charge: ChargePolicy,
+    /// Wallet that sends refunds (`refund_on_error`): a hex private key holding USDC and gas.
+    pub refund_key: SecretString,
+    pub refund_key_file: String,
+    /// Also reload prices when the config file changes (SIGHUP always reloads them).
+    pub watch_config: bool,
+    /// A payer whose funds vanished between an `on_success` run and its settlement is refused
+    /// paid calls for this long.
+    pub unpaid_penalty_secs: u64,
+}
+
+/// When a priced tool's payment is taken.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChargePolicy {
+    /// Settle, then run: the price buys the attempt, and a tool error is charged (or refunded,
+    /// with `refund_on_error`).
+    #[default]
+    BeforeRun,
+    /// Check the payment on chain, run, and settle only a result that is not an error; the
+    /// result is withheld until settlement is confirmed.
+    OnSuccess,
+}
+
+impl ChargePolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChargePolicy::BeforeRun => "before_run",
+            ChargePolicy::OnSuccess => "on_success",
+        }
+    }
+}
+
+/// A tool's price: atomic units (`sha256 = "1000"`), or a table
+/// (`sha256 = { price = "1000 + 2 * size(args.text)", min_price = "1000", max_price = "50000" }`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum PriceSetting {
+    Fixed(UsdcAmount),
+    Rule(PriceRule),
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceRule {
+    /// Atomic units ("2500"), or a CEL expression over the validated `args` giving an integer.
+    pub price: String,
+    /// Bounds the computed price is clamped to; an expression needs `max_price`.
+    #[serde(default)]
+    pub min_price: Option<UsdcAmount>,
+    #[serde(default)]
+    pub max_price: Option<UsdcAmount>,
+    #[serde(default)]
+    pub charge: Option<ChargePolicy>,
+    /// `before_run` only: a tool error after settlement is refunded from `tools.refund_key`.
+    #[serde(default)]
+    pub refund_on_error: bool,
+}
+
+impl PriceSetting {
+    /// The charge policy this setting asks for, given the default of its source.
+    pub fn charge(&self, default: ChargePolicy) -> ChargePolicy {
+        match self {
+            PriceSetting::Rule(PriceRule { charge: Some(c), .. }) => *c,
+            _ => default,
+        }
+    }
+
+    pub fn refund_on_error(&self) -> bool {
+        matches!(self, PriceSetting::Rule(PriceRule { refund_on_error: true, .. }))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -469,6 +546,8 @@ impl Config {
     /// `*_file` keys let orchestrators mount secrets as files (k8s Secrets, Docker secrets).
     fn resolve_secret_files(&mut self) -> Result<(), ConfigError> {
         read_secret_file("receipts.key_file", &self.receipts.key_file, &mut self.receipts.key)?;
+        let t = &mut self.tools;
+        read_secret_file("tools.refund_key_file", &t.refund_key_file, &mut t.refund_key)?;
         let p = &mut self.payment;
         read_secret_file("payment.relayer_key_file", &p.relayer_key_file, &mut p.relayer_key)?;
         let f = &mut p.facilitator;
@@ -570,6 +649,7 @@ impl Config {
             }
         }
         self.validate_limits()?;
+        self.validate_prices()?;
         for u in &self.upstream {
             if u.command.is_empty() == u.url.is_empty() {
                 return Err(invalid("upstream", format!("`{}` needs exactly one of command or url", u.name)));
@@ -577,6 +657,42 @@ impl Config {
         }
         if self.receipts.checkpoint_interval_secs == 0 {
             return Err(invalid("receipts.checkpoint_interval_secs", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// Price tables: the policies fit together; expressions are compiled where the tools'
+    /// schemas are known (`payment::price`).
+    fn validate_prices(&self) -> Result<(), ConfigError> {
+        let t = &self.tools;
+        let builtin = t.prices.iter().map(|(tool, p)| (tool.clone(), p, t.charge));
+        let upstream = self.upstream.iter().flat_map(|u| {
+            let charge = u.charge.unwrap_or(t.charge);
+            u.prices.iter().map(move |(tool, p)| (format!("{}{tool}", u.prefix), p, charge))
+        });
+        let mut refunds = false;
+        for (tool, setting, default) in builtin.chain(upstream) {
+            if setting.refund_on_error() && setting.charge(default) == ChargePolicy::OnSuccess {
+                let reason = format!(
+                    "tool `{tool}`: refund_on_error is for charge = \"before_run\" (on_success never charges a failed call)"
+                );
+                return Err(invalid("tools.prices", reason));
+            }
+            refunds |= setting.refund_on_error();
+        }
+        if let Some(key) = secret_opt(&t.refund_key) {
+            let hex = key.trim().trim_start_matches("0x");
+            if hex.len() != 64 || hex.parse::<alloy::primitives::B256>().is_err() {
+                return Err(invalid("tools.refund_key", "must be a 32-byte hex private key"));
+            }
+        } else if refunds {
+            return Err(invalid(
+                "tools.refund_key",
+                "is required when a tool sets refund_on_error (set TOLLGATE_TOOLS__REFUND_KEY or refund_key_file)",
+            ));
+        }
+        if t.unpaid_penalty_secs > 86_400 {
+            return Err(invalid("tools.unpaid_penalty_secs", "must be at most 86400"));
         }
         Ok(())
     }
@@ -669,7 +785,7 @@ mod tests {
         let config = load_with("").expect("defaults are valid");
         assert_eq!(config.server.bind.port(), 8402);
         assert_eq!(config.network.preset, NetworkPreset::Local);
-        assert_eq!(config.tools.prices["sha256"], UsdcAmount::from_atomic(1000));
+        assert_eq!(config.tools.prices["sha256"], PriceSetting::Fixed(UsdcAmount::from_atomic(1000)));
     }
 
     #[test]

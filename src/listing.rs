@@ -45,7 +45,7 @@ pub fn documents(app: &ListingInput<'_>, now_unix: u64) -> Value {
     let tools: Vec<Value> = catalog
         .entries()
         .map(|e| {
-            let price = e.quote.as_ref().map(|q| q.price_meta().1);
+            let price = e.price_meta();
             json!({ "name": e.tool.name, "description": e.tool.description, "price": price })
         })
         .collect();

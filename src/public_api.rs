@@ -45,7 +45,7 @@ async fn well_known(State(app): State<Arc<AppState>>) -> Json<Value> {
         .current()
         .entries()
         .map(|e| {
-            let (t, price) = (&e.tool, e.quote.as_ref().map(|q| q.price_meta().1));
+            let (t, price) = (&e.tool, e.price_meta());
             json!({ "name": t.name, "description": t.description, "inputSchema": t.input_schema, "price": price })
         })
         .collect();

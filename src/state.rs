@@ -14,6 +14,7 @@ use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::limits::WalletLimits;
 use crate::payment::gate::PaymentGate;
+use crate::payment::requirements::PayTerms;
 use crate::receipt::Receipts;
 use crate::store::Store;
 use crate::tools::catalog::LiveCatalog;
@@ -32,4 +33,8 @@ pub struct AppState {
     pub receipts: Arc<Receipts>,
     /// Steps 3–10 of every `tools/call`.
     pub paid: Arc<PaidCall>,
+    /// Where every quote is paid (the part of the price table a reload cannot change).
+    pub terms: PayTerms,
+    /// The `--config` file, read again when prices reload.
+    pub config_file: Option<std::path::PathBuf>,
 }

@@ -128,6 +128,8 @@ pub trait Chain: Send + Sync + 'static {
     /// A simulated deployment, the deployed wallet's own check, then the transfer: `None` when
     /// all would succeed, else why not.
     async fn simulate_deployed_transfer(&self, deploy: &Deployment) -> Result<Option<String>, ChainError>;
+    /// A simulated call of the token with `input`: `None` when it would succeed, else its revert.
+    async fn simulate_token_call(&self, input: Bytes) -> Result<Option<String>, ChainError>;
 }
 
 #[async_trait::async_trait]
@@ -174,6 +176,9 @@ impl Chain for ChainClient {
         signature: Bytes,
     ) -> Result<bool, ChainError> {
         ChainClient::erc1271_valid(self, wallet, digest, signature).await
+    }
+    async fn simulate_token_call(&self, input: Bytes) -> Result<Option<String>, ChainError> {
+        ChainClient::simulate_token_call(self, input).await
     }
     async fn simulate_deployed_transfer(&self, deploy: &Deployment) -> Result<Option<String>, ChainError> {
         ChainClient::simulate_deployed_transfer(self, deploy).await

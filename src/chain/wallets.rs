@@ -55,6 +55,18 @@ impl ChainClient {
         }
     }
 
+    /// A simulated call of the token (`eth_call`, gas-capped): `None` when it would succeed,
+    /// else the revert's message. A node that cannot answer is an error, not a refusal.
+    pub async fn simulate_token_call(&self, input: Bytes) -> Result<Option<String>, ChainError> {
+        let call =
+            TransactionRequest::default().to(self.asset()).input(input.into()).gas_limit(WALLET_CALL_GAS);
+        match self.provider().call(call).await {
+            Ok(_) => Ok(None),
+            Err(RpcError::ErrorResp(e)) if is_revert(e.code, &e.message) => Ok(Some(e.message.to_string())),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
     /// Simulates, in one Multicall3 `eth_call`, the deployment `factory.call(calldata)`, then
     /// `wallet.isValidSignature(digest, signature)`, then the token call `transfer`: `None` when
     /// the factory put a wallet at `wallet` that vouches for the signature and the transfer

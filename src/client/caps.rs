@@ -152,7 +152,7 @@ mod tests {
             asset: asset.into(),
             pay_to: "0x0000000000000000000000000000000000000001".into(),
             max_timeout_seconds: 60,
-            extra: Eip712Extra { name: "USD Coin".into(), version: "2".into() },
+            extra: Eip712Extra { name: "USD Coin".into(), version: "2".into(), offer: None },
         }
     }
 

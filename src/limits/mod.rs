@@ -62,6 +62,11 @@ pub enum LimitError {
     Saturated,
     #[error("too many refused payments from this client: {limit} per {window_seconds}s")]
     TooManyFailures { limit: u64, window_seconds: u64, retry_after_seconds: u64 },
+    /// The wallet's funds vanished between a paid run and its settlement (`on_success`).
+    #[error(
+        "this wallet is refused paid calls for a while: a recent call ran and its payment could not be settled"
+    )]
+    Penalized { retry_after_seconds: u64 },
 }
 
 /// One configured limit, compiled.
@@ -83,6 +88,9 @@ enum Backend {
 pub struct WalletLimits {
     rules: Vec<Rule>,
     backend: Backend,
+    /// In memory: payer key → penalised until (ms). Bounded by `max_tracked_keys`.
+    penalties: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    max_penalties: usize,
 }
 
 impl WalletLimits {
@@ -120,11 +128,52 @@ impl WalletLimits {
                 });
             }
         }
-        Ok(WalletLimits { rules, backend })
+        Ok(WalletLimits { rules, backend, penalties: Default::default(), max_penalties: c.max_tracked_keys })
+    }
+
+    /// Refuses `payer`'s paid calls on the wallet axis until `now_ms + secs`, in every replica
+    /// sharing the backend. Best effort: a penalty that cannot be stored is logged, never fatal.
+    pub async fn penalize(&self, payer: Payer, secs: u64, now_ms: u64) {
+        if secs == 0 {
+            return;
+        }
+        let until = now_ms + secs * 1000;
+        metrics::counter!("tollgate_wallet_penalties_total").increment(1);
+        match &self.backend {
+            Backend::Memory(_) => {
+                let mut penalties = self.penalties.lock().expect("penalty lock");
+                if penalties.len() >= self.max_penalties {
+                    penalties.retain(|_, t| *t > now_ms);
+                }
+                if penalties.len() < self.max_penalties {
+                    penalties.insert(payer.key(), until);
+                }
+            }
+            Backend::Redis(r) => {
+                if let Err(e) = r.penalize(&payer.key(), until, secs * 1000).await {
+                    tracing::warn!(error = %e, "could not store a wallet penalty");
+                }
+            }
+        }
+    }
+
+    async fn penalized_until(&self, payer: Payer) -> Result<Option<u64>, LimitError> {
+        match &self.backend {
+            Backend::Memory(_) => Ok(self.penalties.lock().expect("penalty lock").get(&payer.key()).copied()),
+            Backend::Redis(r) => r.penalty(&payer.key()).await.map_err(|e| {
+                tracing::warn!(error = %e, "wallet limiter (redis) unavailable; refusing paid calls");
+                LimitError::Unavailable
+            }),
+        }
     }
 
     /// Admits the call on every axis, or says which axis refused and when to retry.
     pub async fn check(&self, req: &LimitRequest<'_>, now_ms: u64) -> Result<(), LimitError> {
+        if let Some(until) = self.penalized_until(req.payer).await?
+            && until > now_ms
+        {
+            return Err(LimitError::Penalized { retry_after_seconds: (until - now_ms).div_ceil(1000) });
+        }
         let applicable: Vec<&Rule> =
             self.rules.iter().filter(|r| r.tool.as_deref().is_none_or(|t| t == req.tool)).collect();
         let charges: Vec<Charge> = applicable

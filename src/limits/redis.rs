@@ -77,6 +77,24 @@ impl RedisBuckets {
     }
 
     /// Round-trips a PING: for readiness.
+    /// Marks `subject` penalised until `until_ms` (the service clock's time), for every replica.
+    pub async fn penalize(&self, subject: &str, until_ms: u64, ttl_ms: u64) -> redis::RedisResult<()> {
+        let key = format!("{}:penalty:{subject}", self.prefix);
+        redis::cmd("SET")
+            .arg(&key)
+            .arg(until_ms)
+            .arg("PX")
+            .arg(ttl_ms.max(1))
+            .query_async(&mut self.conn.clone())
+            .await
+    }
+
+    /// Until when `subject` is penalised, if at all.
+    pub async fn penalty(&self, subject: &str) -> redis::RedisResult<Option<u64>> {
+        let key = format!("{}:penalty:{subject}", self.prefix);
+        redis::cmd("GET").arg(&key).query_async(&mut self.conn.clone()).await
+    }
+
     pub async fn ping(&self) -> redis::RedisResult<()> {
         redis::cmd("PING").query_async::<String>(&mut self.conn.clone()).await.map(|_| ())
     }

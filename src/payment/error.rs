@@ -41,6 +41,10 @@ pub enum PaymentError {
     WrongAmount,
     #[error("the payment-identifier is malformed (16-128 characters of [A-Za-z0-9_-])")]
     BadPaymentIdentifier,
+    #[error(
+        "the offer this payment answers has expired (offers last maxTimeoutSeconds); pay the current price"
+    )]
+    OfferExpired,
 
     // ---- claim and chain state: nothing was charged ----
     #[error("this authorization's nonce was already used")]
@@ -51,6 +55,15 @@ pub enum PaymentError {
     InsufficientBalance,
     #[error("the settlement was refused: {reason}")]
     SettlementFailed { reason: String },
+    #[error(
+        "a simulated transferWithAuthorization of this payment fails ({reason}); nothing was run or charged"
+    )]
+    SimulationFailed { reason: String },
+    #[error(
+        "the tool ran, but its payment could not be settled ({reason}): the result is withheld and \
+         nothing was charged"
+    )]
+    Withheld { reason: String },
     #[error(
         "this authorization already paid for another call (a different tool or other arguments); \
          nothing was charged for this request"
@@ -97,6 +110,9 @@ impl PaymentError {
             PaymentError::TooLong { .. } => "invalid_exact_evm_payload_authorization_valid_before",
             PaymentError::WrongAmount => "invalid_exact_evm_authorization_value",
             PaymentError::BadPaymentIdentifier => "invalid_payment_identifier",
+            PaymentError::OfferExpired => "offer_expired",
+            PaymentError::SimulationFailed { .. } => "invalid_exact_evm_transaction_simulation_failed",
+            PaymentError::Withheld { .. } => "settlement_failed_result_withheld",
             PaymentError::NonceReused => "invalid_exact_evm_nonce_already_used",
             PaymentError::IdentifierConflict => "payment_identifier_conflict",
             PaymentError::InsufficientBalance => "invalid_exact_evm_insufficient_balance",
@@ -123,6 +139,7 @@ impl PaymentError {
                 | PaymentError::IdentifierConflict
                 | PaymentError::ChainUnavailable
                 | PaymentError::StoreUnavailable
+                | PaymentError::Withheld { .. }
         )
     }
 
@@ -145,6 +162,9 @@ impl PaymentError {
             | PaymentError::TooLong { .. }
             | PaymentError::WrongAmount
             | PaymentError::BadPaymentIdentifier
+            | PaymentError::OfferExpired
+            | PaymentError::SimulationFailed { .. }
+            | PaymentError::Withheld { .. }
             | PaymentError::NonceReused
             | PaymentError::IdentifierConflict
             | PaymentError::InsufficientBalance

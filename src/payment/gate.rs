@@ -22,6 +22,7 @@ use std::time::Duration;
 use alloy::primitives::{Address, B256, TxHash, U256};
 
 use super::error::PaymentError;
+use super::price::CallTerms;
 use super::requirements::Quote;
 use super::resolve::expected_transfer;
 use super::settle::{SettleError, SettleRequest, Settler, Submitted, TxRecorder};
@@ -105,6 +106,15 @@ pub struct ChainChecks {
     pub head: u64,
 }
 
+/// What the prechecks found.
+#[derive(Debug, Clone)]
+pub enum Checked {
+    /// Unused and funded at block `head` (where log searches for it will start): submit it.
+    Ready { head: u64 },
+    /// Already spent on chain, in a transaction that paid us (a front-runner submitted it).
+    Spent(Settlement),
+}
+
 /// What the claim found.
 #[derive(Debug, Clone)]
 pub enum Claimed {
@@ -183,12 +193,13 @@ impl PaymentGate {
         }
     }
 
-    /// Step 7: the atomic claim of (network, asset, payer, nonce).
+    /// Step 7: the atomic claim of (network, asset, payer, nonce), with the call's terms.
     pub async fn claim(
         &self,
         v: &VerifiedPayment,
         quote: &Quote,
         args: &serde_json::Map<String, serde_json::Value>,
+        terms: &CallTerms,
     ) -> Result<Claimed, PaymentError> {
         let new = NewPayment {
             network: self.network.caip2.clone(),
@@ -203,6 +214,7 @@ impl PaymentGate {
             payload_json: v.payload_json.clone(),
             args_json: Some(serde_json::Value::Object(args.clone()).to_string()),
             args_hash: args_hash(args),
+            price_terms: Some(serde_json::to_string(terms).expect("terms serialise")),
             now: self.now(),
         };
         match self.store.claim(&new).await.map_err(store_down)? {
@@ -305,6 +317,21 @@ impl PaymentGate {
         quote: &Quote,
         checks: Result<ChainChecks, ChainError>,
     ) -> Result<Settlement, PaymentError> {
+        match self.precheck(row, v, checks).await? {
+            Checked::Spent(settlement) => Ok(settlement),
+            Checked::Ready { head } => self.submit(row, v, quote, head).await,
+        }
+    }
+
+    /// Would this payment settle now? The chain checks, and (for a charge taken only after
+    /// the run) a simulated `transferWithAuthorization`. A claim that cannot settle is released
+    /// (nothing was broadcast); one already spent on chain is resolved from the chain.
+    pub async fn precheck(
+        &self,
+        row: &PaymentRecord,
+        v: &VerifiedPayment,
+        checks: Result<ChainChecks, ChainError>,
+    ) -> Result<Checked, PaymentError> {
         let a = &v.authorization;
         // A failure to ask has moved nothing: release.
         let checks = checks.map(|c| (c.used, c.balance, c.head));
@@ -327,12 +354,42 @@ impl PaymentGate {
                 .transition(row.id, &parked, PaymentState::Pending, t, self.now())
                 .await
                 .map_err(unrecorded(None))?;
-            return self.resolve(&self.reload(row).await?).await;
+            return self.resolve(&self.reload(row).await?).await.map(Checked::Spent);
         }
         if balance < a.value {
             self.store.release(row.id).await.map_err(store_down)?;
             return Err(PaymentError::InsufficientBalance);
         }
+        Ok(Checked::Ready { head })
+    }
+
+    /// As [`precheck`](Self::precheck), then a simulated transfer: nothing is run for a payment
+    /// the token would refuse now (a bad wallet signature, an expired window).
+    pub async fn precheck_simulated(
+        &self,
+        row: &PaymentRecord,
+        v: &VerifiedPayment,
+        checks: Result<ChainChecks, ChainError>,
+    ) -> Result<Checked, PaymentError> {
+        let checked = self.precheck(row, v, checks).await?;
+        if let Checked::Ready { .. } = checked
+            && let Err(refusal) = super::wallet::simulate(self.chain.as_ref(), v).await
+        {
+            self.store.release(row.id).await.map_err(store_down)?;
+            return Err(refusal);
+        }
+        Ok(checked)
+    }
+
+    /// Submission and confirmation of a prechecked claim.
+    pub async fn submit(
+        &self,
+        row: &PaymentRecord,
+        v: &VerifiedPayment,
+        quote: &Quote,
+        head: u64,
+    ) -> Result<Settlement, PaymentError> {
+        let t = Transition { from_block: Some(head as i64), ..Default::default() };
         let moved = [PaymentState::Claimed];
         if !self
             .store

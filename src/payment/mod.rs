@@ -4,7 +4,10 @@
 pub mod decode;
 pub mod error;
 pub mod gate;
+pub mod offer;
+pub mod price;
 pub mod reconcile;
+pub mod refund;
 pub mod requirements;
 mod resolve;
 pub mod settle;

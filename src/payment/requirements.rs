@@ -6,6 +6,7 @@
 use alloy::primitives::Address;
 use serde_json::{Map, Value, json};
 
+use super::price::Pricing;
 use super::wire::{
     Eip712Extra, META_PRICE, PaymentRequired, PaymentRequirements, ResourceInfo, X402_VERSION,
 };
@@ -23,7 +24,8 @@ pub struct Quote {
     pub requirements: PaymentRequirements,
     pub resource: ResourceInfo,
     /// The bazaar discovery extension, so marketplaces can catalogue the tool from a 402.
-    bazaar: Value,
+    /// Shared: a computed price copies the quote, not the tool's schema.
+    bazaar: std::sync::Arc<Value>,
 }
 
 /// Where tollgate is paid: the settings shared by every quote.
@@ -52,6 +54,7 @@ impl Quote {
             extra: Eip712Extra {
                 name: terms.network.eip712_name.clone(),
                 version: terms.network.eip712_version.clone(),
+                offer: None,
             },
         };
         let resource = ResourceInfo {
@@ -64,14 +67,29 @@ impl Quote {
             amount,
             requirements,
             resource,
-            bazaar: bazaar(tool, description, input_schema),
+            bazaar: std::sync::Arc::new(bazaar(tool, description, input_schema)),
         }
+    }
+
+    /// The same quote at another amount (a computed price, or an honoured offer).
+    pub fn with_amount(&self, amount: UsdcAmount) -> Quote {
+        let mut quote = self.clone();
+        quote.amount = amount;
+        quote.requirements.amount = amount.to_string();
+        quote
+    }
+
+    /// The same quote carrying an offer token in `extra`, as a challenge shows it.
+    pub fn with_offer(&self, offer: String) -> Quote {
+        let mut quote = self.clone();
+        quote.requirements.extra.offer = Some(offer);
+        quote
     }
 
     /// The PaymentRequired answer with a given reason (`error`).
     pub fn payment_required(&self, error: impl Into<String>) -> PaymentRequired {
         let mut extensions = Map::new();
-        extensions.insert("bazaar".to_owned(), self.bazaar.clone());
+        extensions.insert("bazaar".to_owned(), Value::clone(&self.bazaar));
         PaymentRequired {
             x402_version: X402_VERSION,
             error: error.into(),
@@ -82,17 +100,22 @@ impl Quote {
         }
     }
 
-    /// The `_meta` entry for `tools/list`: the price in atomic units, asset and network.
-    pub fn price_meta(&self) -> (String, Value) {
+    /// The `_meta` entry for `tools/list`: the price in atomic units (for a computed price,
+    /// the least a call costs), asset and network, and `pricing`'s description (the charge
+    /// policy; an expression and its bounds).
+    pub fn price_meta(&self, pricing: &Pricing) -> (String, Value) {
         let r = &self.requirements;
-        let value = json!({
-            "amount": r.amount,
+        let mut value = json!({
+            "amount": pricing.floor().to_string(),
             "decimals": USDC_DECIMALS,
             "asset": r.asset,
             "network": r.network,
             "payTo": r.pay_to,
             "scheme": r.scheme,
         });
+        if let Value::Object(v) = &mut value {
+            v.extend(pricing.describe());
+        }
         (META_PRICE.to_owned(), value)
     }
 }

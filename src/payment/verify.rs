@@ -105,7 +105,18 @@ pub fn verify(
     now: u64,
     margin_secs: u64,
 ) -> Result<VerifiedPayment, PaymentError> {
-    let DecodedPayment { payload, raw } = decode(input)?;
+    verify_decoded(decode(input)?, quote, domain, now, margin_secs)
+}
+
+/// As [`verify`], for a payment already decoded (whose `accepted` chose the quote).
+pub fn verify_decoded(
+    decoded: DecodedPayment,
+    quote: &Quote,
+    domain: &Eip712Domain,
+    now: u64,
+    margin_secs: u64,
+) -> Result<VerifiedPayment, PaymentError> {
+    let DecodedPayment { payload, raw } = decoded;
     if payload.x402_version != X402_VERSION {
         return Err(PaymentError::UnsupportedVersion(payload.x402_version));
     }

@@ -95,6 +95,28 @@ pub async fn prove(
     Ok(payment)
 }
 
+/// Simulates this payment's `transferWithAuthorization` now (`eth_call`): `Ok` when the token
+/// would accept it, else the refusal its revert names. An undeployed wallet's payment was
+/// simulated with its deployment by [`prove`] in this very request, so it is not asked again.
+pub async fn simulate(chain: &dyn Chain, payment: &VerifiedPayment) -> Result<(), PaymentError> {
+    let signature: Bytes = match &payment.signature {
+        // The `bytes` overload checks an EOA's ECDSA signature (r, s, v) as the v,r,s one does.
+        PayerSignature::Eoa(sig) => sig.as_bytes().to_vec().into(),
+        PayerSignature::Contract(signature) => signature.clone(),
+        PayerSignature::Counterfactual { .. } => return Ok(()),
+        PayerSignature::Unproven(_) => return Err(PaymentError::BadSignature),
+    };
+    let call = transfer_call(payment, signature);
+    match chain.simulate_token_call(call).await {
+        Ok(None) => Ok(()),
+        Ok(Some(reason)) => Err(match simulation_refusal(&reason) {
+            PaymentError::SettlementFailed { .. } => PaymentError::SimulationFailed { reason },
+            refusal => refusal,
+        }),
+        Err(_) => Err(PaymentError::ChainUnavailable),
+    }
+}
+
 /// `transferWithAuthorization(…, bytes signature)`: the overload FiatToken v2.2 checks with
 /// ERC-1271 when `from` has code.
 pub fn transfer_call(payment: &VerifiedPayment, signature: Bytes) -> Bytes {

@@ -39,6 +39,9 @@ pub struct PaymentRequirements {
 pub struct Eip712Extra {
     pub name: String,
     pub version: String,
+    /// tollgate's offer (`payment::offer`): lets a price change honour this challenge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offer: Option<String>,
 }
 
 /// What the payment is for.

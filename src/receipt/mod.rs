@@ -21,6 +21,8 @@ use serde_json::{Value, json};
 
 use crate::config::{ReceiptsConfig, secret_opt};
 use crate::payment::gate::Settlement;
+use crate::payment::price::{CallTerms, PriceRecord};
+pub use crate::payment::refund::RefundRecord;
 use crate::store::{NewReceipt, ReceiptSlot, Store, StoreError, StoredCheckpoint, StoredReceipt};
 
 /// `_meta` key carrying the receipt on a paid result.
@@ -41,7 +43,8 @@ pub struct ReceiptBody {
     pub args_sha256: String,
     /// SHA-256 (hex) of the canonical JSON of the result's content, structuredContent, isError.
     pub result_sha256: String,
-    /// "ok" or "tool_error": the payer was charged either way, and the receipt says which.
+    /// "ok" or "tool_error": the payer was charged either way (unless `refund` gave it back),
+    /// and the receipt says which.
     pub outcome: String,
     pub payer: String,
     pub pay_to: String,
@@ -58,6 +61,16 @@ pub struct ReceiptBody {
     pub payer_seq: u64,
     /// Leaf hash (hex) of the payer's previous receipt; "" for the first.
     pub prev: String,
+    /// The charge policy ("before_run" or "on_success"); absent on receipts older than it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub charge: Option<String>,
+    /// How `amount` was reached: a fixed price, an expression (with the hash of its inputs),
+    /// or an earlier offer honoured after a price change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price: Option<PriceRecord>,
+    /// A tool error refunded (`refund_on_error`): the refund's transaction, or why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refund: Option<RefundRecord>,
 }
 
 /// A body and its detached signature, as returned in `_meta["tollgate/receipt"]`.
@@ -158,6 +171,12 @@ impl ReceiptSigner {
         hex::encode(self.key.sign(message).to_bytes())
     }
 
+    /// The offer tags of challenges (`payment::offer`), keyed from this signing key: every
+    /// replica that signs receipts with it honours the others' offers.
+    pub fn offers(&self) -> crate::payment::offer::Offers {
+        crate::payment::offer::Offers::from_secret(self.key.as_bytes())
+    }
+
     /// Current and retired public keys, for `/.well-known/x402`.
     pub fn published(&self) -> &[(String, VerifyingKey)] {
         &self.published
@@ -172,6 +191,9 @@ pub struct ReceiptInput<'a> {
     pub settlement: &'a Settlement,
     pub pay_to: alloy::primitives::Address,
     pub now: u64,
+    /// How the call was priced and charged (None for rows older than the terms).
+    pub terms: Option<&'a CallTerms>,
+    pub refund: Option<RefundRecord>,
 }
 
 /// Issues receipts and checkpoints the log.
@@ -212,6 +234,9 @@ impl Receipts {
             log_index: 0,
             payer_seq: 0,
             prev: String::new(),
+            charge: input.terms.map(|t| t.charge.as_str().to_owned()),
+            price: input.terms.map(|t| t.price.clone()),
+            refund: input.refund.clone(),
         };
         let sign = |slot: &ReceiptSlot| {
             let body = ReceiptBody {

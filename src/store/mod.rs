@@ -87,6 +87,8 @@ pub struct NewPayment {
     pub args_json: Option<String>,
     /// SHA-256 (hex) of the canonical arguments: a replay must be the very same call.
     pub args_hash: String,
+    /// How the call was priced and is charged (JSON), for its receipt.
+    pub price_terms: Option<String>,
     pub now: i64,
 }
 
@@ -126,6 +128,8 @@ pub struct PaymentRecord {
     pub from_block: Option<i64>,
     /// The relayer account nonce of our own settlement transaction, once signed.
     pub tx_nonce: Option<i64>,
+    /// How the call was priced and is charged (JSON; None on older rows).
+    pub price_terms: Option<String>,
     pub created_at: i64,
     pub updated_at: i64,
     pub result_json: Option<String>,

@@ -108,6 +108,7 @@ struct Row {
     args_hash: Option<String>,
     from_block: Option<i64>,
     tx_nonce: Option<i64>,
+    price_terms: Option<String>,
     created_at: i64,
     updated_at: i64,
     result_json: Option<String>,
@@ -147,6 +148,7 @@ impl TryFrom<Row> for PaymentRecord {
             args_hash: r.args_hash,
             from_block: r.from_block,
             tx_nonce: r.tx_nonce,
+            price_terms: r.price_terms,
             created_at: r.created_at,
             updated_at: r.updated_at,
             result_json: r.result_json,
@@ -172,7 +174,7 @@ macro_rules! select_where {
             "select p.id, p.network, p.asset, p.payer, p.nonce, p.payload_hash, p.payment_id, ",
             "p.tool, p.amount, p.state, p.tx_hash, p.block_number, p.error, p.handler_started_at, ",
             "p.valid_before, ",
-            "p.payload_json, p.args_json, p.args_hash, p.from_block, p.tx_nonce, ",
+            "p.payload_json, p.args_json, p.args_hash, p.from_block, p.tx_nonce, p.price_terms, ",
             "p.created_at, p.updated_at, r.result_json ",
             "from payments p left join results r on r.payment_row = p.id where ",
             $clause
@@ -181,8 +183,8 @@ macro_rules! select_where {
 }
 
 const INSERT_CLAIM: &str = "insert into payments (network, asset, payer, nonce, payload_hash, \
-     payment_id, tool, amount, state, valid_before, payload_json, args_json, args_hash, created_at, \
-     updated_at) values ($1, $2, $3, $4, $5, $6, $7, $8, 'claimed', $9, $10, $12, $13, $11, $11) \
+     payment_id, tool, amount, state, valid_before, payload_json, args_json, args_hash, price_terms, \
+     created_at, updated_at) values ($1, $2, $3, $4, $5, $6, $7, $8, 'claimed', $9, $10, $12, $13, $14, $11, $11) \
      on conflict do nothing returning id";
 
 /// `'a', 'b'` for an IN list. Safe to splice: the values are our own enum names.
@@ -233,6 +235,7 @@ macro_rules! impl_store {
                     .bind(p.now)
                     .bind(&p.args_json)
                     .bind(&p.args_hash)
+                    .bind(&p.price_terms)
                     .fetch_optional(&self.pool)
                     .await?;
                 if let Some((id,)) = inserted {

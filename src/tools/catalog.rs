@@ -10,7 +10,8 @@ use std::sync::{Arc, RwLock};
 use rmcp::model::{CallToolResult, JsonObject, MetaObject, Tool};
 use serde_json::Value;
 
-use crate::money::UsdcAmount;
+use crate::config::{ChargePolicy, PriceSetting};
+use crate::payment::price::Pricing;
 use crate::payment::requirements::{PayTerms, Quote};
 
 /// Runs a tool. Arguments have already been validated against the tool's input schema.
@@ -28,10 +29,49 @@ pub trait ToolHandler: Send + Sync + 'static {
 pub struct ToolEntry {
     /// The MCP definition shown in `tools/list`, with the price in `_meta` when priced.
     pub tool: Tool,
-    /// `None` for a free tool.
-    pub quote: Option<Quote>,
-    validator: jsonschema::Validator,
+    /// `None` for a free tool; else the quote at the fixed price (or the expression's floor):
+    /// a call's own quote comes from `pricing`.
+    pub quote: Option<Arc<Quote>>,
+    pub pricing: Option<Pricing>,
+    /// Where the price is configured, so a reload can find it again.
+    pub source: PriceSource,
+    validator: Arc<jsonschema::Validator>,
     handler: Arc<dyn ToolHandler>,
+}
+
+/// Where a tool's price lives in config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PriceSource {
+    /// `[tools.prices]`, under the tool's name.
+    Builtin,
+    /// `[[upstream]]` `name`'s prices, under the upstream's own tool name.
+    Upstream { upstream: String, remote: String },
+    /// Given in code (tests, embedders): not repriced by a reload.
+    Injected,
+}
+
+/// A tool to add to the catalog.
+pub struct NewTool<'a> {
+    /// Who offers it ("a built-in", "upstream `files`"), to name both sides of a duplicate.
+    pub origin: &'a str,
+    pub name: &'a str,
+    pub description: &'a str,
+    pub input_schema: Value,
+    pub handler: Arc<dyn ToolHandler>,
+    pub source: PriceSource,
+}
+
+/// A tool's configured price and the charge policy it falls back to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolPrice {
+    pub setting: PriceSetting,
+    pub default_charge: ChargePolicy,
+}
+
+impl ToolPrice {
+    pub fn fixed(amount: crate::money::UsdcAmount) -> ToolPrice {
+        ToolPrice { setting: PriceSetting::Fixed(amount), default_charge: ChargePolicy::BeforeRun }
+    }
 }
 
 impl ToolEntry {
@@ -48,6 +88,12 @@ impl ToolEntry {
             })
             .collect();
         if problems.is_empty() { Ok(()) } else { Err(problems) }
+    }
+
+    /// The `_meta["x402/price"]` value `tools/list` shows (None when free).
+    pub fn price_meta(&self) -> Option<Value> {
+        let (quote, pricing) = (self.quote.as_ref()?, self.pricing.as_ref()?);
+        Some(quote.price_meta(pricing).1)
     }
 
     pub async fn ready(&self) -> Result<(), String> {
@@ -81,19 +127,15 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    /// Adds a tool offered by `origin`; `price` of zero makes it free. A name already taken is
-    /// an error, never a replacement.
-    #[allow(clippy::too_many_arguments)] // a tool's parts, each distinct; a struct would only rename them
+    /// Adds a tool at `price` (zero makes it free). A name already taken is an error, never a
+    /// replacement; a price expression that does not check against the tool's schema too.
     pub fn insert(
         &mut self,
-        origin: &str,
-        name: &str,
-        description: &str,
-        input_schema: Value,
-        price: UsdcAmount,
+        new: NewTool<'_>,
+        price: &ToolPrice,
         terms: &PayTerms,
-        handler: Arc<dyn ToolHandler>,
     ) -> Result<(), CatalogError> {
+        let NewTool { origin, name, description, input_schema, handler, source } = new;
         if let Some(first) = self.origins.get(name) {
             let (tool, first, second) = (name.to_owned(), first.clone(), origin.to_owned());
             return Err(CatalogError::Duplicate { tool, first, second });
@@ -104,17 +146,40 @@ impl Catalog {
         };
         let validator = jsonschema::validator_for(&Value::Object(schema.clone()))
             .map_err(|e| bad_schema(e.to_string()))?;
-        let quote = (!price.is_zero()).then(|| Quote::new(terms, name, description, &schema, price));
-        let mut tool = Tool::new(name.to_owned(), description.to_owned(), Arc::new(schema));
-        if let Some(quote) = &quote {
-            let (key, value) = quote.price_meta();
-            let mut meta = serde_json::Map::new();
-            meta.insert(key, value);
-            tool = tool.with_meta(MetaObject(meta));
-        }
-        self.entries.insert(name.to_owned(), Arc::new(ToolEntry { tool, quote, validator, handler }));
+        let tool = Tool::new(name.to_owned(), description.to_owned(), Arc::new(schema));
+        let entry = priced(tool, Arc::new(validator), handler, source, price, terms)?;
+        self.entries.insert(name.to_owned(), Arc::new(entry));
         self.origins.insert(name.to_owned(), origin.to_owned());
         Ok(())
+    }
+
+    /// A reload: every tool whose configured price `price_of` finds gets it (in place of its
+    /// old one); tools it does not find keep theirs. All or nothing: one bad price fails the
+    /// whole change. Returns the names whose price or policy changed.
+    pub fn reprice(
+        &mut self,
+        terms: &PayTerms,
+        mut price_of: impl FnMut(&str, &PriceSource) -> Option<ToolPrice>,
+    ) -> Result<Vec<String>, CatalogError> {
+        let mut changed = Vec::new();
+        for (name, entry) in self.entries.iter_mut() {
+            let Some(price) = price_of(name, &entry.source) else { continue };
+            let mut tool = entry.tool.clone();
+            tool.meta = None;
+            let next = priced(
+                tool,
+                entry.validator.clone(),
+                entry.handler.clone(),
+                entry.source.clone(),
+                &price,
+                terms,
+            )?;
+            if next.tool.meta != entry.tool.meta {
+                changed.push(name.clone());
+            }
+            *entry = Arc::new(next);
+        }
+        Ok(changed)
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<ToolEntry>> {
@@ -137,6 +202,31 @@ impl Catalog {
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
+}
+
+/// A tool's entry at `price`: its pricing, its quote and the price in its `_meta`.
+fn priced(
+    mut tool: Tool,
+    validator: Arc<jsonschema::Validator>,
+    handler: Arc<dyn ToolHandler>,
+    source: PriceSource,
+    price: &ToolPrice,
+    terms: &PayTerms,
+) -> Result<ToolEntry, CatalogError> {
+    let name = tool.name.to_string();
+    let schema = tool.input_schema.clone();
+    let pricing = Pricing::from_setting(&price.setting, price.default_charge, &schema)
+        .map_err(|reason| CatalogError::BadPrice { tool: name.clone(), reason })?;
+    let description = tool.description.as_deref().unwrap_or_default().to_owned();
+    let quote =
+        pricing.as_ref().map(|p| Arc::new(Quote::new(terms, &name, &description, &schema, p.floor())));
+    if let (Some(quote), Some(pricing)) = (&quote, &pricing) {
+        let (key, value) = quote.price_meta(pricing);
+        let mut meta = serde_json::Map::new();
+        meta.insert(key, value);
+        tool = tool.with_meta(MetaObject(meta));
+    }
+    Ok(ToolEntry { tool, quote, pricing, source, validator, handler })
 }
 
 /// The catalog in service. Readers take a snapshot; a change replaces the whole catalog.
@@ -175,11 +265,11 @@ impl LiveCatalog {
 
     /// Applies `change` to a copy of the current catalog and swaps it in, unless it fails.
     /// The copy is built outside the lock readers take (compiling schemas takes a while).
-    pub fn update<E>(&self, change: impl FnOnce(&mut Catalog) -> Result<(), E>) -> Result<(), E> {
+    pub fn update<T, E>(&self, change: impl FnOnce(&mut Catalog) -> Result<T, E>) -> Result<T, E> {
         let _one = self.writer.lock().expect("catalog writer lock");
         let mut next = Catalog::clone(&self.current());
-        change(&mut next)?;
+        let done = change(&mut next)?;
         *self.current.write().expect("catalog lock") = Arc::new(next);
-        Ok(())
+        Ok(done)
     }
 }

@@ -9,7 +9,6 @@
 use rmcp::model::{CallToolResult, ContentBlock};
 use serde_json::{Value, json};
 
-use super::catalog::ToolEntry;
 use super::paid_call::{CallError, Paid};
 use crate::limits::LimitError;
 use crate::payment::gate::Settlement;
@@ -21,22 +20,26 @@ use crate::receipt::{META_RECEIPT, SignedReceipt};
 /// The `error` text of a first challenge.
 pub const PAYMENT_REQUIRED: &str = "Payment required to access this resource";
 
-/// Renders what `PaidCall::try_call` returned.
-pub fn render(entry: &ToolEntry, outcome: Result<Paid, CallError>) -> CallToolResult {
+/// Renders what `PaidCall::try_call` returned. `offer` is this call's quote, as a challenge
+/// shows it (computed for these arguments, with its offer token).
+pub fn render(offer: Option<&Quote>, outcome: Result<Paid, CallError>) -> CallToolResult {
     match outcome {
         Ok(Paid::Free(result) | Paid::Settled(result) | Paid::Replayed(result)) => result,
-        Err(e) => render_error(entry.quote.as_ref(), &e),
+        Ok(Paid::Uncharged(result)) => uncharged(result),
+        Err(e) => render_error(offer, &e),
     }
 }
 
-/// Renders a refusal. `quote` is the tool's price, for the answers that carry one.
+/// Renders a refusal. `quote` is the call's price, for the answers that carry one.
 pub fn render_error(quote: Option<&Quote>, error: &CallError) -> CallToolResult {
     match (error, quote) {
         (CallError::Arguments(e), _) => invalid_arguments(&e.tool, e.problems.clone()),
+        (CallError::Price(e), _) => refusal("price_unavailable", &e.to_string(), error.money(), json!({})),
         (CallError::PaymentRequired, Some(quote)) => {
             payment_required(&quote.payment_required(PAYMENT_REQUIRED))
         }
         (CallError::Payment(e), Some(quote)) => payment_error(quote, e),
+        (CallError::Payment(e), None) if !e.is_challenge() => payment_status(e),
         (CallError::Limited(e), _) => limited(e),
         (CallError::Unavailable(why), _) => {
             let extra = json!({ "retry_after_seconds": 5 });
@@ -44,6 +47,22 @@ pub fn render_error(quote: Option<&Quote>, error: &CallError) -> CallToolResult 
         }
         (CallError::PaymentRequired | CallError::Payment(_) | CallError::Internal(_), _) => internal_error(),
     }
+}
+
+/// The text an uncharged tool error carries for the agent that reads only `content`.
+pub const NOT_CHARGED: &str =
+    "Not charged: the tool failed, so its payment was not settled; the payment authorization stays usable.";
+
+/// `meta` key marking whether a call was charged, on answers whose content is the tool's own.
+pub const META_CHARGED: &str = "tollgate/charged";
+
+/// A tool error under `charge = "on_success"`: the tool's own answer, marked uncharged.
+pub fn uncharged(mut result: CallToolResult) -> CallToolResult {
+    result.content.push(ContentBlock::text(NOT_CHARGED));
+    let mut meta = result.meta.take().unwrap_or_default();
+    meta.0.insert(META_CHARGED.to_owned(), json!(false));
+    result.meta = Some(meta);
+    result
 }
 
 /// The x402 MCP-transport PaymentRequired (x402 MCP transport, specs/transports-v2/mcp.md): `isError: true`,
@@ -86,6 +105,12 @@ pub fn payment_error(quote: &Quote, error: &PaymentError) -> CallToolResult {
         required.message = Some(error.to_string());
         return payment_required(&required);
     }
+    payment_status(error)
+}
+
+/// A payment accepted or in flight, or one that bought nothing without being refused: its
+/// status, never a price.
+fn payment_status(error: &PaymentError) -> CallToolResult {
     match error {
         // Pending: money may have moved, so the answer names the transaction and, unlike every
         // other refusal, makes no "charged" claim either way.
@@ -166,6 +191,16 @@ pub fn limited(error: &LimitError) -> CallToolResult {
             "unit": "requests",
             "limit": limit,
             "window_seconds": window_seconds,
+            "remaining": 0,
+            "retry_after_seconds": retry_after_seconds,
+            "charged": false,
+        }),
+        LimitError::Penalized { retry_after_seconds } => json!({
+            "error": "rate_limited",
+            "message": error.to_string(),
+            "axis": "wallet",
+            "unit": "penalty",
+            "limit": 0,
             "remaining": 0,
             "retry_after_seconds": retry_after_seconds,
             "charged": false,

@@ -275,6 +275,7 @@ async fn a_receipt_without_a_transfer_is_caught() {
         payload_json: "{}".into(),
         args_json: None,
         args_hash: String::new(),
+        price_terms: None,
         now: 0,
     };
     let tollgate::store::Claim::Won(row) = app.state.store.claim(&fake).await.unwrap() else { panic!() };
@@ -296,6 +297,8 @@ async fn a_receipt_without_a_transfer_is_caught() {
         settlement: &settlement,
         pay_to: app.state.config.payment.pay_to.unwrap(),
         now: app.clock.now_unix(),
+        terms: None,
+        refund: None,
     };
     app.state.receipts.issue(&input).await.unwrap();
     checkpoint(&app).await;

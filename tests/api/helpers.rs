@@ -18,7 +18,7 @@ use tollgate::app::{App, AppState, Deps};
 use tollgate::chain::client::ChainClient;
 use tollgate::client::sign::{SignParams, sign_payment};
 use tollgate::clock::{Clock, ManualClock, SystemClock};
-use tollgate::config::Config;
+use tollgate::config::{Config, PriceSetting};
 use tollgate::dev::DevChain;
 use tollgate::money::UsdcAmount;
 use tollgate::payment::wire::PaymentRequirements;
@@ -184,8 +184,11 @@ pub struct Server {
 impl Server {
     pub async fn start(mut config: Config, clock: ManualClock, runs: Arc<AtomicUsize>) -> Server {
         config.server.bind = "127.0.0.1:0".parse().unwrap();
-        let deps =
-            Deps { clock: Arc::new(clock), extra_tools: vec![counted_tool(runs.clone()), slow_tool(runs)] };
+        let deps = Deps {
+            clock: Arc::new(clock),
+            extra_tools: vec![counted_tool(runs.clone()), slow_tool(runs)],
+            config_file: None,
+        };
         let app = App::build_with(config, deps).await.expect("app builds");
         let (addr, metrics_addr) = (app.local_addr(), app.metrics_addr());
         let state = app.state();
@@ -350,7 +353,7 @@ pub async fn read_jsonrpc(response: reqwest::Response) -> Value {
 pub const COUNTED_PRICE: u64 = 1234;
 
 /// A priced tool that counts its runs: "the handler ran once" is observable.
-fn counted_tool(runs: Arc<AtomicUsize>) -> (Builtin, UsdcAmount) {
+fn counted_tool(runs: Arc<AtomicUsize>) -> (Builtin, PriceSetting) {
     struct Counted(Arc<AtomicUsize>);
     #[async_trait::async_trait]
     impl ToolHandler for Counted {
@@ -365,12 +368,12 @@ fn counted_tool(runs: Arc<AtomicUsize>) -> (Builtin, UsdcAmount) {
         input_schema: json!({ "type": "object", "properties": { "text": { "type": "string" } } }),
         handler: Arc::new(Counted(runs)),
     };
-    (tool, UsdcAmount::from_atomic(COUNTED_PRICE))
+    (tool, PriceSetting::Fixed(UsdcAmount::from_atomic(COUNTED_PRICE)))
 }
 
 /// A priced tool that counts its run at once, then sleeps `secs` seconds (real time: it stands
 /// for a slow upstream API, which no injected clock can speed up).
-fn slow_tool(runs: Arc<AtomicUsize>) -> (Builtin, UsdcAmount) {
+fn slow_tool(runs: Arc<AtomicUsize>) -> (Builtin, PriceSetting) {
     struct Slow(Arc<AtomicUsize>);
     #[async_trait::async_trait]
     impl ToolHandler for Slow {
@@ -387,7 +390,7 @@ fn slow_tool(runs: Arc<AtomicUsize>) -> (Builtin, UsdcAmount) {
         input_schema: json!({ "type": "object", "properties": { "secs": { "type": "integer" } } }),
         handler: Arc::new(Slow(runs)),
     };
-    (tool, UsdcAmount::from_atomic(COUNTED_PRICE))
+    (tool, PriceSetting::Fixed(UsdcAmount::from_atomic(COUNTED_PRICE)))
 }
 
 /// A TCP relay to a local port that a test can cut and restore: the service behind it

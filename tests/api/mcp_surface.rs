@@ -2,6 +2,7 @@
 
 use serde_json::{Value, json};
 
+use tollgate::config::PriceSetting;
 use tollgate::money::UsdcAmount;
 
 use crate::helpers::{Mcp, spawn_app, spawn_app_with};
@@ -55,7 +56,12 @@ async fn unpaid_priced_call_returns_the_x402_challenge() {
     assert_eq!(a["asset"], app.chain.token.to_checksum(None));
     assert_eq!(a["payTo"], app.chain.pay_to.to_checksum(None));
     assert_eq!(a["maxTimeoutSeconds"], 300);
-    assert_eq!(a["extra"], json!({ "name": "USD Coin", "version": "2" }));
+    assert_eq!((&a["extra"]["name"], &a["extra"]["version"]), (&json!("USD Coin"), &json!("2")));
+    // The offer: what a price change must still honour, bound to this call and valid as long
+    // as an authorization for it may live.
+    let offer = a["extra"]["offer"].as_str().expect("an offer");
+    let expires: u64 = offer.split('.').next().unwrap().parse().unwrap();
+    assert_eq!(expires, app.clock.now_unix() + 300);
     let bazaar = &challenge["extensions"]["bazaar"]["info"]["input"];
     assert_eq!(bazaar["type"], "mcp");
     assert_eq!(bazaar["tool"], "sha256");
@@ -75,12 +81,12 @@ async fn unpaid_priced_call_returns_the_x402_challenge() {
 async fn challenge_carries_the_configured_eip712_domain() {
     let app = spawn_app_with(|c| {
         c.network.eip712_name = "USDC".into();
-        c.tools.prices.insert("echo".into(), UsdcAmount::from_atomic(7));
+        c.tools.prices.insert("echo".into(), PriceSetting::Fixed(UsdcAmount::from_atomic(7)));
     })
     .await;
     let result = app.sessionless().call_tool("echo", json!({ "text": "hi" }), None).await;
     let a = &result["structuredContent"]["accepts"][0];
-    assert_eq!(a["extra"], json!({ "name": "USDC", "version": "2" }));
+    assert_eq!((&a["extra"]["name"], &a["extra"]["version"]), (&json!("USDC"), &json!("2")));
     assert_eq!(a["amount"], "7", "a price set in config makes a free tool priced");
     app.shutdown().await;
 }

@@ -103,7 +103,8 @@ async fn rows_still_in_flight_are_left_to_their_request_and_abandoned_claims_are
         6,
     )
     .unwrap();
-    let claimed = app.state.gate.claim(&verified, &quote, &Default::default()).await.unwrap();
+    let claimed =
+        app.state.gate.claim(&verified, &quote, &Default::default(), &Default::default()).await.unwrap();
     assert!(
         matches!(claimed, tollgate::payment::gate::Claimed::Fresh(ref r) if r.state == PaymentState::Claimed)
     );

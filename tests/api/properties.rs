@@ -20,6 +20,7 @@ fn payment(nonce: usize) -> NewPayment {
         payload_json: "{}".into(),
         args_json: None,
         args_hash: String::new(),
+        price_terms: None,
         now: 0,
     }
 }

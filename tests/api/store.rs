@@ -35,6 +35,7 @@ fn payment(nonce: &str) -> NewPayment {
         payload_json: "{}".into(),
         args_json: None,
         args_hash: String::new(),
+        price_terms: None,
         now: 1_700_000_000,
     }
 }

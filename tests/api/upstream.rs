@@ -35,6 +35,7 @@ fn upstream(name: &str) -> UpstreamConfig {
         prefix: "up_".into(),
         default_price: UsdcAmount::from_atomic(PRICE),
         prices: Default::default(),
+        charge: None,
         free: vec!["ping".into()],
         hidden: vec!["admin".into()],
         max_result_bytes: 1024 * 1024,

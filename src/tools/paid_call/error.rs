@@ -4,6 +4,7 @@
 //! turns `Money::Unmoved` into `charged: false` and makes no claim for `Money::MayHaveMoved`.
 
 use crate::limits::LimitError;
+use crate::payment::price::PriceError;
 use crate::payment::{Money, PaymentError};
 
 /// The arguments do not match the tool's input schema (checked before any quote).
@@ -24,6 +25,9 @@ pub struct ToolUnavailable(pub String);
 pub enum CallError {
     #[error(transparent)]
     Arguments(#[from] ArgumentError),
+    /// The tool's price expression failed for these arguments.
+    #[error(transparent)]
+    Price(#[from] PriceError),
     /// A priced tool called without a payment: the challenge.
     #[error("payment required")]
     PaymentRequired,
@@ -39,11 +43,21 @@ pub enum CallError {
 }
 
 impl CallError {
+    /// Whether the answer is a price: a first challenge, or a payment that was not accepted.
+    pub fn is_challenge(&self) -> bool {
+        match self {
+            CallError::PaymentRequired => true,
+            CallError::Payment(e) => e.is_challenge(),
+            _ => false,
+        }
+    }
+
     pub fn money(&self) -> Money {
         match self {
             CallError::Payment(e) => e.money(),
             CallError::Internal(_) => Money::MayHaveMoved,
             CallError::Arguments(_)
+            | CallError::Price(_)
             | CallError::PaymentRequired
             | CallError::Limited(_)
             | CallError::Unavailable(_) => Money::Unmoved,

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use super::{PaidCall, results, stored_answer, stored_args};
 use crate::payment::gate::Settlement;
+use crate::payment::price::CallTerms;
 use crate::store::{PaymentRecord, StoreError};
 use crate::tools::catalog::Catalog;
 
@@ -52,14 +53,17 @@ impl PaidCall {
         let Some(settled) = Settlement::from_record(&row) else { return };
         let args = stored_args(row.args_json.as_deref()).unwrap_or_default();
         let entry = catalog.get(&row.tool).filter(|e| e.quote.is_some());
+        let terms = CallTerms::from_stored(row.price_terms.as_deref());
         match (&row.result_json, entry) {
             // It ran and its result was stored; only the receipt is missing.
             (Some(stored), _) => {
                 let result = stored_answer(stored).unwrap_or_else(|e| results::render_error(None, &e));
-                self.finish(&row.tool, &settled, &args, result).await;
+                self.finish(&row.tool, &settled, &args, result, terms.as_ref()).await;
             }
             (None, Some(entry)) => {
-                if let Err(e) = self.run_once(entry, &settled, row.handler_started_at, args).await {
+                if let Err(e) =
+                    self.run_once(entry, &settled, row.handler_started_at, args, terms.as_ref()).await
+                {
                     tracing::debug!(error = %e, payment.row = row.id, "abandoned call taken by another worker");
                     return;
                 }
@@ -67,7 +71,7 @@ impl PaidCall {
             // The tool was removed (or made free) after it was paid for: the receipt records
             // that the call could not run.
             (None, None) => {
-                self.finish(&row.tool, &settled, &args, results::withdrawn(&row.tool)).await;
+                self.finish(&row.tool, &settled, &args, results::withdrawn(&row.tool), terms.as_ref()).await;
             }
         }
         tracing::info!(payment.row = row.id, tool = %row.tool, "finished an abandoned paid call");

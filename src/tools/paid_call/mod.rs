@@ -10,6 +10,7 @@
 
 mod error;
 mod finish;
+mod on_success;
 #[cfg(test)]
 mod tests;
 
@@ -25,13 +26,17 @@ pub use error::{ArgumentError, CallError, ToolUnavailable};
 use super::catalog::ToolEntry;
 use super::results;
 use crate::clock::SharedClock;
-use crate::config::FailureBudgetConfig;
+use crate::config::{ChargePolicy, FailureBudgetConfig};
 use crate::limits::failures::FailureBudget;
 use crate::limits::{LimitRequest, WalletLimits};
 use crate::payment::PaymentError;
-use crate::payment::decode::PaymentInput;
+use crate::payment::decode::{PaymentInput, decode};
 use crate::payment::gate::{Claimed, PaymentGate, Settlement};
-use crate::payment::verify::{VerifiedPayment, verify};
+use crate::payment::offer::Offers;
+use crate::payment::price::{CallTerms, PriceRecord};
+use crate::payment::refund::{RefundRecord, Refunder};
+use crate::payment::requirements::Quote;
+use crate::payment::verify::{VerifiedPayment, verify_decoded};
 use crate::receipt::{ReceiptInput, Receipts};
 
 /// One `tools/call` for a known tool.
@@ -54,6 +59,18 @@ pub enum Paid {
     Settled(CallToolResult),
     /// The stored answer of a payment already served (a retry, or a replay of the same call).
     Replayed(CallToolResult),
+    /// A tool error under `charge = "on_success"`: nothing was settled, the authorization was
+    /// released.
+    Uncharged(CallToolResult),
+}
+
+/// A priced call's price for its arguments, and its terms.
+#[derive(Debug, Clone)]
+pub struct Priced {
+    pub quote: Arc<Quote>,
+    pub terms: CallTerms,
+    /// SHA-256 of the canonical arguments: what offers and replays are bound to.
+    pub args_hash: String,
 }
 
 /// The config values a paid call needs.
@@ -69,6 +86,8 @@ pub struct CallSettings {
     pub pay_to: alloy::primitives::Address,
     /// Refused payments a client may cause per window.
     pub failed_attempts: FailureBudgetConfig,
+    /// How long a payer is refused after an `on_success` run it did not pay for.
+    pub unpaid_penalty_secs: u64,
 }
 
 /// A paid call answers before the HTTP request timeout, by this much: past it the client is
@@ -92,6 +111,10 @@ pub struct PaidCall {
     /// Finishing abandoned calls: a bound on concurrent tasks, and the rows being finished.
     finishers: Arc<tokio::sync::Semaphore>,
     finishing: Arc<Mutex<HashSet<i64>>>,
+    /// Tags challenges' offers, so a payment for one is honoured after a price change.
+    offers: Offers,
+    /// Sends `refund_on_error` refunds, when configured.
+    refunder: Option<Arc<Refunder>>,
 }
 
 impl PaidCall {
@@ -105,7 +128,10 @@ impl PaidCall {
         let domain = gate.network.domain();
         let finishers = Arc::new(tokio::sync::Semaphore::new(FINISHERS));
         let failures = FailureBudget::from_config(&settings.failed_attempts);
+        let offers = receipts.signer.offers();
         PaidCall {
+            offers,
+            refunder: None,
             gate,
             limits,
             failures,
@@ -118,24 +144,71 @@ impl PaidCall {
         }
     }
 
-    /// Runs one call and renders its outcome.
-    pub async fn call(self: &Arc<Self>, entry: &Arc<ToolEntry>, call: ToolCall) -> CallToolResult {
-        results::render(entry, self.try_call(entry, call).await)
+    /// Refunds of `refund_on_error` tools go out from this wallet.
+    pub fn with_refunder(mut self, refunder: Option<Arc<Refunder>>) -> PaidCall {
+        self.refunder = refunder;
+        self
     }
 
-    /// Steps 3–10, in order, inside the client's failed-attempt budget (`limits::failures`): a
-    /// client whose payments keep failing is turned away before they cost store writes and RPC
-    /// reads.
+    /// Runs one call and renders its outcome; a challenge carries this call's offer.
+    pub async fn call(self: &Arc<Self>, entry: &Arc<ToolEntry>, call: ToolCall) -> CallToolResult {
+        let (outcome, priced) = self.attempt(entry, call).await;
+        let offer = match (&outcome, &priced) {
+            (Err(e), Some(priced)) if e.is_challenge() => Some(self.offer(priced)),
+            _ => None,
+        };
+        results::render(offer.as_ref(), outcome)
+    }
+
+    /// The pipeline's outcome, without rendering.
     pub async fn try_call(
         self: &Arc<Self>,
         entry: &Arc<ToolEntry>,
         call: ToolCall,
     ) -> Result<Paid, CallError> {
-        let attempt = match entry.quote.is_some() && call.payment.is_some() {
+        self.attempt(entry, call).await.0
+    }
+
+    /// The quote a challenge shows: this call's price, tagged as offered until the offer's
+    /// `maxTimeoutSeconds` runs out.
+    fn offer(&self, priced: &Priced) -> Quote {
+        let expires = self.clock.now_unix() + priced.quote.requirements.max_timeout_seconds;
+        priced.quote.with_offer(self.offers.token(&priced.quote, &priced.args_hash, expires))
+    }
+
+    /// Step 3, the arguments, then their price; the rest runs in [`Self::try_priced`].
+    async fn attempt(
+        self: &Arc<Self>,
+        entry: &Arc<ToolEntry>,
+        call: ToolCall,
+    ) -> (Result<Paid, CallError>, Option<Priced>) {
+        let tool = &entry.tool.name;
+        // 3. Arguments are checked before anything is quoted or charged.
+        if let Err(problems) = entry.validate(&call.arguments) {
+            return (Err(ArgumentError { tool: tool.to_string(), problems }.into()), None);
+        }
+        let priced = match price(entry, &call.arguments) {
+            Ok(priced) => priced,
+            Err(e) => return (Err(e), None),
+        };
+        let outcome = self.try_priced(entry, priced.as_ref(), call).await;
+        (outcome, priced)
+    }
+
+    /// Steps 4–10, in order, inside the client's failed-attempt budget (`limits::failures`): a
+    /// client whose payments keep failing is turned away before they cost store writes and RPC
+    /// reads.
+    async fn try_priced(
+        self: &Arc<Self>,
+        entry: &Arc<ToolEntry>,
+        priced: Option<&Priced>,
+        call: ToolCall,
+    ) -> Result<Paid, CallError> {
+        let attempt = match priced.is_some() && call.payment.is_some() {
             true => Some((self.failures.admit(&call.client, self.clock.now_millis())?, call.client.clone())),
             false => None,
         };
-        let outcome = self.try_call_steps(entry, call).await;
+        let outcome = self.try_call_steps(entry, priced, call).await;
         if let Some((attempt, client)) = attempt {
             let failed = matches!(&outcome, Err(CallError::Payment(e)) if e.spends_failure_budget());
             self.failures.settle(&client, attempt, failed, self.clock.now_millis());
@@ -146,13 +219,12 @@ impl PaidCall {
     async fn try_call_steps(
         self: &Arc<Self>,
         entry: &Arc<ToolEntry>,
+        priced: Option<&Priced>,
         call: ToolCall,
     ) -> Result<Paid, CallError> {
         let started = tokio::time::Instant::now();
         let tool = entry.tool.name.to_string();
-        // 3. Arguments are checked before anything is quoted or charged.
-        entry.validate(&call.arguments).map_err(|problems| ArgumentError { tool: tool.clone(), problems })?;
-        let Some(quote) = &entry.quote else {
+        let Some(priced) = priced else {
             metrics::counter!("tollgate_calls_total", "tool" => tool, "kind" => "free").increment(1);
             return Ok(Paid::Free(self.run_bounded(entry, &call.arguments).await));
         };
@@ -161,9 +233,19 @@ impl PaidCall {
             metrics::counter!("tollgate_challenges_total", "tool" => tool).increment(1);
             return Err(CallError::PaymentRequired);
         };
-        // 5. Local verification; from here on the payer is the recovered signer.
-        let margin = self.settings.valid_before_margin_secs;
-        let mut verified = verify(&payment, quote, &self.domain, self.clock.now_unix(), margin)?;
+        // 5. Local verification; from here on the payer is the recovered signer. A payment for
+        // another amount than today's must bring an offer this server made for this very call.
+        let (now, margin) = (self.clock.now_unix(), self.settings.valid_before_margin_secs);
+        let decoded = decode(&payment)?;
+        let mut priced = priced.clone();
+        if let Some(h) =
+            self.offers.honour(&priced.quote, &decoded.payload.accepted, &priced.args_hash, now)?
+        {
+            priced.quote = Arc::new(priced.quote.with_amount(h.amount));
+            priced.terms.price = PriceRecord::offer(h.expires);
+        }
+        let quote = &priced.quote;
+        let mut verified = verify_decoded(decoded, quote, &self.domain, now, margin)?;
         // A payment already held (a retry, or a replay) is answered for what it is: it never
         // spends the payer's wallet limits again, nor is refused for a tool's readiness. Held
         // means settled, for this very payload (`known` never hands back one to settle), so a
@@ -188,8 +270,13 @@ impl PaidCall {
         }
         // 7–10 run in their own task: once a claim exists, a dropped connection must not
         // abandon the settlement halfway; the outcome is stored and a retry gets it.
-        let task =
-            tokio::spawn(self.clone().claim_settle_run(entry.clone(), verified, call.arguments, known));
+        let task = tokio::spawn(self.clone().claim_settle_run(
+            entry.clone(),
+            verified,
+            call.arguments,
+            known,
+            priced,
+        ));
         self.answer_in_time(started, task).await
     }
 
@@ -212,18 +299,17 @@ impl PaidCall {
         }
     }
 
-    /// Steps 7–10: claim (unless held), settle, run once, receipt.
+    /// Steps 7–10: claim (unless held), settle, run once, receipt; under `on_success`, claim,
+    /// check, run, then settle only a success (`run_then_settle`).
     async fn claim_settle_run(
         self: Arc<Self>,
         entry: Arc<ToolEntry>,
         v: VerifiedPayment,
         args: JsonObject,
         known: Option<Claimed>,
+        priced: Priced,
     ) -> Result<Paid, CallError> {
-        let quote = entry
-            .quote
-            .as_ref()
-            .ok_or_else(|| CallError::Internal("a free tool reached settlement".into()))?;
+        let quote = &priced.quote;
         // 7. The atomic claim (unless the payment was already held).
         let t0 = std::time::Instant::now();
         let (claimed, checks) = match known {
@@ -231,26 +317,42 @@ impl PaidCall {
             // The chain checks only read: asked while the claim is written, one wait for both.
             None => {
                 let (claimed, checks) =
-                    tokio::join!(self.gate.claim(&v, quote, &args), self.gate.check_chain(&v));
+                    tokio::join!(self.gate.claim(&v, quote, &args, &priced.terms), self.gate.check_chain(&v));
                 (claimed?, Some(checks))
             }
         };
         let t_claim = t0.elapsed();
-        let (settled, lease, args) = match claimed {
+        let (settled, lease, args, terms) = match claimed {
+            Claimed::Fresh(row) if priced.terms.charge == ChargePolicy::OnSuccess => {
+                return self.run_then_settle(&entry, row, &v, &priced, checks, args).await;
+            }
             // 8. Settlement, confirmed on chain, before the handler.
             Claimed::Fresh(row) => {
                 let settled = match checks {
                     Some(checks) => self.gate.settle_checked(&row, &v, quote, checks).await?,
                     None => self.gate.settle(&row, &v, quote).await?,
                 };
-                (settled, None, args)
+                (settled, None, args, Some(priced.terms.clone()))
             }
             Claimed::AlreadySettled(row, settlement) => {
-                match (row.result_json, stored_args(row.args_json.as_deref())) {
+                match (row.result_json.clone(), stored_args(row.args_json.as_deref())) {
+                    // An `on_success` run whose settlement was confirmed after its request
+                    // ended: its kept result still needs its receipt.
+                    (Some(stored), Some(paid_for)) if !is_final(&stored) => {
+                        let result = stored_answer(&stored)?;
+                        let terms = CallTerms::from_stored(row.price_terms.as_deref());
+                        let answer = self
+                            .finish(&entry.tool.name, &settlement, &paid_for, result, terms.as_ref())
+                            .await;
+                        return Ok(Paid::Replayed(answer));
+                    }
                     (Some(stored), _) => return stored_answer(&stored).map(Paid::Replayed),
                     // Settled after its request ended: run what was paid for, with the stored
                     // arguments, never the caller's (a hash match is no proof of equal arguments).
-                    (None, Some(paid_for)) => (settlement, row.handler_started_at, paid_for),
+                    (None, Some(paid_for)) => {
+                        let terms = CallTerms::from_stored(row.price_terms.as_deref());
+                        (settlement, row.handler_started_at, paid_for, terms)
+                    }
                     // Its receipt is stored (which drops the arguments) and its answer is about to
                     // be, under a live lease: still in progress.
                     (None, None) if self.lease_is_live(row.handler_started_at) => {
@@ -267,7 +369,7 @@ impl PaidCall {
         };
         let t_settle = t0.elapsed() - t_claim;
         // 9. The handler, at most once per settlement; 10. its receipt.
-        let answer = self.run_once(&entry, &settled, lease, args).await.map(Paid::Settled);
+        let answer = self.run_once(&entry, &settled, lease, args, terms.as_ref()).await.map(Paid::Settled);
         tracing::debug!(
             timing.claim_us = t_claim.as_micros() as u64,
             timing.settle_us = t_settle.as_micros() as u64,
@@ -305,6 +407,7 @@ impl PaidCall {
         settled: &Settlement,
         lease: Option<i64>,
         args: JsonObject,
+        terms: Option<&CallTerms>,
     ) -> Result<CallToolResult, CallError> {
         let now = self.clock.now_unix() as i64;
         // A lease younger than the request timeout belongs to a request that may still be running.
@@ -316,7 +419,22 @@ impl PaidCall {
         metrics::counter!("tollgate_calls_total", "tool" => entry.tool.name.to_string(), "kind" => "paid")
             .increment(1);
         let result = self.run_bounded(entry, &args).await;
-        Ok(self.finish(&entry.tool.name, settled, &args, result).await)
+        // Refunded here, where the handler has just run under the lease: never for an answer
+        // finished again from storage, so one failure is refunded once.
+        let refund = match terms {
+            Some(t) if t.refund_on_error && result.is_error == Some(true) => self.refund(settled).await,
+            _ => None,
+        };
+        Ok(self.finish_with(&entry.tool.name, settled, &args, result, terms, refund).await)
+    }
+
+    /// A `refund_on_error` refund of the whole amount to the payer, recorded for the receipt.
+    async fn refund(&self, settled: &Settlement) -> Option<RefundRecord> {
+        let Some(refunder) = &self.refunder else {
+            tracing::error!(payment.row = settled.row_id, "refund_on_error without a refund wallet");
+            return None;
+        };
+        Some(refunder.refund(settled.payer, settled.amount).await)
     }
 
     /// Step 10: the signed receipt, appended to the log, beside the standard payment response;
@@ -327,10 +445,24 @@ impl PaidCall {
         settled: &Settlement,
         args: &JsonObject,
         result: CallToolResult,
+        terms: Option<&CallTerms>,
+    ) -> CallToolResult {
+        self.finish_with(tool, settled, args, result, terms, None).await
+    }
+
+    async fn finish_with(
+        &self,
+        tool: &str,
+        settled: &Settlement,
+        args: &JsonObject,
+        result: CallToolResult,
+        terms: Option<&CallTerms>,
+        refund: Option<RefundRecord>,
     ) -> CallToolResult {
         let now = self.clock.now_unix();
         let pay_to = self.settings.pay_to;
-        let input = ReceiptInput { tool, args, result: &result, settlement: settled, pay_to, now };
+        let input =
+            ReceiptInput { tool, args, result: &result, settlement: settled, pay_to, now, terms, refund };
         let receipt = self.issue_receipt(&input).await;
         let answer = results::paid(result, settled, receipt.as_ref());
         let json = serde_json::to_string(&answer).expect("CallToolResult serialises");
@@ -362,6 +494,25 @@ impl PaidCall {
         }
         None
     }
+}
+
+/// Step 3's second half: the call's price for these arguments (`None` for a free tool).
+fn price(entry: &ToolEntry, args: &JsonObject) -> Result<Option<Priced>, CallError> {
+    let (Some(pricing), Some(base)) = (&entry.pricing, &entry.quote) else { return Ok(None) };
+    let (amount, record) = pricing.evaluate(&entry.tool.name, args)?;
+    let quote = match amount == base.amount {
+        true => base.clone(),
+        false => Arc::new(base.with_amount(amount)),
+    };
+    let terms = CallTerms { charge: pricing.charge, refund_on_error: pricing.refund_on_error, price: record };
+    Ok(Some(Priced { quote, terms, args_hash: crate::payment::gate::args_hash(args) }))
+}
+
+/// Whether a stored answer is the one served (with its settlement response), not an
+/// `on_success` result kept while its settlement was still pending.
+fn is_final(stored: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(stored)
+        .is_ok_and(|v| v.pointer("/_meta/x402~1payment-response").is_some())
 }
 
 fn stored_args(json: Option<&str>) -> Option<JsonObject> {

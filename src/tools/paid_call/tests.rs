@@ -45,6 +45,9 @@ struct FakeChain {
 
 #[async_trait::async_trait]
 impl Chain for FakeChain {
+    async fn simulate_token_call(&self, _: alloy::primitives::Bytes) -> Result<Option<String>, ChainError> {
+        Ok(None)
+    }
     async fn authorization_used(&self, _: Address, _: B256) -> Result<bool, ChainError> {
         Ok(self.used.load(Ordering::SeqCst))
     }
@@ -261,9 +264,16 @@ async fn harness(settler: impl FnOnce(Arc<FakeChain>) -> FakeSettler) -> Harness
     let mut catalog = Catalog::default();
     let handler = Arc::new(Counted { runs: runs.clone(), hold: hold.clone() });
     let schema = json!({ "type": "object" });
-    catalog
-        .insert("test", "counted", "counts", schema, UsdcAmount::from_atomic(PRICE), &terms, handler)
-        .unwrap();
+    let new = crate::tools::catalog::NewTool {
+        origin: "test",
+        name: "counted",
+        description: "counts",
+        input_schema: schema,
+        handler,
+        source: crate::tools::catalog::PriceSource::Injected,
+    };
+    let price = crate::tools::catalog::ToolPrice::fixed(UsdcAmount::from_atomic(PRICE));
+    catalog.insert(new, &price, &terms).unwrap();
     let gate = Arc::new(PaymentGate {
         allowed_factories: vec![],
         store: store.clone(),
@@ -285,6 +295,7 @@ async fn harness(settler: impl FnOnce(Arc<FakeChain>) -> FakeSettler) -> Harness
         tool_timeout: Duration::from_secs(20),
         pay_to: Address::repeat_byte(0xbb),
         failed_attempts: crate::config::FailureBudgetConfig { attempts: 20, window_secs: 60 },
+        unpaid_penalty_secs: 60,
     };
     let paid = Arc::new(PaidCall::new(gate, limits, receipts, Arc::new(clock.clone()), settings));
     let entry = catalog.get("counted").unwrap().clone();
@@ -385,7 +396,7 @@ async fn a_paid_call_whose_tool_was_withdrawn_ends_in_a_receipt_that_says_so() {
         crate::payment::verify::verify(&PaymentInput::Meta(payload), quote, &domain, NOW, 6).unwrap();
     let gate = &h.paid.gate;
     let crate::payment::gate::Claimed::Fresh(row) =
-        gate.claim(&verified, quote, &JsonObject::new()).await.unwrap()
+        gate.claim(&verified, quote, &JsonObject::new(), &Default::default()).await.unwrap()
     else {
         panic!("fresh claim")
     };
@@ -453,7 +464,7 @@ async fn a_replay_between_the_receipt_and_the_stored_answer_is_in_progress() {
         crate::payment::verify::verify(&PaymentInput::Meta(payload), quote, &h.paid.domain, NOW, 6).unwrap();
     let gate = &h.paid.gate;
     let crate::payment::gate::Claimed::Fresh(row) =
-        gate.claim(&verified, quote, &JsonObject::new()).await.unwrap()
+        gate.claim(&verified, quote, &JsonObject::new(), &Default::default()).await.unwrap()
     else {
         panic!("fresh claim")
     };

@@ -1,0 +1,5 @@
+-- How a paid call was priced and charged (JSON: the charge policy, refund_on_error, and the
+-- price basis: a fixed amount, an expression with the hash of its inputs, or an honoured
+-- offer), so the receipt of a call finished after its request died says the same as one
+-- issued at once. Null on rows older than pricing policies.
+alter table payments add column price_terms text;
