@@ -2,6 +2,7 @@
 
 use serde_json::{Value, json};
 
+use tollgate::clock::Clock;
 use tollgate::config::PriceSetting;
 use tollgate::money::UsdcAmount;
 
