@@ -63,6 +63,8 @@ pub struct App {
     /// Upstreams that did not answer at start, and the terms their tools are sold on.
     late_upstreams: Vec<LateUpstream>,
     terms: PayTerms,
+    /// When the config file was last changed as the server was built: a later change reloads.
+    config_seen: Option<std::time::SystemTime>,
 }
 
 impl App {
@@ -141,7 +143,8 @@ impl App {
             terms: terms.clone(),
             config_file: deps.config_file,
         });
-        Ok(App { listener, metrics_listener, state, late_upstreams, terms })
+        let config_seen = modified(&state.config_file);
+        Ok(App { listener, metrics_listener, state, late_upstreams, terms, config_seen })
     }
 
     pub fn port(&self) -> u16 {
@@ -171,7 +174,7 @@ impl App {
         recover(reconciler, self.state.clone(), cancel.child_token());
         join_late_upstreams(self.state.clone(), self.late_upstreams, self.terms, cancel.child_token());
         crate::ceiling::spawn_sweeper(self.state.ceiling.clone(), SWEEP_INTERVAL, cancel.child_token());
-        spawn_price_reloader(self.state.clone(), cancel.child_token());
+        spawn_price_reloader(self.state.clone(), self.config_seen, cancel.child_token());
         let every = Duration::from_secs(self.state.config.receipts.checkpoint_interval_secs);
         let (receipts, clock) = (self.state.receipts.clone(), self.state.clock.clone());
         crate::receipt::spawn_checkpointer(receipts, clock, every, cancel.child_token());
@@ -429,7 +432,11 @@ fn upstream_price(c: &UpstreamConfig, remote: &str, tools_charge: ChargePolicy) 
 const WATCH_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Reloads prices on SIGHUP and, with `tools.watch_config`, when the config file changes.
-fn spawn_price_reloader(state: Arc<AppState>, cancel: CancellationToken) {
+fn spawn_price_reloader(
+    state: Arc<AppState>,
+    mut seen: Option<std::time::SystemTime>,
+    cancel: CancellationToken,
+) {
     let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(signal) => Some(signal),
         Err(e) => {
@@ -439,11 +446,7 @@ fn spawn_price_reloader(state: Arc<AppState>, cancel: CancellationToken) {
     };
     let file = state.config_file.clone();
     let watch = state.config.tools.watch_config && file.is_some();
-    let modified = move |f: &Option<PathBuf>| {
-        f.as_ref().and_then(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok())
-    };
     tokio::spawn(async move {
-        let mut seen = modified(&file);
         loop {
             let hangup = async {
                 match hangups.as_mut() {
@@ -461,16 +464,21 @@ fn spawn_price_reloader(state: Arc<AppState>, cancel: CancellationToken) {
             };
             if reload {
                 // A failed reload keeps the table in service; it is logged, never fatal.
-                let _ = reload_prices(&state);
+                let _ = reload_prices(&state, state.config_file.as_deref());
             }
         }
     });
 }
 
-/// Reads the config again (file and environment) and re-prices the catalog from it. A config
-/// that does not validate, or a price that does not check, keeps the old table and says why.
-pub fn reload_prices(state: &AppState) -> anyhow::Result<Vec<String>> {
-    let reloaded = Config::load(state.config_file.as_deref())
+fn modified(file: &Option<PathBuf>) -> Option<std::time::SystemTime> {
+    std::fs::metadata(file.as_ref()?).and_then(|m| m.modified()).ok()
+}
+
+/// Reads the config again (`file` and the environment) and re-prices the catalog from it. A
+/// config that does not validate, or a price that does not check, keeps the old table and says
+/// why.
+pub fn reload_prices(state: &AppState, file: Option<&std::path::Path>) -> anyhow::Result<Vec<String>> {
+    let reloaded = Config::load(file)
         .map_err(anyhow::Error::from)
         .and_then(|config| reprice(state, &config, &state.terms).map_err(anyhow::Error::from));
     match &reloaded {

@@ -65,6 +65,31 @@ impl Chain {
         Ok(out)
     }
 
+    /// Whether transaction `tx` moved exactly `amount` of `asset` from `from` to `to` (its own
+    /// `Transfer` log, in a successful transaction).
+    pub async fn transferred(
+        &self,
+        asset: Address,
+        tx: alloy::primitives::B256,
+        from: Address,
+        to: Address,
+        amount: &str,
+    ) -> anyhow::Result<bool> {
+        let Some(receipt) = self.provider.get_transaction_receipt(tx).await.context("reading a refund")?
+        else {
+            return Ok(false);
+        };
+        let amount = U256::from_str_radix(amount, 10).unwrap_or(U256::MAX);
+        let moved = receipt
+            .inner
+            .logs()
+            .iter()
+            .filter(|l| l.address() == asset)
+            .filter_map(|l| Usdc::Transfer::decode_log(&l.inner).ok())
+            .any(|t| t.data.from == from && t.data.to == to && t.data.value == amount);
+        Ok(receipt.status() && moved)
+    }
+
     async fn payments_in(&self, asset: Address, scan: &Scan, out: &mut Payments) -> anyhow::Result<()> {
         let used = Filter::new()
             .address(asset)

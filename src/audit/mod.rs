@@ -113,6 +113,7 @@ pub async fn audit_with(req: &AuditRequest<'_>, options: &AuditOptions) -> anyho
     let settlers = published_settlers(&listing);
     let mut rows = reconcile(&receipts, &keys, &in_log, &payments, &network, &mut problems);
     name_settlers(&mut rows, &payments, &settlers);
+    check_refunds(&receipts, &chain, wallet, &mut rows, &mut problems).await?;
 
     if let Some(c) = head.filter(|_| problems.is_empty()) {
         log::save_state(&req.state_file, c)?;
@@ -150,6 +151,45 @@ fn name_settlers(rows: &mut [Row], payments: &Payments, settlers: &[Address]) {
             false => s.to_checksum(None),
         });
     }
+}
+
+/// Reconciles refunds: a receipt that says "sent" must name a transaction whose own
+/// `Transfer(refund wallet → this wallet, amount)` log is on chain, one transaction per refund;
+/// one that says "failed" is an amount the server owes, and fails the audit until paid.
+async fn check_refunds(
+    receipts: &[SignedReceipt],
+    chain: &chain::Chain,
+    wallet: Address,
+    rows: &mut [Row],
+    problems: &mut Vec<Problem>,
+) -> anyhow::Result<()> {
+    let mut seen = HashSet::new();
+    for (r, row) in receipts.iter().zip(rows.iter_mut()) {
+        let (b, Some(refund)) = (&r.body, &r.body.refund) else { continue };
+        let verdict = match (refund.status.as_str(), &refund.tx) {
+            ("sent", Some(tx)) => {
+                let (asset, from) = (b.asset.parse::<Address>(), refund.from.parse::<Address>());
+                let paid = match (asset, from, tx.parse()) {
+                    (Ok(asset), Ok(from), Ok(hash)) if seen.insert(tx.to_ascii_lowercase()) => {
+                        chain.transferred(asset, hash, from, wallet, &refund.amount).await?
+                    }
+                    _ => false,
+                };
+                if !paid {
+                    problems.push(Problem::RefundNotFound { payer_seq: b.payer_seq, tx: tx.clone() });
+                }
+                if paid { "ok" } else { "FAIL" }
+            }
+            _ => {
+                let reason = refund.reason.clone().unwrap_or_else(|| refund.status.clone());
+                let amount = refund.amount.clone();
+                problems.push(Problem::RefundOwed { payer_seq: b.payer_seq, amount, reason });
+                "owed"
+            }
+        };
+        row.refund = Some(verdict.to_owned());
+    }
+    Ok(())
 }
 
 fn signature_ok(r: &SignedReceipt, keys: &BTreeMap<String, VerifyingKey>) -> bool {
@@ -282,5 +322,6 @@ fn row(
         in_log,
         on_chain,
         settled_by: None,
+        refund: None,
     }
 }

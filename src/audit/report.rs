@@ -27,6 +27,10 @@ pub enum Problem {
     OtherNetwork { payer_seq: u64, network: String, rpc_network: String },
     NoTransfer { payer_seq: u64, tx: String },
     TransferWithoutReceipt { tx: String, nonce: String, to: String },
+    // A receipt says its failed call was refunded, but that transaction did not send it back.
+    RefundNotFound { payer_seq: u64, tx: String },
+    // A receipt records a refund that failed: the server owes the amount.
+    RefundOwed { payer_seq: u64, amount: String, reason: String },
 }
 
 impl std::fmt::Display for Problem {
@@ -86,6 +90,13 @@ impl std::fmt::Display for Problem {
             Problem::TransferWithoutReceipt { tx, nonce, to } => {
                 write!(f, "on-chain transfer {tx} (nonce {nonce}) from this wallet to {to} has no receipt")
             }
+            Problem::RefundNotFound { payer_seq, tx } => write!(
+                f,
+                "receipt #{payer_seq} records a refund in {tx}, but that transaction did not pay it back"
+            ),
+            Problem::RefundOwed { payer_seq, amount, reason } => {
+                write!(f, "receipt #{payer_seq}: the refund of {amount} failed ({reason}); it is owed")
+            }
         }
     }
 }
@@ -127,6 +138,8 @@ pub struct Row {
     /// Who sent the settling transaction: "server" (a signer the server publishes: its relayer
     /// or its facilitator's), or another address.
     pub settled_by: Option<String>,
+    /// For a refunded failure: "ok" (the refund is on chain), "FAIL" (not found), "owed" (failed).
+    pub refund: Option<String>,
 }
 
 /// Everything the audit saw; it passes when there is no problem.
@@ -162,8 +175,8 @@ pub fn render(report: &AuditReport) -> String {
     let _ = writeln!(out, "audit of {} at {} on {}", report.wallet, report.server, report.network);
     let _ = writeln!(
         out,
-        "{:>5} {:>6}  {:<18} {:>12}  {:<10} {:<14} {:<4} {:<7} {:<5} settled by",
-        "seq", "log", "tool", "amount", "outcome", "tx", "sig", "log", "chain"
+        "{:>5} {:>6}  {:<18} {:>12}  {:<10} {:<14} {:<4} {:<7} {:<5} {:<7} settled by",
+        "seq", "log", "tool", "amount", "outcome", "tx", "sig", "log", "chain", "refund"
     );
     for r in &report.receipts {
         let _ = writeln!(out, "{}", row_line(r));
@@ -211,7 +224,7 @@ fn row_line(r: &Row) -> String {
         None => "pending",
     };
     format!(
-        "{:>5} {:>6}  {:<18} {:>12}  {:<10} {:<14} {:<4} {:<7} {:<5} {}",
+        "{:>5} {:>6}  {:<18} {:>12}  {:<10} {:<14} {:<4} {:<7} {:<5} {:<7} {}",
         r.payer_seq,
         r.log_index,
         r.tool,
@@ -221,6 +234,7 @@ fn row_line(r: &Row) -> String {
         mark(r.signature_ok),
         log,
         mark(r.on_chain),
+        r.refund.as_deref().unwrap_or("-"),
         r.settled_by.as_deref().unwrap_or("-")
     )
 }

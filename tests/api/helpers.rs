@@ -151,6 +151,12 @@ pub async fn spawn_app() -> TestApp {
 
 /// tollgate on port 0 with its own anvil chain and SQLite file; `tweak` edits the config.
 pub async fn spawn_app_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
+    spawn_app_reading(None, tweak).await
+}
+
+/// As [`spawn_app_with`], for a server told its config came from `config_file` (prices reload
+/// from it).
+pub async fn spawn_app_reading(config_file: Option<PathBuf>, tweak: impl FnOnce(&mut Config)) -> TestApp {
     anvil_ready().await;
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::load(None).expect("default config");
@@ -167,7 +173,7 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
     config.validate().expect("test config valid");
     let clock = ManualClock::new(SystemClock.now_unix());
     let runs = Arc::new(AtomicUsize::new(0));
-    let server = Server::start(config, clock.clone(), runs.clone()).await;
+    let server = Server::start_with(config, clock.clone(), runs.clone(), config_file).await;
     let (addr, metrics_addr, state) = (server.addr, server.metrics_addr, server.state.clone());
     TestApp { runs, addr, metrics_addr, state, chain, clock, dir, stop: server.stop, served: server.served }
 }
@@ -182,13 +188,19 @@ pub struct Server {
 }
 
 impl Server {
-    pub async fn start(mut config: Config, clock: ManualClock, runs: Arc<AtomicUsize>) -> Server {
+    pub async fn start(config: Config, clock: ManualClock, runs: Arc<AtomicUsize>) -> Server {
+        Self::start_with(config, clock, runs, None).await
+    }
+
+    pub async fn start_with(
+        mut config: Config,
+        clock: ManualClock,
+        runs: Arc<AtomicUsize>,
+        config_file: Option<PathBuf>,
+    ) -> Server {
         config.server.bind = "127.0.0.1:0".parse().unwrap();
-        let deps = Deps {
-            clock: Arc::new(clock),
-            extra_tools: vec![counted_tool(runs.clone()), slow_tool(runs)],
-            config_file: None,
-        };
+        let extra_tools = vec![counted_tool(runs.clone()), slow_tool(runs)];
+        let deps = Deps { clock: Arc::new(clock), extra_tools, config_file };
         let app = App::build_with(config, deps).await.expect("app builds");
         let (addr, metrics_addr) = (app.local_addr(), app.metrics_addr());
         let state = app.state();

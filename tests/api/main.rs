@@ -22,6 +22,8 @@ mod mcp_surface;
 mod operations;
 mod payments;
 mod pending;
+mod policies;
+mod pricing;
 mod properties;
 mod restart;
 mod secrets;

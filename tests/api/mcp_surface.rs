@@ -37,7 +37,8 @@ async fn unpaid_priced_call_returns_the_x402_challenge() {
     let mcp = app.sessionless();
     // Act
     let result = mcp.call_tool("sha256", json!({ "text": "hello" }), None).await;
-    let again = mcp.call_tool("sha256", json!({ "text": "other" }), None).await;
+    // The same call again: its offer is bound to these arguments (and to the second it was made).
+    let again = mcp.call_tool("sha256", json!({ "text": "hello" }), None).await;
     // Assert: the x402 v2 MCP transport shape, every field.
     assert_eq!(result["isError"], true);
     let challenge = &result["structuredContent"];

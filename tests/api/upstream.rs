@@ -13,21 +13,21 @@ use tollgate::money::UsdcAmount;
 
 use crate::helpers::{TestApp, repo_root, spawn_app_with};
 
-const PRICE: u64 = 1500;
+pub(crate) const PRICE: u64 = 1500;
 
-async fn python() -> PathBuf {
+pub(crate) async fn python() -> PathBuf {
     crate::interop::python().await
 }
 
-fn script() -> String {
+pub(crate) fn script() -> String {
     repo_root().join("tests/interop/upstream_server.py").display().to_string()
 }
 
-fn calls(file: &Path) -> Vec<String> {
+pub(crate) fn calls(file: &Path) -> Vec<String> {
     std::fs::read_to_string(file).unwrap_or_default().lines().map(str::to_owned).collect()
 }
 
-fn upstream(name: &str) -> UpstreamConfig {
+pub(crate) fn upstream(name: &str) -> UpstreamConfig {
     UpstreamConfig {
         name: name.into(),
         command: vec![],
