@@ -236,3 +236,52 @@ async fn prices_reload_when_the_watched_config_file_changes() {
     assert_eq!(amount, "2003");
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn sighup_reloads_the_prices_of_a_running_tollgate_serve() {
+    // Arrange: `tollgate serve --config prices.toml` as its own process, on the test's chain.
+    let app = spawn_app_with(|_| {}).await;
+    let file = app.dir.path().join("prices.toml");
+    write_prices(&file, "\"1000\"");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let database = format!("sqlite://{}", app.dir.path().join("served.db").display());
+    let mut served = tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["--config", &file.display().to_string(), "serve"])
+        .env("TOLLGATE_SERVER__BIND", format!("127.0.0.1:{port}"))
+        .env("TOLLGATE_NETWORK__RPC_URL", app.chain.anvil.endpoint())
+        .env("TOLLGATE_NETWORK__ASSET", app.chain.token.to_checksum(None))
+        .env("TOLLGATE_PAYMENT__PAY_TO", app.chain.pay_to.to_checksum(None))
+        .env("TOLLGATE_PAYMENT__RELAYER_KEY", tollgate::chain::anvil::DEV_KEYS[1])
+        .env("TOLLGATE_DATABASE__URL", database)
+        .env("TOLLGATE_RECEIPTS__KEY", "22".repeat(32))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    crate::helpers::wait_listening(port).await;
+    let mcp = crate::helpers::Mcp::sessionless(&format!("http://127.0.0.1:{port}/mcp"));
+    let quote = |mcp: crate::helpers::Mcp| async move {
+        let challenge = mcp.call_tool("sha256", json!({ "text": "a" }), None).await;
+        challenge["structuredContent"]["accepts"][0]["amount"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(quote(mcp.clone()).await, "1000");
+    // Act: a new price in the file, then SIGHUP.
+    write_prices(&file, "\"4200\"");
+    let pid = served.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    // Assert: the process lives on and quotes the new price.
+    let reloaded = async {
+        loop {
+            if quote(mcp.clone()).await == "4200" {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(20), reloaded).await.expect("reloaded on SIGHUP");
+    assert!(served.try_wait().unwrap().is_none(), "SIGHUP did not stop the server");
+    served.start_kill().unwrap();
+    app.shutdown().await;
+}
