@@ -478,9 +478,13 @@ fn modified(file: &Option<PathBuf>) -> Option<std::time::SystemTime> {
 /// config that does not validate, or a price that does not check, keeps the old table and says
 /// why.
 pub fn reload_prices(state: &AppState, file: Option<&std::path::Path>) -> anyhow::Result<Vec<String>> {
-    let reloaded = Config::load(file)
-        .map_err(anyhow::Error::from)
-        .and_then(|config| reprice(state, &config, &state.terms).map_err(anyhow::Error::from));
+    let reloaded = Config::load(file).map_err(anyhow::Error::from).and_then(|config| {
+        // The refund wallet is built at start: a reload cannot promise refunds without one.
+        if config.refunds_on_error() && !state.paid.can_refund() {
+            anyhow::bail!("refund_on_error needs a refund wallet (tools.refund_key) configured at start; restart to add one");
+        }
+        reprice(state, &config, &state.terms).map_err(anyhow::Error::from)
+    });
     match &reloaded {
         Ok(changed) => {
             metrics::counter!("tollgate_price_reloads_total", "outcome" => "applied").increment(1);

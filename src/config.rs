@@ -661,6 +661,12 @@ impl Config {
         Ok(())
     }
 
+    /// Whether any tool, built-in or upstream, refunds its errors (`refund_on_error`).
+    pub fn refunds_on_error(&self) -> bool {
+        let upstream = self.upstream.iter().flat_map(|u| u.prices.values());
+        self.tools.prices.values().chain(upstream).any(PriceSetting::refund_on_error)
+    }
+
     /// Price tables: the policies fit together; expressions are compiled where the tools'
     /// schemas are known (`payment::price`).
     fn validate_prices(&self) -> Result<(), ConfigError> {
@@ -670,8 +676,9 @@ impl Config {
             let charge = u.charge.unwrap_or(t.charge);
             u.prices.iter().map(move |(tool, p)| (format!("{}{tool}", u.prefix), p, charge))
         });
-        let mut refunds = false;
+        let (mut refunds, mut on_success) = (false, false);
         for (tool, setting, default) in builtin.chain(upstream) {
+            on_success |= setting.charge(default) == ChargePolicy::OnSuccess;
             if setting.refund_on_error() && setting.charge(default) == ChargePolicy::OnSuccess {
                 let reason = format!(
                     "tool `{tool}`: refund_on_error is for charge = \"before_run\" (on_success never charges a failed call)"
@@ -689,6 +696,18 @@ impl Config {
             return Err(invalid(
                 "tools.refund_key",
                 "is required when a tool sets refund_on_error (set TOLLGATE_TOOLS__REFUND_KEY or refund_key_file)",
+            ));
+        }
+        let upstream_on_success = self.upstream.iter().any(|u| u.charge == Some(ChargePolicy::OnSuccess));
+        let p = &self.payment;
+        let run_then_settle = p.valid_before_margin_secs + t.timeout_secs + p.settle_timeout_secs;
+        if (on_success || upstream_on_success || t.charge == ChargePolicy::OnSuccess)
+            && run_then_settle >= p.max_timeout_seconds
+        {
+            return Err(invalid(
+                "payment.max_timeout_seconds",
+                "must exceed valid_before_margin_secs + tools.timeout_secs + payment.settle_timeout_secs \
+                 when a tool charges on_success (its authorization must outlive the run and the settlement)",
             ));
         }
         if t.unpaid_penalty_secs > 86_400 {

@@ -167,6 +167,11 @@ async fn check_refunds(
     for (r, row) in receipts.iter().zip(rows.iter_mut()) {
         let (b, Some(refund)) = (&r.body, &r.body.refund) else { continue };
         let verdict = match (refund.status.as_str(), &refund.tx) {
+            // A refund of less than was paid is not the refund the receipt promises.
+            ("sent", Some(tx)) if refund.amount != b.amount => {
+                problems.push(Problem::RefundNotFound { payer_seq: b.payer_seq, tx: tx.clone() });
+                "FAIL"
+            }
             ("sent", Some(tx)) => {
                 let (asset, from) = (b.asset.parse::<Address>(), refund.from.parse::<Address>());
                 let paid = match (asset, from, tx.parse()) {

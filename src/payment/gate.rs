@@ -193,6 +193,18 @@ impl PaymentGate {
         }
     }
 
+    /// The amount of this very payload if this server already holds it (same payer, nonce and
+    /// payload): a resend after a price change is answered for what it is, never re-challenged
+    /// (which would invite a second payment).
+    pub async fn held_amount(&self, decoded: &super::decode::DecodedPayment) -> Option<UsdcAmount> {
+        let a = &decoded.payload.payload.authorization;
+        let (payer, nonce) = (a.from.parse().ok()?, a.nonce.parse().ok()?);
+        let key = PaymentKey { network: &self.network.caip2, asset: self.network.asset, payer, nonce };
+        let row = self.store.by_key(&key).await.ok()??;
+        let (_, hash) = super::verify::canonical_payload(&decoded.raw).ok()?;
+        (row.payload_hash == hash).then_some(row.amount)
+    }
+
     /// Step 7: the atomic claim of (network, asset, payer, nonce), with the call's terms.
     pub async fn claim(
         &self,

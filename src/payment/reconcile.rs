@@ -51,7 +51,9 @@ impl Reconciler {
             }
             if row.state == PaymentState::Claimed {
                 // Its request died before submitting anything: free the authorization.
-                if gate.store.release(row.id).await? {
+                // Only as it was seen: a claim that moved on meanwhile (its request woke up and
+                // broadcast) must never be deleted.
+                if gate.store.release_stale(row.id, row.updated_at).await? {
                     report.released += 1;
                 }
                 continue;

@@ -48,6 +48,20 @@ pub struct RefundRecord {
     pub reason: Option<String>,
 }
 
+impl RefundRecord {
+    /// A refund that could not be sent: the payer is owed `amount`.
+    pub fn failed(from: Option<Address>, amount: UsdcAmount, reason: &str) -> RefundRecord {
+        RefundRecord {
+            status: "failed".into(),
+            from: from.map(|a| a.to_checksum(None)).unwrap_or_default(),
+            amount: amount.to_string(),
+            tx: None,
+            block: None,
+            reason: Some(reason.into()),
+        }
+    }
+}
+
 /// The wallet refunds are sent from.
 pub struct Refunder {
     provider: DynProvider,

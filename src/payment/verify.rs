@@ -133,10 +133,17 @@ pub fn verify_decoded(
         return Err(PaymentError::WrongAmount);
     }
     let payment_id = payment_identifier(payload.extensions.as_ref())?;
-    let payload_json = serde_json_canonicalizer::to_string(&raw)
-        .map_err(|e| PaymentError::Malformed(format!("cannot canonicalise payload: {e}")))?;
-    let payload_hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(payload_json.as_bytes()));
+    let (payload_json, payload_hash) = canonical_payload(&raw)?;
     Ok(VerifiedPayment { payer, authorization, signature, payload_hash, payment_id, payload_json, raw })
+}
+
+/// The canonical (RFC 8785) payload and its SHA-256, hex: what tells a replay of the same
+/// payment from another payload.
+pub fn canonical_payload(raw: &Value) -> Result<(String, String), PaymentError> {
+    let json = serde_json_canonicalizer::to_string(raw)
+        .map_err(|e| PaymentError::Malformed(format!("cannot canonicalise payload: {e}")))?;
+    let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(json.as_bytes()));
+    Ok((json, hash))
 }
 
 /// `accepted` must be our requirements (deep equality, key order and address case aside).

@@ -101,6 +101,10 @@ pub struct PaymentKey<'a> {
     pub nonce: B256,
 }
 
+/// The key under which a result kept while its `on_success` settlement is unconfirmed is
+/// stored (`{"unsettled": <result>}`): it is never served as it is.
+pub const UNSETTLED_KEY: &str = "unsettled";
+
 /// A row of `payments`, with its stored result when there is one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PaymentRecord {
@@ -130,6 +134,8 @@ pub struct PaymentRecord {
     pub tx_nonce: Option<i64>,
     /// How the call was priced and is charged (JSON; None on older rows).
     pub price_terms: Option<String>,
+    /// Its refund, once one was started (JSON).
+    pub refund_json: Option<String>,
     pub created_at: i64,
     pub updated_at: i64,
     pub result_json: Option<String>,
@@ -250,8 +256,19 @@ pub trait Store: Send + Sync + 'static {
     /// Takes the lease to run the handler of a settled payment. `seen` is the lease the caller
     /// observed (None for a fresh settlement); exactly one caller with a given `seen` wins.
     async fn start_handler(&self, id: i64, seen: Option<i64>, now: i64) -> Result<bool, StoreError>;
-    /// Stores the result served for a settled payment (first write wins).
+    /// Takes the handler lease of a `claimed` payment (`charge = "on_success"` runs before it
+    /// settles), refreshing `updated_at` so the reconciler leaves it alone while it runs.
+    async fn start_unsettled_run(&self, id: i64, now: i64) -> Result<bool, StoreError>;
+    /// Releases a `claimed` row only if it is still as `seen_updated_at` left it: the
+    /// reconciler's release of a stale claim can never delete a row that moved on meanwhile.
+    async fn release_stale(&self, id: i64, seen_updated_at: i64) -> Result<bool, StoreError>;
+    /// Stores the result served for a settled payment. First write wins, except over a result
+    /// kept unsettled (`UNSETTLED_KEY`), which the served answer replaces.
     async fn save_result(&self, id: i64, result_json: &str, now: i64) -> Result<(), StoreError>;
+    /// Marks a refund as started; false if one already was (one refund per payment).
+    async fn begin_refund(&self, id: i64) -> Result<bool, StoreError>;
+    /// Records how a started refund ended.
+    async fn end_refund(&self, id: i64, refund_json: &str) -> Result<(), StoreError>;
     /// Settled calls without a receipt, untouched (and with no handler lease taken) since
     /// `idle_since`: their requests died; the server finishes them. Oldest first.
     async fn unfinished(&self, idle_since: i64, limit: i64) -> Result<Vec<PaymentRecord>, StoreError>;

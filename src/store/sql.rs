@@ -109,6 +109,7 @@ struct Row {
     from_block: Option<i64>,
     tx_nonce: Option<i64>,
     price_terms: Option<String>,
+    refund_json: Option<String>,
     created_at: i64,
     updated_at: i64,
     result_json: Option<String>,
@@ -149,6 +150,7 @@ impl TryFrom<Row> for PaymentRecord {
             from_block: r.from_block,
             tx_nonce: r.tx_nonce,
             price_terms: r.price_terms,
+            refund_json: r.refund_json,
             created_at: r.created_at,
             updated_at: r.updated_at,
             result_json: r.result_json,
@@ -174,7 +176,7 @@ macro_rules! select_where {
             "select p.id, p.network, p.asset, p.payer, p.nonce, p.payload_hash, p.payment_id, ",
             "p.tool, p.amount, p.state, p.tx_hash, p.block_number, p.error, p.handler_started_at, ",
             "p.valid_before, ",
-            "p.payload_json, p.args_json, p.args_hash, p.from_block, p.tx_nonce, p.price_terms, ",
+            "p.payload_json, p.args_json, p.args_hash, p.from_block, p.tx_nonce, p.price_terms, p.refund_json, ",
             "p.created_at, p.updated_at, r.result_json ",
             "from payments p left join results r on r.payment_row = p.id where ",
             $clause
@@ -350,10 +352,51 @@ macro_rules! impl_store {
                 Ok(query.execute(&self.pool).await?.rows_affected() == 1)
             }
 
+            async fn start_unsettled_run(&self, id: i64, now: i64) -> Result<bool, StoreError> {
+                let done = sqlx::query(
+                    "update payments set handler_started_at = $1, updated_at = $1 \
+                     where id = $2 and state = 'claimed' and handler_started_at is null",
+                )
+                .bind(now)
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
+                Ok(done.rows_affected() == 1)
+            }
+
+            async fn release_stale(&self, id: i64, seen_updated_at: i64) -> Result<bool, StoreError> {
+                let done = sqlx::query("delete from payments where id = $1 and state = 'claimed' and updated_at = $2")
+                    .bind(id)
+                    .bind(seen_updated_at)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(done.rows_affected() == 1)
+            }
+
+            async fn begin_refund(&self, id: i64) -> Result<bool, StoreError> {
+                let done = sqlx::query(
+                    "update payments set refund_json = '{\"status\":\"sending\"}' where id = $1 and refund_json is null",
+                )
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
+                Ok(done.rows_affected() == 1)
+            }
+
+            async fn end_refund(&self, id: i64, refund_json: &str) -> Result<(), StoreError> {
+                sqlx::query("update payments set refund_json = $2 where id = $1")
+                    .bind(id)
+                    .bind(refund_json)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
             async fn save_result(&self, id: i64, result_json: &str, now: i64) -> Result<(), StoreError> {
                 sqlx::query(
                     "insert into results (payment_row, result_json, created_at) values ($1, $2, $3) \
-                     on conflict do nothing",
+                     on conflict (payment_row) do update set result_json = excluded.result_json \
+                     where results.result_json like '{\"unsettled\":%'",
                 )
                 .bind(id)
                 .bind(result_json)

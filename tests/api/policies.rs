@@ -232,3 +232,60 @@ async fn an_on_success_payment_that_could_not_settle_runs_nothing() {
     assert_eq!(receipt_count(&app).await, 0);
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_on_success_payment_resent_while_it_settles_never_runs_the_handler_twice() {
+    // Arrange: on_success; the chain holds the settlement in its mempool.
+    let app = spawn_app_with(|c| c.tools.charge = ChargePolicy::OnSuccess).await;
+    let payer = app.payer();
+    let before = app.balance(payer.address()).await;
+    let payload = app.sign(&payer, &app.requirements("counted", json!({})).await);
+    app.anvil_rpc("evm_setAutomine", json!([false])).await;
+    let first = tokio::spawn({
+        let (mcp, meta) = (app.sessionless(), json!({ "x402/payment": payload.clone() }));
+        async move { mcp.call_tool("counted", json!({}), Some(meta)).await }
+    });
+    let settling = async {
+        loop {
+            let rows = app.state.store.unresolved(10).await.unwrap();
+            if rows.iter().any(|r| r.tx_hash.is_some()) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), settling).await.expect("the settlement is out");
+    // Act: the payer resends the same payment while its settlement waits, and again the moment
+    // its block comes (before the first request's next confirmation poll).
+    let waiting = app.pay("counted", json!({}), &payload).await;
+    app.anvil_rpc("evm_mine", json!([])).await;
+    let resent = app.pay("counted", json!({}), &payload).await;
+    let first = first.await.unwrap();
+    let again = app.pay("counted", json!({}), &payload).await;
+    // Assert: one run, one charge; the resend was told to wait, then got the same answer.
+    assert_eq!(app.runs(), 1, "resent: {waiting} then {resent}");
+    assert_ne!(resent["structuredContent"]["run"], json!(2), "{resent}");
+    assert_eq!(first["structuredContent"]["run"], 1, "{first}");
+    assert_eq!(again["structuredContent"], first["structuredContent"], "{again}");
+    assert_eq!(before - app.balance(payer.address()).await, U256::from(crate::helpers::COUNTED_PRICE));
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_on_success_authorization_that_would_expire_during_the_run_is_refused_before_it() {
+    // Arrange: on_success (run up to 60 s, settle up to 30 s); an authorization valid for 30 s.
+    let app = spawn_app_with(|c| c.tools.charge = ChargePolicy::OnSuccess).await;
+    let payer = app.payer();
+    let requirements = app.requirements("counted", json!({})).await;
+    let mut params = SignParams::standard(app.clock.now_unix(), requirements.max_timeout_seconds);
+    params.valid_before = app.clock.now_unix() + 30;
+    let payload = sign_payment(&payer, &requirements, None, &params).unwrap();
+    // Act
+    let refused = app.pay("counted", json!({}), &payload).await;
+    // Assert: a re-challenge naming validBefore, and nothing ran.
+    let body = &refused["structuredContent"];
+    assert_eq!(body["error"], "invalid_exact_evm_payload_authorization_valid_before", "{refused}");
+    assert!(body["accepts"].is_array());
+    assert_eq!(app.runs(), 0);
+    app.shutdown().await;
+}

@@ -285,3 +285,26 @@ async fn sighup_reloads_the_prices_of_a_running_tollgate_serve() {
     served.start_kill().unwrap();
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_settled_payment_resent_after_a_price_change_gets_its_answer_not_a_new_price() {
+    // Arrange: paid at 1000 by a client that does not echo `extra.offer`; then the price changes.
+    let (app, dir) = reloadable().await;
+    let payer = app.payer();
+    let args = json!({ "text": "a" });
+    let mut requirements = app.requirements("sha256", args.clone()).await;
+    requirements.extra.offer = None;
+    let payload = app.sign(&payer, &requirements);
+    let paid = app.pay("sha256", args.clone(), &payload).await;
+    assert_eq!(paid["_meta"]["x402/payment-response"]["success"], true, "{paid}");
+    write_prices(&dir.path().join("prices.toml"), "\"3000\"");
+    reload(&app, &dir).unwrap();
+    let before = app.balance(payer.address()).await;
+    // Act: the client resends the same payment (it lost the first answer).
+    let resent = app.pay("sha256", args, &payload).await;
+    // Assert: the stored answer, never a challenge that would invite a second payment.
+    assert!(resent["structuredContent"].get("accepts").is_none(), "{resent}");
+    assert_eq!(resent["structuredContent"], paid["structuredContent"]);
+    assert_eq!(app.balance(payer.address()).await, before);
+    app.shutdown().await;
+}

@@ -217,3 +217,34 @@ async fn a_settled_call_is_unfinished_until_its_receipt_is_stored() {
         assert_eq!(store.payment(row.id).await.unwrap().unwrap().args_json, None, "{backend}");
     }
 }
+
+#[tokio::test]
+async fn a_stale_claim_is_released_only_as_the_reconciler_saw_it() {
+    for (backend, store, _dir) in backends().await {
+        let Claim::Won(row) = store.claim(&payment("0x31")).await.unwrap() else { panic!("{backend}") };
+        // Its request wakes up and moves it on (an on_success run takes its lease).
+        assert!(store.start_unsettled_run(row.id, row.updated_at + 5).await.unwrap(), "{backend}");
+        assert!(!store.release_stale(row.id, row.updated_at).await.unwrap(), "{backend}: moved on, kept");
+        assert!(store.payment(row.id).await.unwrap().is_some(), "{backend}");
+        // A settling row is never released this way, whatever it was seen as.
+        let now = row.updated_at + 5;
+        let t = Transition::default();
+        store.transition(row.id, &[PaymentState::Claimed], PaymentState::Settling, t, now).await.unwrap();
+        assert!(!store.release_stale(row.id, now).await.unwrap(), "{backend}: settling rows are kept");
+        let Claim::Won(idle) = store.claim(&payment("0x32")).await.unwrap() else { panic!("{backend}") };
+        assert!(store.release_stale(idle.id, idle.updated_at).await.unwrap(), "{backend}: stale claims go");
+    }
+}
+
+#[tokio::test]
+async fn a_refund_is_started_once_per_payment() {
+    for (backend, store, _dir) in backends().await {
+        let Claim::Won(row) = store.claim(&payment("0x33")).await.unwrap() else { panic!("{backend}") };
+        let (first, second) = tokio::join!(store.begin_refund(row.id), store.begin_refund(row.id));
+        assert!(first.unwrap() ^ second.unwrap(), "{backend}: exactly one run may send the refund");
+        store.end_refund(row.id, r#"{"status":"sent"}"#).await.unwrap();
+        assert!(!store.begin_refund(row.id).await.unwrap(), "{backend}");
+        let kept = store.payment(row.id).await.unwrap().unwrap().refund_json;
+        assert_eq!(kept.as_deref(), Some(r#"{"status":"sent"}"#), "{backend}");
+    }
+}

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use super::{PaidCall, results, stored_answer, stored_args};
+use super::{PaidCall, Stored, results, stored_answer, stored_args};
 use crate::payment::gate::Settlement;
 use crate::payment::price::CallTerms;
 use crate::store::{PaymentRecord, StoreError};
@@ -57,7 +57,10 @@ impl PaidCall {
         match (&row.result_json, entry) {
             // It ran and its result was stored; only the receipt is missing.
             (Some(stored), _) => {
-                let result = stored_answer(stored).unwrap_or_else(|e| results::render_error(None, &e));
+                let result = match stored_answer(stored) {
+                    Ok(Stored::Served(answer) | Stored::Unsettled(answer)) => answer,
+                    Err(e) => results::render_error(None, &e),
+                };
                 self.finish(&row.tool, &settled, &args, result, terms.as_ref()).await;
             }
             (None, Some(entry)) => {

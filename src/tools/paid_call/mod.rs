@@ -238,11 +238,18 @@ impl PaidCall {
         let (now, margin) = (self.clock.now_unix(), self.settings.valid_before_margin_secs);
         let decoded = decode(&payment)?;
         let mut priced = priced.clone();
-        if let Some(h) =
-            self.offers.honour(&priced.quote, &decoded.payload.accepted, &priced.args_hash, now)?
-        {
-            priced.quote = Arc::new(priced.quote.with_amount(h.amount));
-            priced.terms.price = PriceRecord::offer(h.expires);
+        match self.offers.honour(&priced.quote, &decoded.payload.accepted, &priced.args_hash, now) {
+            Ok(None) => {}
+            Ok(Some(h)) => {
+                priced.quote = Arc::new(priced.quote.with_amount(h.amount));
+                priced.terms.price = PriceRecord::offer(h.expires);
+            }
+            // Not an offer we can honour now, unless it is a payment we already hold (a resend
+            // after a price change): that one is answered below for what it is.
+            Err(refusal) => match self.gate.held_amount(&decoded).await {
+                Some(amount) => priced.quote = Arc::new(priced.quote.with_amount(amount)),
+                None => return Err(refusal.into()),
+            },
         }
         let quote = &priced.quote;
         let mut verified = verify_decoded(decoded, quote, &self.domain, now, margin)?;
@@ -253,6 +260,15 @@ impl PaidCall {
         // owners, a flaky node), a payer whose money moved would be re-challenged.
         let known = self.gate.known(&verified, quote, &call.arguments).await?;
         if known.is_none() {
+            // Under on_success the handler runs before the settlement: the authorization must
+            // outlive both, or a payer could sign one that expires mid-run and never pay.
+            if priced.terms.charge == ChargePolicy::OnSuccess {
+                let s = &self.settings;
+                let needed = margin + s.tool_timeout.as_secs() + self.gate.settle_timeout.as_secs();
+                if verified.valid_before() < now.saturating_add(needed) {
+                    return Err(PaymentError::Expired { margin_secs: needed }.into());
+                }
+            }
             // A smart wallet's signature is proven by its contract (RPC, inside the
             // failed-attempt budget like every refusal): only then is `from` the payer.
             verified = self.gate.prove_payer(verified).await?;
@@ -336,17 +352,19 @@ impl PaidCall {
             }
             Claimed::AlreadySettled(row, settlement) => {
                 match (row.result_json.clone(), stored_args(row.args_json.as_deref())) {
-                    // An `on_success` run whose settlement was confirmed after its request
-                    // ended: its kept result still needs its receipt.
-                    (Some(stored), Some(paid_for)) if !is_final(&stored) => {
-                        let result = stored_answer(&stored)?;
-                        let terms = CallTerms::from_stored(row.price_terms.as_deref());
-                        let answer = self
-                            .finish(&entry.tool.name, &settlement, &paid_for, result, terms.as_ref())
-                            .await;
-                        return Ok(Paid::Replayed(answer));
-                    }
-                    (Some(stored), _) => return stored_answer(&stored).map(Paid::Replayed),
+                    (Some(stored), paid_for) => match stored_answer(&stored)? {
+                        Stored::Served(answer) => return Ok(Paid::Replayed(answer)),
+                        // An `on_success` run whose settlement was confirmed after its request
+                        // ended: its kept result gets its receipt now.
+                        Stored::Unsettled(result) => {
+                            let terms = CallTerms::from_stored(row.price_terms.as_deref());
+                            let args = paid_for.unwrap_or_default();
+                            let answer = self
+                                .finish(&entry.tool.name, &settlement, &args, result, terms.as_ref())
+                                .await;
+                            return Ok(Paid::Replayed(answer));
+                        }
+                    },
                     // Settled after its request ended: run what was paid for, with the stored
                     // arguments, never the caller's (a hash match is no proof of equal arguments).
                     (None, Some(paid_for)) => {
@@ -428,13 +446,45 @@ impl PaidCall {
         Ok(self.finish_with(&entry.tool.name, settled, &args, result, terms, refund).await)
     }
 
+    /// Whether `refund_on_error` refunds can be sent (a refund wallet was configured at start).
+    pub fn can_refund(&self) -> bool {
+        self.refunder.is_some()
+    }
+
     /// A `refund_on_error` refund of the whole amount to the payer, recorded for the receipt.
+    /// At most one per payment: started by a compare-and-set on its row before anything is
+    /// sent, so a handler run again (a lease taken over, a crash) never refunds twice.
     async fn refund(&self, settled: &Settlement) -> Option<RefundRecord> {
+        let store = &self.gate.store;
+        let (payer, amount, row) = (settled.payer, settled.amount, settled.row_id);
         let Some(refunder) = &self.refunder else {
-            tracing::error!(payment.row = settled.row_id, "refund_on_error without a refund wallet");
-            return None;
+            tracing::error!(payment.row = row, "refund_on_error without a refund wallet");
+            return Some(RefundRecord::failed(None, amount, "no refund wallet is configured"));
         };
-        Some(refunder.refund(settled.payer, settled.amount).await)
+        match store.begin_refund(row).await {
+            Ok(true) => {}
+            Ok(false) => {
+                // Another run started it: its record, once it has one, is the refund.
+                let kept = store.payment(row).await.ok().flatten().and_then(|r| r.refund_json);
+                let recorded = kept.and_then(|json| serde_json::from_str::<RefundRecord>(&json).ok());
+                let busy = "a refund of this payment was already started";
+                let record = recorded.filter(|r| r.status != "sending");
+                return Some(
+                    record.unwrap_or_else(|| RefundRecord::failed(Some(refunder.from), amount, busy)),
+                );
+            }
+            Err(e) => {
+                tracing::error!(error = %e, payment.row = row, "could not mark a refund; not sending it");
+                let why = "the store could not record the refund";
+                return Some(RefundRecord::failed(Some(refunder.from), amount, why));
+            }
+        }
+        let record = refunder.refund(payer, amount).await;
+        let json = serde_json::to_string(&record).expect("refund record serialises");
+        if let Err(e) = store.end_refund(row, &json).await {
+            tracing::error!(error = %e, payment.row = row, "could not record a sent refund");
+        }
+        Some(record)
     }
 
     /// Step 10: the signed receipt, appended to the log, beside the standard payment response;
@@ -508,22 +558,27 @@ fn price(entry: &ToolEntry, args: &JsonObject) -> Result<Option<Priced>, CallErr
     Ok(Some(Priced { quote, terms, args_hash: crate::payment::gate::args_hash(args) }))
 }
 
-/// Whether a stored answer is the one served (with its settlement response), not an
-/// `on_success` result kept while its settlement was still pending.
-fn is_final(stored: &str) -> bool {
-    serde_json::from_str::<serde_json::Value>(stored)
-        .is_ok_and(|v| v.pointer("/_meta/x402~1payment-response").is_some())
-}
-
 fn stored_args(json: Option<&str>) -> Option<JsonObject> {
     json.and_then(|a| serde_json::from_str(a).ok())
 }
 
-/// The answer stored for a served payment. One that does not parse is our damage to report,
-/// never a reason to run the handler again.
-fn stored_answer(json: &str) -> Result<CallToolResult, CallError> {
-    serde_json::from_str(json).map_err(|e| {
+/// A stored result: the answer served, or an `on_success` result kept while its settlement
+/// was unconfirmed (not served until it has its settlement and receipt).
+enum Stored {
+    Served(CallToolResult),
+    Unsettled(CallToolResult),
+}
+
+/// The answer stored for a payment. One that does not parse is our damage to report, never a
+/// reason to run the handler again.
+fn stored_answer(json: &str) -> Result<Stored, CallError> {
+    let damaged = |e: serde_json::Error| {
         tracing::error!(error = %e, "stored result does not parse");
         CallError::Internal("the stored result of this payment is damaged".into())
-    })
+    };
+    let mut value: serde_json::Value = serde_json::from_str(json).map_err(damaged)?;
+    match value.get_mut(crate::store::UNSETTLED_KEY).map(serde_json::Value::take) {
+        Some(kept) => serde_json::from_value(kept).map(Stored::Unsettled).map_err(damaged),
+        None => serde_json::from_value(value).map(Stored::Served).map_err(damaged),
+    }
 }

@@ -20,7 +20,7 @@ use crate::chain::client::ChainError;
 use crate::payment::gate::{ChainChecks, Checked};
 use crate::payment::verify::VerifiedPayment;
 use crate::payment::{Money, PaymentError};
-use crate::store::PaymentRecord;
+use crate::store::{PaymentRecord, UNSETTLED_KEY};
 use crate::tools::catalog::ToolEntry;
 
 impl PaidCall {
@@ -48,7 +48,12 @@ impl PaidCall {
                 return ran.map(Paid::Settled);
             }
         };
-        // 9. The handler, under the claim.
+        // 9. The handler, under the claim and its lease: a retry of this payment (even once it
+        // settles) is "in progress" until the lease runs out, so the handler runs once.
+        let now = self.clock.now_unix() as i64;
+        if !self.gate.store.start_unsettled_run(row.id, now).await.unwrap_or(false) {
+            return Err(PaymentError::InProgress.into());
+        }
         metrics::counter!("tollgate_calls_total", "tool" => tool.clone(), "kind" => "paid").increment(1);
         let result = self.run_bounded(entry, &args).await;
         if result.is_error == Some(true) {
@@ -60,11 +65,8 @@ impl PaidCall {
             return Ok(Paid::Uncharged(result));
         }
         // 8b. Settle the success, confirmed before it is served.
-        let now = self.clock.now_unix() as i64;
         match self.gate.submit(&row, v, &priced.quote, head).await {
             Ok(settled) => {
-                // The run belongs to this settlement: the lease marks it, so nothing reruns it.
-                let _ = self.gate.store.start_handler(settled.row_id, None, now).await;
                 let answer = self.finish(&tool, &settled, &args, result, Some(&priced.terms)).await;
                 Ok(Paid::Settled(answer))
             }
@@ -84,8 +86,8 @@ impl PaidCall {
             Err(status) => {
                 // The transaction may still land: keep the result, so the receipt is issued
                 // with it once the settlement is confirmed, and a retry gets it.
-                let json = serde_json::to_string(&result).expect("CallToolResult serialises");
-                if let Err(e) = self.gate.store.save_result(row.id, &json, now).await {
+                let kept = serde_json::json!({ UNSETTLED_KEY: result });
+                if let Err(e) = self.gate.store.save_result(row.id, &kept.to_string(), now).await {
                     tracing::error!(error = %e, payment.row = row.id, "could not keep an unsettled result");
                 }
                 Err(status.into())

@@ -170,6 +170,18 @@ impl Store for Flaky {
     async fn start_handler(&self, id: i64, seen: Option<i64>, now: i64) -> Result<bool, StoreError> {
         self.inner.start_handler(id, seen, now).await
     }
+    async fn start_unsettled_run(&self, id: i64, now: i64) -> Result<bool, StoreError> {
+        self.inner.start_unsettled_run(id, now).await
+    }
+    async fn release_stale(&self, id: i64, seen: i64) -> Result<bool, StoreError> {
+        self.inner.release_stale(id, seen).await
+    }
+    async fn begin_refund(&self, id: i64) -> Result<bool, StoreError> {
+        self.inner.begin_refund(id).await
+    }
+    async fn end_refund(&self, id: i64, json: &str) -> Result<(), StoreError> {
+        self.inner.end_refund(id, json).await
+    }
     async fn save_result(&self, id: i64, json: &str, now: i64) -> Result<(), StoreError> {
         self.inner.save_result(id, json, now).await
     }
