@@ -13,7 +13,7 @@ use alloy::rpc::types::Filter;
 use alloy::sol_types::SolEvent;
 use anyhow::Context;
 
-use crate::chain::usdc::Usdc;
+use crate::chain::usdc::{Usdc, transfers_in};
 
 /// What to look for on chain: transfers from `wallet`, of any of `assets`, to any of `pay_to`.
 pub struct Scan {
@@ -80,13 +80,7 @@ impl Chain {
             return Ok(false);
         };
         let amount = U256::from_str_radix(amount, 10).unwrap_or(U256::MAX);
-        let moved = receipt
-            .inner
-            .logs()
-            .iter()
-            .filter(|l| l.address() == asset)
-            .filter_map(|l| Usdc::Transfer::decode_log(&l.inner).ok())
-            .any(|t| t.data.from == from && t.data.to == to && t.data.value == amount);
+        let moved = transfers_in(&receipt, asset).any(|t| t.from == from && t.to == to && t.value == amount);
         Ok(receipt.status() && moved)
     }
 
@@ -104,18 +98,13 @@ impl Chain {
                 .get_transaction_receipt(tx)
                 .await?
                 .context("receipt of a logged transaction")?;
-            let paid = receipt
-                .inner
-                .logs()
-                .iter()
-                .filter(|l| l.address() == asset)
-                .filter_map(|l| Usdc::Transfer::decode_log(&l.inner).ok())
-                .find(|t| t.data.from == scan.wallet && scan.pay_to.contains(&t.data.to));
+            let paid =
+                transfers_in(&receipt, asset).find(|t| t.from == scan.wallet && scan.pay_to.contains(&t.to));
             if let Some(transfer) = paid {
                 let payment = OnChainPayment {
                     tx: format!("{tx:#x}"),
-                    amount: transfer.data.value,
-                    to: transfer.data.to,
+                    amount: transfer.value,
+                    to: transfer.to,
                     sender: receipt.from,
                 };
                 out.insert((asset, format!("{:#x}", event.data.nonce)), payment);

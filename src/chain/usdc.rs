@@ -44,6 +44,21 @@ sol! {
     }
 }
 
+/// The token's `Transfer` events in a mined transaction, in log order (logs of other
+/// contracts are skipped, so a look-alike event elsewhere never counts).
+pub fn transfers_in(
+    receipt: &alloy::rpc::types::TransactionReceipt,
+    token: alloy::primitives::Address,
+) -> impl Iterator<Item = Usdc::Transfer> + '_ {
+    use alloy::sol_types::SolEvent;
+    receipt
+        .inner
+        .logs()
+        .iter()
+        .filter(move |l| l.address() == token)
+        .filter_map(|l| Usdc::Transfer::decode_log(&l.inner).ok().map(|t| t.data))
+}
+
 /// Creation bytecode of `contracts-abi/TestUSDC.sol`, rebuilt by `scripts/build-token.sh`.
 const TEST_USDC_BIN: &str = include_str!("../../contracts-abi/TestUSDC.bin");
 

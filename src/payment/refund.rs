@@ -17,7 +17,7 @@ use alloy::signers::local::PrivateKeySigner;
 use serde::{Deserialize, Serialize};
 
 use crate::chain::client::rpc_client;
-use crate::chain::usdc::Usdc;
+use crate::chain::usdc::transfers_in;
 use crate::money::UsdcAmount;
 
 alloy::sol! {
@@ -117,12 +117,9 @@ impl Refunder {
             .get_receipt()
             .await
             .map_err(|e| (Some(tx.clone()), format!("not confirmed: {}", redact(&e))))?;
-        let paid = receipt.inner.logs().iter().filter(|l| l.address() == self.token).any(|log| {
-            log.log_decode::<Usdc::Transfer>().is_ok_and(|t| {
-                let t = t.inner.data;
-                t.from == self.from && t.to == to && t.value == U256::from(amount.atomic())
-            })
-        });
+        let value = U256::from(amount.atomic());
+        let paid =
+            transfers_in(&receipt, self.token).any(|t| t.from == self.from && t.to == to && t.value == value);
         if !receipt.status() || !paid {
             return Err((Some(tx), "the refund transaction did not transfer the amount".into()));
         }

@@ -61,7 +61,7 @@ impl PaidCall {
                     Ok(Stored::Served(answer) | Stored::Unsettled(answer)) => answer,
                     Err(e) => results::render_error(None, &e),
                 };
-                self.finish(&row.tool, &settled, &args, result, terms.as_ref()).await;
+                self.finish(&row.tool, &settled, &args, result, terms.as_ref(), None).await;
             }
             (None, Some(entry)) => {
                 if let Err(e) =
@@ -74,7 +74,8 @@ impl PaidCall {
             // The tool was removed (or made free) after it was paid for: the receipt records
             // that the call could not run.
             (None, None) => {
-                self.finish(&row.tool, &settled, &args, results::withdrawn(&row.tool), terms.as_ref()).await;
+                self.finish(&row.tool, &settled, &args, results::withdrawn(&row.tool), terms.as_ref(), None)
+                    .await;
             }
         }
         tracing::info!(payment.row = row.id, tool = %row.tool, "finished an abandoned paid call");

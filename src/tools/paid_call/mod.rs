@@ -360,7 +360,7 @@ impl PaidCall {
                             let terms = CallTerms::from_stored(row.price_terms.as_deref());
                             let args = paid_for.unwrap_or_default();
                             let answer = self
-                                .finish(&entry.tool.name, &settlement, &args, result, terms.as_ref())
+                                .finish(&entry.tool.name, &settlement, &args, result, terms.as_ref(), None)
                                 .await;
                             return Ok(Paid::Replayed(answer));
                         }
@@ -443,7 +443,7 @@ impl PaidCall {
             Some(t) if t.refund_on_error && result.is_error == Some(true) => self.refund(settled).await,
             _ => None,
         };
-        Ok(self.finish_with(&entry.tool.name, settled, &args, result, terms, refund).await)
+        Ok(self.finish(&entry.tool.name, settled, &args, result, terms, refund).await)
     }
 
     /// Whether `refund_on_error` refunds can be sent (a refund wallet was configured at start).
@@ -487,20 +487,9 @@ impl PaidCall {
         Some(record)
     }
 
-    /// Step 10: the signed receipt, appended to the log, beside the standard payment response;
-    /// the answer is stored for retries of the same payment.
+    /// Step 10: the signed receipt (with the call's terms and any refund), appended to the log,
+    /// beside the standard payment response; the answer is stored for retries of the payment.
     async fn finish(
-        &self,
-        tool: &str,
-        settled: &Settlement,
-        args: &JsonObject,
-        result: CallToolResult,
-        terms: Option<&CallTerms>,
-    ) -> CallToolResult {
-        self.finish_with(tool, settled, args, result, terms, None).await
-    }
-
-    async fn finish_with(
         &self,
         tool: &str,
         settled: &Settlement,

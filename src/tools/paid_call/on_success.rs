@@ -67,7 +67,7 @@ impl PaidCall {
         // 8b. Settle the success, confirmed before it is served.
         match self.gate.submit(&row, v, &priced.quote, head).await {
             Ok(settled) => {
-                let answer = self.finish(&tool, &settled, &args, result, Some(&priced.terms)).await;
+                let answer = self.finish(&tool, &settled, &args, result, Some(&priced.terms), None).await;
                 Ok(Paid::Settled(answer))
             }
             Err(refusal) if refusal.money() == Money::Unmoved => {
