@@ -117,6 +117,7 @@ impl App {
             pay_to: terms.pay_to,
             failed_attempts: config.limits.failed_attempts,
             unpaid_penalty_secs: config.tools.unpaid_penalty_secs,
+            on_success_validity_secs: config.on_success_validity_secs(),
         };
         let refunder = match secret_opt(&config.tools.refund_key) {
             Some(key) => {

@@ -661,6 +661,13 @@ impl Config {
         Ok(())
     }
 
+    /// How long an `on_success` authorization must stay valid from its arrival: the margin, the
+    /// longest run, then the longest settlement.
+    pub fn on_success_validity_secs(&self) -> u64 {
+        let p = &self.payment;
+        p.valid_before_margin_secs + self.tools.timeout_secs + p.settle_timeout_secs
+    }
+
     /// Whether any tool, built-in or upstream, refunds its errors (`refund_on_error`).
     pub fn refunds_on_error(&self) -> bool {
         let upstream = self.upstream.iter().flat_map(|u| u.prices.values());
@@ -699,10 +706,8 @@ impl Config {
             ));
         }
         let upstream_on_success = self.upstream.iter().any(|u| u.charge == Some(ChargePolicy::OnSuccess));
-        let p = &self.payment;
-        let run_then_settle = p.valid_before_margin_secs + t.timeout_secs + p.settle_timeout_secs;
         if (on_success || upstream_on_success || t.charge == ChargePolicy::OnSuccess)
-            && run_then_settle >= p.max_timeout_seconds
+            && self.on_success_validity_secs() >= self.payment.max_timeout_seconds
         {
             return Err(invalid(
                 "payment.max_timeout_seconds",

@@ -175,11 +175,12 @@ impl PaymentGate {
 
     /// A payment this server already holds, if any: a retry (or a replay) of it must neither
     /// spend wallet limits nor be refused for a tool's readiness, only be answered.
+    /// `args_hash` is the call's [`args_hash`], computed once by the caller.
     pub async fn known(
         &self,
         v: &VerifiedPayment,
         quote: &Quote,
-        args: &serde_json::Map<String, serde_json::Value>,
+        args_hash: &str,
     ) -> Result<Option<Claimed>, PaymentError> {
         let key = PaymentKey {
             network: &self.network.caip2,
@@ -188,7 +189,7 @@ impl PaymentGate {
             nonce: v.authorization.nonce,
         };
         match self.store.by_key(&key).await.map_err(store_down)? {
-            Some(row) => self.classify_taken(row, v, quote, args).await.map(Some),
+            Some(row) => self.classify_taken(row, v, quote, args_hash).await.map(Some),
             None => Ok(None),
         }
     }
@@ -205,12 +206,14 @@ impl PaymentGate {
         (row.payload_hash == hash).then_some(row.amount)
     }
 
-    /// Step 7: the atomic claim of (network, asset, payer, nonce), with the call's terms.
+    /// Step 7: the atomic claim of (network, asset, payer, nonce), with the call's arguments
+    /// (and their [`args_hash`], computed once by the caller) and terms.
     pub async fn claim(
         &self,
         v: &VerifiedPayment,
         quote: &Quote,
         args: &serde_json::Map<String, serde_json::Value>,
+        args_hash: &str,
         terms: &CallTerms,
     ) -> Result<Claimed, PaymentError> {
         let new = NewPayment {
@@ -225,13 +228,13 @@ impl PaymentGate {
             valid_before: v.valid_before().min(i64::MAX as u64) as i64,
             payload_json: v.payload_json.clone(),
             args_json: Some(serde_json::Value::Object(args.clone()).to_string()),
-            args_hash: args_hash(args),
+            args_hash: args_hash.to_owned(),
             price_terms: Some(serde_json::to_string(terms).expect("terms serialise")),
             now: self.now(),
         };
         match self.store.claim(&new).await.map_err(store_down)? {
             Claim::Won(row) => Ok(Claimed::Fresh(row)),
-            Claim::Taken(row) => self.classify_taken(row, v, quote, args).await,
+            Claim::Taken(row) => self.classify_taken(row, v, quote, args_hash).await,
         }
     }
 
@@ -240,7 +243,7 @@ impl PaymentGate {
         row: PaymentRecord,
         v: &VerifiedPayment,
         quote: &Quote,
-        args: &serde_json::Map<String, serde_json::Value>,
+        call_args_hash: &str,
     ) -> Result<Claimed, PaymentError> {
         if row.payload_hash != v.payload_hash {
             let same_id = v.payment_id.is_some() && row.payment_id == v.payment_id;
@@ -261,7 +264,7 @@ impl PaymentGate {
                 .ok()
                 .map(|a| args_hash(&a))
         });
-        let same_call = row.tool == quote.tool && paid_for.is_some_and(|h| h == args_hash(args));
+        let same_call = row.tool == quote.tool && paid_for.is_some_and(|h| h == call_args_hash);
         if !same_call {
             return Err(PaymentError::AlreadyUsed);
         }

@@ -49,16 +49,20 @@ pub struct RefundRecord {
 }
 
 impl RefundRecord {
-    /// A refund that could not be sent: the payer is owed `amount`.
-    pub fn failed(from: Option<Address>, amount: UsdcAmount, reason: &str) -> RefundRecord {
+    fn of(status: &str, from: Option<Address>, amount: UsdcAmount) -> RefundRecord {
         RefundRecord {
-            status: "failed".into(),
+            status: status.into(),
             from: from.map(|a| a.to_checksum(None)).unwrap_or_default(),
             amount: amount.to_string(),
             tx: None,
             block: None,
-            reason: Some(reason.into()),
+            reason: None,
         }
+    }
+
+    /// A refund that could not be sent: the payer is owed `amount`.
+    pub fn failed(from: Option<Address>, amount: UsdcAmount, reason: &str) -> RefundRecord {
+        RefundRecord { reason: Some(reason.into()), ..RefundRecord::of("failed", from, amount) }
     }
 }
 
@@ -83,23 +87,19 @@ impl Refunder {
 
     /// Sends `amount` back to `to` and waits for it to be mined; the record says what happened.
     pub async fn refund(&self, to: Address, amount: UsdcAmount) -> RefundRecord {
-        let record = |status: &str| RefundRecord {
-            status: status.into(),
-            from: self.from.to_checksum(None),
-            amount: amount.to_string(),
-            tx: None,
-            block: None,
-            reason: None,
-        };
         match self.send(to, amount).await {
             Ok((tx, block)) => {
                 metrics::counter!("tollgate_refunds_total", "outcome" => "sent").increment(1);
-                RefundRecord { tx: Some(tx), block: Some(block), ..record("sent") }
+                RefundRecord {
+                    tx: Some(tx),
+                    block: Some(block),
+                    ..RefundRecord::of("sent", Some(self.from), amount)
+                }
             }
             Err((tx, reason)) => {
                 metrics::counter!("tollgate_refunds_total", "outcome" => "failed").increment(1);
                 tracing::error!(refund.to = %to, refund.amount = %amount, refund.tx = ?tx, reason = %reason, "refund failed: the payer is owed it");
-                RefundRecord { tx, reason: Some(reason), ..record("failed") }
+                RefundRecord { tx, ..RefundRecord::failed(Some(self.from), amount, &reason) }
             }
         }
     }

@@ -278,20 +278,7 @@ impl Settler for SelfSettler {
         let a = &req.payment.authorization;
         let (to, input, gas_cap) = match &req.payment.signature {
             PayerSignature::Eoa(sig) => {
-                let input: Bytes = Usdc::transferWithAuthorization_1Call {
-                    from: a.from,
-                    to: a.to,
-                    value: a.value,
-                    validAfter: a.validAfter,
-                    validBefore: a.validBefore,
-                    nonce: a.nonce,
-                    v: 27 + u8::from(sig.v()),
-                    r: sig.r().into(),
-                    s: sig.s().into(),
-                }
-                .abi_encode()
-                .into();
-                (self.asset, input, GasCap::TRANSFER)
+                (self.asset, wallet::eoa_transfer_call(req.payment, sig), GasCap::TRANSFER)
             }
             // The `bytes` overload: FiatToken v2.2 asks the wallet (ERC-1271) there.
             PayerSignature::Contract(signature) => {

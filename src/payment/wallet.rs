@@ -99,14 +99,13 @@ pub async fn prove(
 /// would accept it, else the refusal its revert names. An undeployed wallet's payment was
 /// simulated with its deployment by [`prove`] in this very request, so it is not asked again.
 pub async fn simulate(chain: &dyn Chain, payment: &VerifiedPayment) -> Result<(), PaymentError> {
-    let signature: Bytes = match &payment.signature {
-        // The `bytes` overload checks an EOA's ECDSA signature (r, s, v) as the v,r,s one does.
-        PayerSignature::Eoa(sig) => sig.as_bytes().to_vec().into(),
-        PayerSignature::Contract(signature) => signature.clone(),
+    // The very call the self-relay settler sends.
+    let call = match &payment.signature {
+        PayerSignature::Eoa(sig) => eoa_transfer_call(payment, sig),
+        PayerSignature::Contract(signature) => transfer_call(payment, signature.clone()),
         PayerSignature::Counterfactual { .. } => return Ok(()),
         PayerSignature::Unproven(_) => return Err(PaymentError::BadSignature),
     };
-    let call = transfer_call(payment, signature);
     match chain.simulate_token_call(call).await {
         Ok(None) => Ok(()),
         Ok(Some(reason)) => Err(match simulation_refusal(&reason) {
@@ -115,6 +114,24 @@ pub async fn simulate(chain: &dyn Chain, payment: &VerifiedPayment) -> Result<()
         }),
         Err(_) => Err(PaymentError::ChainUnavailable),
     }
+}
+
+/// `transferWithAuthorization(…, v, r, s)`: an EOA's payment, as every FiatToken version takes it.
+pub fn eoa_transfer_call(payment: &VerifiedPayment, sig: &alloy::primitives::Signature) -> Bytes {
+    let a = &payment.authorization;
+    Usdc::transferWithAuthorization_1Call {
+        from: a.from,
+        to: a.to,
+        value: a.value,
+        validAfter: a.validAfter,
+        validBefore: a.validBefore,
+        nonce: a.nonce,
+        v: 27 + u8::from(sig.v()),
+        r: sig.r().into(),
+        s: sig.s().into(),
+    }
+    .abi_encode()
+    .into()
 }
 
 /// `transferWithAuthorization(…, bytes signature)`: the overload FiatToken v2.2 checks with

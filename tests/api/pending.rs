@@ -5,6 +5,7 @@ use std::time::Duration;
 use alloy::primitives::U256;
 use serde_json::json;
 use tollgate::clock::Clock;
+use tollgate::payment::gate::args_hash;
 use tollgate::payment::reconcile::Reconciler;
 use tollgate::store::PaymentState;
 
@@ -103,8 +104,12 @@ async fn rows_still_in_flight_are_left_to_their_request_and_abandoned_claims_are
         6,
     )
     .unwrap();
-    let claimed =
-        app.state.gate.claim(&verified, &quote, &Default::default(), &Default::default()).await.unwrap();
+    let claimed = app
+        .state
+        .gate
+        .claim(&verified, &quote, &Default::default(), &args_hash(&Default::default()), &Default::default())
+        .await
+        .unwrap();
     assert!(
         matches!(claimed, tollgate::payment::gate::Claimed::Fresh(ref r) if r.state == PaymentState::Claimed)
     );

@@ -88,6 +88,8 @@ pub struct CallSettings {
     pub failed_attempts: FailureBudgetConfig,
     /// How long a payer is refused after an `on_success` run it did not pay for.
     pub unpaid_penalty_secs: u64,
+    /// How long an `on_success` authorization must stay valid (`Config::on_success_validity_secs`).
+    pub on_success_validity_secs: u64,
 }
 
 /// A paid call answers before the HTTP request timeout, by this much: past it the client is
@@ -258,13 +260,12 @@ impl PaidCall {
         // means settled, for this very payload (`known` never hands back one to settle), so a
         // smart wallet's signature is not asked again: were its answer different now (new
         // owners, a flaky node), a payer whose money moved would be re-challenged.
-        let known = self.gate.known(&verified, quote, &call.arguments).await?;
+        let known = self.gate.known(&verified, quote, &priced.args_hash).await?;
         if known.is_none() {
             // Under on_success the handler runs before the settlement: the authorization must
             // outlive both, or a payer could sign one that expires mid-run and never pay.
             if priced.terms.charge == ChargePolicy::OnSuccess {
-                let s = &self.settings;
-                let needed = margin + s.tool_timeout.as_secs() + self.gate.settle_timeout.as_secs();
+                let needed = self.settings.on_success_validity_secs;
                 if verified.valid_before() < now.saturating_add(needed) {
                     return Err(PaymentError::Expired { margin_secs: needed }.into());
                 }
@@ -332,8 +333,10 @@ impl PaidCall {
             Some(known) => (known, None),
             // The chain checks only read: asked while the claim is written, one wait for both.
             None => {
-                let (claimed, checks) =
-                    tokio::join!(self.gate.claim(&v, quote, &args, &priced.terms), self.gate.check_chain(&v));
+                let (claimed, checks) = tokio::join!(
+                    self.gate.claim(&v, quote, &args, &priced.args_hash, &priced.terms),
+                    self.gate.check_chain(&v)
+                );
                 (claimed?, Some(checks))
             }
         };

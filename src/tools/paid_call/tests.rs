@@ -21,6 +21,7 @@ use crate::clock::{Clock, ManualClock};
 use crate::money::UsdcAmount;
 use crate::payment::decode::PaymentInput;
 use crate::payment::gate::PaymentGate;
+use crate::payment::gate::args_hash;
 use crate::payment::requirements::PayTerms;
 use crate::payment::settle::{SettleError, SettleRequest, Settler, Submitted, TxRecorder};
 use crate::payment::{Money, PaymentError};
@@ -308,6 +309,7 @@ async fn harness(settler: impl FnOnce(Arc<FakeChain>) -> FakeSettler) -> Harness
         pay_to: Address::repeat_byte(0xbb),
         failed_attempts: crate::config::FailureBudgetConfig { attempts: 20, window_secs: 60 },
         unpaid_penalty_secs: 60,
+        on_success_validity_secs: 96,
     };
     let paid = Arc::new(PaidCall::new(gate, limits, receipts, Arc::new(clock.clone()), settings));
     let entry = catalog.get("counted").unwrap().clone();
@@ -407,8 +409,10 @@ async fn a_paid_call_whose_tool_was_withdrawn_ends_in_a_receipt_that_says_so() {
     let verified =
         crate::payment::verify::verify(&PaymentInput::Meta(payload), quote, &domain, NOW, 6).unwrap();
     let gate = &h.paid.gate;
-    let crate::payment::gate::Claimed::Fresh(row) =
-        gate.claim(&verified, quote, &JsonObject::new(), &Default::default()).await.unwrap()
+    let crate::payment::gate::Claimed::Fresh(row) = gate
+        .claim(&verified, quote, &JsonObject::new(), &args_hash(&JsonObject::new()), &Default::default())
+        .await
+        .unwrap()
     else {
         panic!("fresh claim")
     };
@@ -475,8 +479,10 @@ async fn a_replay_between_the_receipt_and_the_stored_answer_is_in_progress() {
     let verified =
         crate::payment::verify::verify(&PaymentInput::Meta(payload), quote, &h.paid.domain, NOW, 6).unwrap();
     let gate = &h.paid.gate;
-    let crate::payment::gate::Claimed::Fresh(row) =
-        gate.claim(&verified, quote, &JsonObject::new(), &Default::default()).await.unwrap()
+    let crate::payment::gate::Claimed::Fresh(row) = gate
+        .claim(&verified, quote, &JsonObject::new(), &args_hash(&JsonObject::new()), &Default::default())
+        .await
+        .unwrap()
     else {
         panic!("fresh claim")
     };
