@@ -249,7 +249,7 @@ fn payment_gate(
     let settler: Arc<dyn Settler> = match p.settler {
         SettlerKind::SelfRelay => {
             let key = secret_opt(&p.relayer_key).context("payment.relayer_key")?;
-            Arc::new(SelfSettler::new(&rpc_urls, parse_private_key(key)?, network.asset)?)
+            Arc::new(SelfSettler::new(&rpc_urls, parse_private_key(key)?, network.asset, p.batch_max)?)
         }
         SettlerKind::Facilitator => Arc::new(facilitator_settler(config)?),
     };

@@ -341,6 +341,9 @@ pub struct PaymentConfig {
     pub relayer_key_file: String,
     pub confirmations: u64,
     pub settle_timeout_secs: u64,
+    /// With settler = "self": most payments one settlement transaction carries (Multicall3
+    /// `aggregate3`) when they arrive while another is in flight; 1 sends each alone.
+    pub batch_max: usize,
     /// Below this relayer balance (wei) the server reports unready: it could not settle.
     #[serde(deserialize_with = "whole_number")]
     pub min_relayer_balance_wei: u128,
@@ -349,6 +352,10 @@ pub struct PaymentConfig {
     pub eip6492_allowed_factories: Vec<Address>,
     pub facilitator: FacilitatorConfig,
 }
+
+/// Most payments one settlement transaction may carry: at ~35k gas each, 1000 need 35M gas,
+/// about a whole block on many chains.
+const MAX_BATCH: usize = 1000;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -596,6 +603,12 @@ impl Config {
             return Err(invalid(
                 "payment.settle_timeout_secs",
                 "must be positive and below server.request_timeout_secs",
+            ));
+        }
+        if !(1..=MAX_BATCH).contains(&p.batch_max) {
+            return Err(invalid(
+                "payment.batch_max",
+                "must be from 1 (no batching) to 1000 (a batch must fit in one block)",
             ));
         }
         if let Some(key) = secret_opt(&p.relayer_key) {

@@ -415,9 +415,9 @@ impl PaymentGate {
             return Err(PaymentError::InProgress);
         }
         let started = std::time::Instant::now();
-        let recorder = RowRecorder { store: self.store.as_ref(), row: row.id, now: self.now() };
+        let recorder = Arc::new(RowRecorder { store: self.store.clone(), row: row.id, now: self.now() });
         let request = SettleRequest { payment: v, requirements: &quote.requirements, payload: &v.raw };
-        let submitted = self.settler.submit(&request, &recorder).await;
+        let submitted = self.settler.submit(&request, recorder).await;
         tracing::debug!(timing.submit_us = started.elapsed().as_micros() as u64, "settlement submitted");
         let settled = match submitted {
             Ok(submitted) => self.confirm(row, submitted).await,
@@ -576,14 +576,14 @@ impl PaymentGate {
 }
 
 /// Records a settlement transaction hash and its relayer nonce on its row before broadcast.
-struct RowRecorder<'a> {
-    store: &'a dyn Store,
+struct RowRecorder {
+    store: Arc<dyn Store>,
     row: i64,
     now: i64,
 }
 
 #[async_trait::async_trait]
-impl TxRecorder for RowRecorder<'_> {
+impl TxRecorder for RowRecorder {
     async fn record(&self, tx: B256, nonce: u64) -> Result<(), StoreError> {
         let t = Transition { tx_hash: Some(tx), tx_nonce: Some(nonce as i64), ..Default::default() };
         let recorded = self

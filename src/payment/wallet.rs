@@ -152,7 +152,7 @@ pub fn transfer_call(payment: &VerifiedPayment, signature: Bytes) -> Bytes {
 }
 
 /// A simulated transfer's revert, as a payment refusal (FiatToken's revert strings).
-fn simulation_refusal(reason: &str) -> PaymentError {
+pub(crate) fn simulation_refusal(reason: &str) -> PaymentError {
     let reason = reason.to_ascii_lowercase();
     if reason.contains("invalid signature") {
         PaymentError::BadSignature
@@ -162,6 +162,8 @@ fn simulation_refusal(reason: &str) -> PaymentError {
         PaymentError::NonceReused
     } else if reason.contains("expired") {
         PaymentError::Expired { margin_secs: 0 }
+    } else if reason.contains("not yet valid") {
+        PaymentError::NotYetValid
     } else {
         PaymentError::SettlementFailed { reason: "invalid_exact_evm_transaction_simulation_failed".into() }
     }

@@ -39,7 +39,7 @@ alloy::sol! {
 }
 
 /// The attacker's wallet (anvil dev account #4): pays gas, never USDC.
-fn attacker(app: &TestApp) -> DynProvider {
+pub(crate) fn attacker(app: &TestApp) -> DynProvider {
     let key = tollgate::chain::parse_private_key(DEV_KEYS[4]).unwrap();
     ProviderBuilder::new()
         .wallet(EthereumWallet::from(key))
@@ -48,7 +48,7 @@ fn attacker(app: &TestApp) -> DynProvider {
 }
 
 /// `transferWithAuthorization(…, bytes signature)` calldata for a signed payload.
-fn authorization_call(payload: &Value) -> Bytes {
+pub(crate) fn authorization_call(payload: &Value) -> Bytes {
     let a = &payload["payload"]["authorization"];
     let num = |k: &str| U256::from_str_radix(a[k].as_str().unwrap(), 10).unwrap();
     let signature: Bytes = payload["payload"]["signature"].as_str().unwrap().parse().unwrap();
@@ -129,7 +129,7 @@ fn nonce_of(payload: &Value) -> B256 {
 }
 
 /// Waits (bounded) until `n` unresolved payments have their settlement transaction recorded.
-async fn until_submitted(app: &TestApp, n: usize) {
+pub(crate) async fn until_submitted(app: &TestApp, n: usize) {
     let submitted = async {
         loop {
             let rows = app.state.store.unresolved(10).await.unwrap();
@@ -144,7 +144,7 @@ async fn until_submitted(app: &TestApp, n: usize) {
 
 /// Pays `counted` with `payload` from a task of its own, for a test that acts on the chain
 /// while the call waits for its settlement.
-fn pay_later(app: &TestApp, args: Value, payload: &Value) -> tokio::task::JoinHandle<Value> {
+pub(crate) fn pay_later(app: &TestApp, args: Value, payload: &Value) -> tokio::task::JoinHandle<Value> {
     let (url, meta) = (app.mcp_url(), json!({ "x402/payment": payload }));
     tokio::spawn(async move {
         crate::helpers::Mcp::sessionless(&url).call_tool("counted", args, Some(meta)).await
@@ -173,7 +173,9 @@ async fn one_transfer_settles_exactly_one_payment_even_beside_other_spent_nonces
     let (a2, a3) = (app.sign(&payer, &requirements), app.sign(&payer, &requirements));
     let before = app.balance(payer.address()).await;
     app.anvil_rpc("evm_setAutomine", json!([false])).await;
-    let calls = [&a2, &a3].map(|payload| pay_later(&app, json!({}), payload));
+    let first = pay_later(&app, json!({}), &a2);
+    until_submitted(&app, 1).await;
+    let calls = [first, pay_later(&app, json!({}), &a3)];
     until_submitted(&app, 2).await;
     // Act: one helper transaction, mined first, pays the price once (A1) and burns N2 and N3 on
     // zero-value transfers from the payer to itself (B2, B3).

@@ -29,11 +29,11 @@ async fn paid_calls(app: &TestApp, n: usize) -> Vec<Value> {
     out
 }
 
-async fn checkpoint(app: &TestApp) {
+pub(crate) async fn checkpoint(app: &TestApp) {
     app.state.receipts.checkpoint(app.clock.now_unix()).await.unwrap();
 }
 
-async fn run_audit(app: &TestApp, server: &str, state: &std::path::Path) -> AuditReport {
+pub(crate) async fn run_audit(app: &TestApp, server: &str, state: &std::path::Path) -> AuditReport {
     let payer = app.payer();
     let rpc = app.chain.anvil.endpoint();
     audit(&AuditRequest { wallet: &payer, server, rpc: &rpc, state_file: state.to_owned() }).await.unwrap()

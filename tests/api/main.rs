@@ -5,6 +5,7 @@ mod helpers;
 mod abuse;
 mod attacks;
 mod audit;
+mod batching;
 mod ceiling;
 mod charging;
 mod client;

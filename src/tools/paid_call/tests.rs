@@ -104,7 +104,7 @@ impl Settler for FakeSettler {
     async fn submit(
         &self,
         _: &SettleRequest<'_>,
-        recorder: &dyn TxRecorder,
+        recorder: Arc<dyn TxRecorder>,
     ) -> Result<Submitted, SettleError> {
         let tx = B256::from(rand::random::<[u8; 32]>());
         recorder.record(tx, 0).await.map_err(|e| SettleError::NotSent(e.to_string()))?;

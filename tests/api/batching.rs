@@ -1,0 +1,217 @@
+//! Batched settlement (#15 item 5): payments that arrive while a settlement is in flight share
+//! the next transaction, each confirmed by its own logs, and one that goes bad fails alone.
+//! Mining is switched off so that "in flight" lasts as long as each test needs.
+
+use alloy::network::{EthereumWallet, TransactionBuilder};
+use alloy::primitives::{Address, B256, U256};
+use alloy::providers::{Provider, ProviderBuilder};
+use alloy::rpc::types::TransactionRequest;
+use alloy::signers::local::PrivateKeySigner;
+use alloy::sol_types::SolEvent;
+use serde_json::{Value, json};
+use tollgate::chain::anvil::DEV_KEYS;
+use tollgate::chain::usdc::Usdc;
+use tollgate::chain::wallets::MULTICALL3;
+use tollgate::store::PaymentState;
+
+use crate::attacks::{attacker, authorization_call, pay_later, until_submitted};
+use crate::audit::{checkpoint, run_audit};
+use crate::helpers::{COUNTED_PRICE, TestApp, spawn_app};
+
+/// Waits (bounded) until `n` payments are settling: handed to the settler, so queued for a
+/// round behind the transaction in flight.
+async fn until_settling(app: &TestApp, n: usize) {
+    let settling = async {
+        loop {
+            let rows = app.state.store.unresolved(100).await.unwrap();
+            if rows.iter().filter(|r| r.state == PaymentState::Settling).count() >= n {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(30), settling).await.expect("payments settling");
+}
+
+/// The settlement transaction recorded for each unresolved payment, by payer and nonce.
+async fn recorded_txs(app: &TestApp) -> Vec<(Address, B256, Option<B256>)> {
+    let rows = app.state.store.unresolved(100).await.unwrap();
+    rows.iter().map(|r| (r.payer, r.nonce, r.tx_hash)).collect()
+}
+
+fn nonce_of(payload: &Value) -> B256 {
+    payload["payload"]["authorization"]["nonce"].as_str().unwrap().parse().unwrap()
+}
+
+/// A fresh payer holding `amount` of the test token.
+async fn funded_payer(app: &TestApp, amount: u64) -> PrivateKeySigner {
+    let payer = PrivateKeySigner::random();
+    let minter = tollgate::chain::parse_private_key(DEV_KEYS[0]).unwrap();
+    let provider = ProviderBuilder::new()
+        .wallet(EthereumWallet::from(minter))
+        .connect_http(app.chain.anvil.endpoint().parse().unwrap());
+    tollgate::chain::usdc::mint(&provider, app.chain.token, payer.address(), U256::from(amount))
+        .await
+        .unwrap();
+    payer
+}
+
+/// Puts in the mempool, ahead of anything tollgate sent (a far higher tip), a transfer of all of
+/// `payer`'s tokens to a stranger, with an authorization `payer` signs for it.
+async fn drain_ahead(
+    app: &TestApp,
+    payer: &PrivateKeySigner,
+    requirements: &tollgate::payment::wire::PaymentRequirements,
+) {
+    let all = app.balance(payer.address()).await;
+    let mut elsewhere = requirements.clone();
+    elsewhere.pay_to = Address::repeat_byte(0x5e).to_checksum(None);
+    elsewhere.amount = all.to_string();
+    let drain = app.sign(payer, &elsewhere);
+    let tx = TransactionRequest::default()
+        .with_to(app.chain.token)
+        .with_input(authorization_call(&drain))
+        .with_gas_limit(200_000)
+        .with_max_fee_per_gas(1_000_000_000_000)
+        .with_max_priority_fee_per_gas(500_000_000_000);
+    let _in_mempool = attacker(app).send_transaction(tx).await.unwrap();
+}
+
+fn served(result: &Value) -> bool {
+    result["isError"] == json!(false) && result["_meta"]["x402/payment-response"]["success"] == json!(true)
+}
+
+#[tokio::test]
+async fn payments_that_arrive_while_one_is_in_flight_share_the_next_transaction_each_paid_by_its_own_logs() {
+    // Arrange: a first payment's settlement waits in the mempool.
+    let app = spawn_app().await;
+    let payer = app.payer();
+    let pay_to: Address = app.state.config.payment.pay_to.unwrap();
+    let requirements = app.requirements("counted", json!({})).await;
+    let before = app.balance(payer.address()).await;
+    app.anvil_rpc("evm_setAutomine", json!([false])).await;
+    let first = pay_later(&app, json!({}), &app.sign(&payer, &requirements));
+    until_submitted(&app, 1).await;
+    let lone = recorded_txs(&app).await[0].2.unwrap();
+    // Act: four more payments by the same payer arrive meanwhile; the first is mined, then
+    // the next round.
+    let later: Vec<Value> = (0..4).map(|_| app.sign(&payer, &requirements)).collect();
+    let calls: Vec<_> = later.iter().map(|payload| pay_later(&app, json!({}), payload)).collect();
+    until_settling(&app, 5).await;
+    app.anvil_rpc("evm_mine", json!([])).await;
+    until_submitted(&app, 4).await;
+    let shared: Vec<Option<B256>> = {
+        let recorded = recorded_txs(&app).await;
+        later.iter().map(|p| recorded.iter().find(|r| r.1 == nonce_of(p)).unwrap().2).collect()
+    };
+    app.anvil_rpc("evm_mine", json!([])).await;
+    app.anvil_rpc("evm_setAutomine", json!([true])).await;
+    // Assert: every call served, charged once.
+    assert!(served(&first.await.unwrap()), "the lone payment");
+    for call in calls {
+        let result = call.await.unwrap();
+        assert!(served(&result), "{result}");
+    }
+    assert_eq!(app.runs(), 5);
+    assert_eq!(before - app.balance(payer.address()).await, U256::from(5 * COUNTED_PRICE));
+    assert_eq!(app.balance(pay_to).await, U256::from(5 * COUNTED_PRICE));
+    // The lone payment went alone, as a plain token call; the four shared one Multicall3
+    // transaction, which carries four paired authorization logs.
+    let provider = app.chain().provider().clone();
+    let lone_tx = provider.get_transaction_by_hash(lone).await.unwrap().unwrap();
+    assert_eq!(alloy::consensus::Transaction::to(&lone_tx), Some(app.chain.token));
+    let batch = shared[0].expect("recorded");
+    assert!(shared.iter().all(|tx| *tx == Some(batch)), "one transaction for the four: {shared:?}");
+    let batch_tx = provider.get_transaction_by_hash(batch).await.unwrap().unwrap();
+    assert_eq!(alloy::consensus::Transaction::to(&batch_tx), Some(MULTICALL3));
+    let receipt = provider.get_transaction_receipt(batch).await.unwrap().unwrap();
+    let used =
+        receipt.inner.logs().iter().filter(|l| l.topic0() == Some(&Usdc::AuthorizationUsed::SIGNATURE_HASH));
+    assert_eq!(used.count(), 4);
+    // The audit matches each of the five receipts to its own transfer.
+    checkpoint(&app).await;
+    let report = run_audit(&app, &app.base_url(), &app.dir.path().join("audit.json")).await;
+    assert!(report.ok(), "{}", tollgate::audit::render(&report));
+    assert_eq!(report.receipts.len(), 5);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_payer_who_empties_their_wallet_before_the_round_is_refused_alone_and_charged_nothing() {
+    // Arrange: a payment in flight; an honest payment and a drainer's wait for the next round.
+    let app = spawn_app().await;
+    let honest = app.payer();
+    let drainer = funded_payer(&app, 3 * COUNTED_PRICE).await;
+    let pay_to: Address = app.state.config.payment.pay_to.unwrap();
+    let requirements = app.requirements("counted", json!({})).await;
+    app.anvil_rpc("evm_setAutomine", json!([false])).await;
+    let first = pay_later(&app, json!({}), &app.sign(&honest, &requirements));
+    until_submitted(&app, 1).await;
+    let second = pay_later(&app, json!({}), &app.sign(&honest, &requirements));
+    let drained = pay_later(&app, json!({}), &app.sign(&drainer, &requirements));
+    until_settling(&app, 3).await;
+    // Act: the drainer empties the wallet, mined with the first settlement.
+    drain_ahead(&app, &drainer, &requirements).await;
+    app.anvil_rpc("evm_mine", json!([])).await;
+    until_submitted(&app, 1).await;
+    app.anvil_rpc("evm_mine", json!([])).await;
+    app.anvil_rpc("evm_setAutomine", json!([true])).await;
+    // Assert: the honest payments are served; the drainer's is refused with the token's reason.
+    assert!(served(&first.await.unwrap()));
+    assert!(served(&second.await.unwrap()));
+    let refused = drained.await.unwrap();
+    assert_eq!(refused["structuredContent"]["error"], "invalid_exact_evm_insufficient_balance", "{refused}");
+    assert!(refused.get("_meta").and_then(|m| m.get("x402/payment-response")).is_none());
+    assert_eq!(app.runs(), 2);
+    assert_eq!(app.balance(pay_to).await, U256::from(2 * COUNTED_PRICE), "the drainer paid nothing to us");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_payment_spoiled_after_its_batch_was_simulated_fails_alone_inside_the_transaction() {
+    // Arrange: a round of two (an honest payment and a drainer's) is in the mempool.
+    let app = spawn_app().await;
+    let honest = app.payer();
+    let drainer = funded_payer(&app, 3 * COUNTED_PRICE).await;
+    let pay_to: Address = app.state.config.payment.pay_to.unwrap();
+    let requirements = app.requirements("counted", json!({})).await;
+    app.anvil_rpc("evm_setAutomine", json!([false])).await;
+    let first = pay_later(&app, json!({}), &app.sign(&honest, &requirements));
+    until_submitted(&app, 1).await;
+    let second = pay_later(&app, json!({}), &app.sign(&honest, &requirements));
+    let spoiled = app.sign(&drainer, &requirements);
+    let third = pay_later(&app, json!({}), &spoiled);
+    until_settling(&app, 3).await;
+    app.anvil_rpc("evm_mine", json!([])).await;
+    until_submitted(&app, 2).await;
+    let recorded = recorded_txs(&app).await;
+    let tx_of = |payload: &Value| recorded.iter().find(|r| r.1 == nonce_of(payload)).unwrap().2.unwrap();
+    let batch = tx_of(&spoiled);
+    // Act: the drainer empties the wallet ahead of the batch, in the same block.
+    drain_ahead(&app, &drainer, &requirements).await;
+    app.anvil_rpc("evm_mine", json!([])).await;
+    app.anvil_rpc("evm_setAutomine", json!([true])).await;
+    // Assert: the batch went through; the honest payment in it is served, the spoiled one is
+    // not served and nothing moved from the drainer to us.
+    assert!(served(&first.await.unwrap()));
+    let second = second.await.unwrap();
+    assert!(served(&second));
+    assert_eq!(second["_meta"]["x402/payment-response"]["transaction"], batch.to_string(), "one batch");
+    let receipt = app.chain().provider().get_transaction_receipt(batch).await.unwrap().unwrap();
+    assert!(receipt.status(), "the batch itself succeeded");
+    let unpaid = third.await.unwrap();
+    assert_eq!(unpaid["isError"], true, "{unpaid}");
+    assert!(unpaid.get("_meta").and_then(|m| m.get("x402/payment-response")).is_none(), "{unpaid}");
+    assert_eq!(app.runs(), 2);
+    assert_eq!(app.balance(pay_to).await, U256::from(2 * COUNTED_PRICE));
+    // Its authorization is unused, so it stays answerable: once it can no longer be spent,
+    // a resend learns it failed.
+    app.advance_time(requirements.max_timeout_seconds + 60).await;
+    let late = app.pay("counted", json!({}), &spoiled).await;
+    assert_eq!(
+        late["structuredContent"]["error"], "invalid_exact_evm_payload_authorization_valid_before",
+        "{late}"
+    );
+    assert_eq!(app.runs(), 2);
+    app.shutdown().await;
+}
