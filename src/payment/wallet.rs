@@ -152,9 +152,17 @@ pub fn transfer_call(payment: &VerifiedPayment, signature: Bytes) -> Bytes {
 }
 
 /// A simulated transfer's revert, as a payment refusal (FiatToken's revert strings).
-pub(crate) fn simulation_refusal(reason: &str) -> PaymentError {
+fn simulation_refusal(reason: &str) -> PaymentError {
+    token_refusal(reason).unwrap_or_else(|| PaymentError::SettlementFailed {
+        reason: "invalid_exact_evm_transaction_simulation_failed".into(),
+    })
+}
+
+/// The refusal a FiatToken revert string names, if it is one of the token's own: anything else
+/// (no reason, out of gas) says nothing certain about the payment itself.
+pub(crate) fn token_refusal(reason: &str) -> Option<PaymentError> {
     let reason = reason.to_ascii_lowercase();
-    if reason.contains("invalid signature") {
+    Some(if reason.contains("invalid signature") {
         PaymentError::BadSignature
     } else if reason.contains("exceeds balance") {
         PaymentError::InsufficientBalance
@@ -165,8 +173,8 @@ pub(crate) fn simulation_refusal(reason: &str) -> PaymentError {
     } else if reason.contains("not yet valid") {
         PaymentError::NotYetValid
     } else {
-        PaymentError::SettlementFailed { reason: "invalid_exact_evm_transaction_simulation_failed".into() }
-    }
+        return None;
+    })
 }
 
 #[cfg(test)]

@@ -70,8 +70,12 @@ default_price = "{PRICE}"
         );
         std::fs::write(&config, toml).unwrap();
         let mut fleet = Fleet { replicas: Vec::new(), config, store, calls };
-        for relayer in [DEV_KEYS[1], DEV_KEYS[4], DEV_KEYS[5]] {
-            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        // Three distinct free ports: each listener stays open until all three are chosen (a
+        // port freed at once can be handed out again, and two replicas on one port is one).
+        let held: Vec<_> = (0..3).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+        let ports: Vec<u16> = held.iter().map(|l| l.local_addr().unwrap().port()).collect();
+        drop(held);
+        for (port, relayer) in ports.into_iter().zip([DEV_KEYS[1], DEV_KEYS[4], DEV_KEYS[5]]) {
             let child = fleet.spawn(port, relayer);
             fleet.replicas.push((port, child));
         }

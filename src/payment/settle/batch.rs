@@ -5,30 +5,42 @@
 //! at most `batch_max` payments each. So:
 //!
 //! - a lone payment waits for nothing: with nothing in flight it goes at once, as a plain
-//!   `transferWithAuthorization`, exactly as without batching;
+//!   `transferWithAuthorization`, exactly as without batching. It holds the next round only
+//!   briefly ([`LONE_HOLD`]), long enough for a burst right behind it to gather into one
+//!   transaction that still lands in the same block, never for a whole block;
 //! - a bad authorization fails only itself: every payment is simulated in one `eth_call` first
-//!   (those that would revert are refused with the token's own reason and leave the batch), and
-//!   each call in the transaction is allowed to fail, so one spent or drained in between
-//!   reverts alone;
+//!   (those the token refuses are answered with its reason and leave the batch; those that fail
+//!   without one, such as a payer whose EIP-7702 code burns the gas, go alone), and each call in
+//!   the transaction is allowed to fail. A payment the mined batch did not settle (drained,
+//!   spent or starved of gas in between) is sent again alone, where its own simulation decides;
+//! - no payer fills a round: at most [`PER_PAYER`] of one payer's payments go per round, the
+//!   rest wait for the next;
 //! - each payment is still confirmed by the gate from its own paired `AuthorizationUsed` +
 //!   `Transfer` logs in the shared receipt, as if it had been sent alone.
 //!
-//! One task owns the rounds, so a round can never interleave with the next; the relayer's
-//! nonce lock orders the transactions within a round.
+//! One task starts the rounds, each in a task of its own (a panic there drops its payments'
+//! replies, which the gate treats as possibly sent, and the next round still runs); the
+//! relayer's nonce lock orders the transactions.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use alloy::primitives::Bytes;
+use alloy::primitives::{Address, B256, Bytes};
+use alloy::rpc::types::TransactionReceipt;
+use alloy::sol_types::SolEvent;
 use tokio::sync::{mpsc, oneshot};
 
-use super::relayer::{GasCap, IN_FLIGHT_MAX, Relayer, SendFailure};
+use super::relayer::{GasCap, IN_FLIGHT_MAX, Relayer, SendFailure, Verdict};
 use super::{SettleError, Submitted, TxRecorder};
+use crate::chain::usdc::Usdc;
 
 /// A payment waiting for its round.
-struct Queued {
+pub(super) struct Queued {
+    pub payer: Address,
+    pub nonce: B256,
     /// The token's `transferWithAuthorization` call.
-    call: Bytes,
-    recorder: Arc<dyn TxRecorder>,
+    pub call: Bytes,
+    pub recorder: Arc<dyn TxRecorder>,
     reply: oneshot::Sender<Result<Submitted, SettleError>>,
 }
 
@@ -36,6 +48,14 @@ impl Queued {
     fn answer(self, outcome: Result<Submitted, SettleError>) {
         // The caller may be gone (its request was abandoned); its row holds the transaction.
         let _ = self.reply.send(outcome);
+    }
+
+    /// Whether `receipt` spent this payment's authorization.
+    fn settled_in(&self, receipt: &TransactionReceipt) -> bool {
+        receipt.inner.logs().iter().any(|log| {
+            Usdc::AuthorizationUsed::decode_log(&log.inner)
+                .is_ok_and(|e| e.data.authorizer == self.payer && e.data.nonce == self.nonce)
+        })
     }
 }
 
@@ -49,6 +69,14 @@ pub(super) struct Batcher {
 const QUEUE: usize = 16_384;
 /// Transactions per round: a burst beyond `batch_max` × this waits for the next round.
 const ROUND_TXS: usize = 4;
+/// Most payments of one payer per round: a payer who signs a flood of authorizations (each
+/// passing the balance check alone) cannot crowd everyone else out of a round.
+const PER_PAYER: usize = 32;
+/// How long a round of one payment holds the next round: payments that arrive right behind a
+/// lone one (a burst of agents answered by the same block) gather for this long, then go in one
+/// transaction, in the same block as the lone one on a chain with 2-second blocks. On an
+/// instant-mining chain the lone payment is mined sooner, and the hold ends with it.
+const LONE_HOLD: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl Batcher {
     pub(super) fn start(relayer: Arc<Relayer>, batch_max: usize) -> Batcher {
@@ -61,50 +89,106 @@ impl Batcher {
     /// came in time.
     pub(super) async fn submit(
         &self,
+        payer: Address,
+        nonce: B256,
         call: Bytes,
         recorder: Arc<dyn TxRecorder>,
     ) -> Result<Submitted, SettleError> {
         let (reply, answer) = oneshot::channel();
         self.queue
-            .send(Queued { call, recorder, reply })
+            .send(Queued { payer, nonce, call, recorder, reply })
             .await
             .map_err(|_| SettleError::NotSent("the settlement queue is closed".into()))?;
-        // Dropped without an answer (the task died mid-round): it may have been broadcast, and
+        // Dropped without an answer (its round's task died): it may have been broadcast, and
         // its row says which transaction; the gate resolves it from the chain.
         answer.await.unwrap_or(Err(SettleError::Ambiguous { tx: None }))
     }
 }
 
 async fn rounds(relayer: Arc<Relayer>, mut incoming: mpsc::Receiver<Queued>, batch_max: usize) {
-    let mut round = Vec::new();
-    while incoming.recv_many(&mut round, batch_max * ROUND_TXS).await > 0 {
-        metrics::histogram!("tollgate_settlement_round_payments").record(round.len() as f64);
-        let mut batches = Vec::new();
-        while !round.is_empty() {
-            let rest = round.split_off(round.len().min(batch_max));
-            batches.push(std::mem::replace(&mut round, rest));
+    let limit = batch_max * ROUND_TXS;
+    let mut waiting: VecDeque<Queued> = VecDeque::new();
+    let mut arrived = Vec::new();
+    loop {
+        // Wait for work only when nothing was held over from the last round.
+        if waiting.is_empty() {
+            if incoming.recv_many(&mut arrived, limit).await == 0 {
+                return;
+            }
+        } else {
+            while let Ok(q) = incoming.try_recv() {
+                arrived.push(q);
+                if arrived.len() >= limit {
+                    break;
+                }
+            }
         }
-        futures_util::future::join_all(batches.into_iter().map(|batch| settle(&relayer, batch))).await;
+        waiting.extend(arrived.drain(..));
+        let round = take_round(&mut waiting, limit);
+        metrics::histogram!("tollgate_settlement_round_payments").record(round.len() as f64);
+        let lone = round.len() == 1;
+        let relayer = relayer.clone();
+        let work = tokio::spawn(async move {
+            let batches = split(round, batch_max);
+            futures_util::future::join_all(batches.into_iter().map(|batch| settle(&relayer, batch))).await;
+        });
+        // Until mined: what arrives meanwhile is the next round. (A failed round's payments
+        // were answered, or their replies dropped; either way the next round goes.)
+        match lone {
+            true => drop(tokio::time::timeout(LONE_HOLD, work).await),
+            false => drop(work.await),
+        }
     }
+}
+
+/// The next round: up to `limit` payments in arrival order, at most [`PER_PAYER`] per payer;
+/// the others stay first in line for the round after.
+fn take_round(waiting: &mut VecDeque<Queued>, limit: usize) -> Vec<Queued> {
+    let mut per_payer: HashMap<Address, usize> = HashMap::new();
+    let mut round = Vec::new();
+    let mut held = VecDeque::new();
+    while let Some(q) = waiting.pop_front() {
+        if round.len() >= limit {
+            held.push_back(q);
+            continue;
+        }
+        let count = per_payer.entry(q.payer).or_default();
+        if *count < PER_PAYER {
+            *count += 1;
+            round.push(q);
+        } else {
+            held.push_back(q);
+        }
+    }
+    *waiting = held;
+    round
+}
+
+fn split(mut round: Vec<Queued>, batch_max: usize) -> Vec<Vec<Queued>> {
+    let mut batches = Vec::new();
+    while !round.is_empty() {
+        let rest = round.split_off(round.len().min(batch_max));
+        batches.push(std::mem::replace(&mut round, rest));
+    }
+    batches
 }
 
 /// Settles one transaction's worth of payments and answers each of them.
 async fn settle(relayer: &Relayer, batch: Vec<Queued>) {
-    let batch = match batch.len() {
+    let (batch, mut alone) = match batch.len() {
         // Alone, the broadcast's own simulation (gas estimation) says why it would fail.
-        1 => batch,
+        1 => (batch, Vec::new()),
         _ => simulated(relayer, batch).await,
     };
-    if let Some(refused) = send(relayer, batch).await {
-        // The batch as a whole was refused before broadcast: each payment goes alone, so that
-        // only one that cannot settle fails.
-        tracing::warn!(batch.size = refused.len(), "batch refused; settling its payments one by one");
-        futures_util::future::join_all(refused.into_iter().map(|q| send(relayer, vec![q]))).await;
-    }
+    alone.extend(send(relayer, batch).await);
+    // Each on its own transaction, with its own simulation and gas cap: only a payment that
+    // cannot settle fails.
+    futures_util::future::join_all(alone.into_iter().map(|q| send(relayer, vec![q]))).await;
 }
 
-/// The payments whose simulation succeeds; the others are answered with the token's reason.
-async fn simulated(relayer: &Relayer, batch: Vec<Queued>) -> Vec<Queued> {
+/// Splits a batch by its simulation: the payments that would settle, and those to try alone.
+/// Those the token refuses are answered with its reason.
+async fn simulated(relayer: &Relayer, batch: Vec<Queued>) -> (Vec<Queued>, Vec<Queued>) {
     let calls: Vec<Bytes> = batch.iter().map(|q| q.call.clone()).collect();
     let verdicts = match relayer.simulate_each(&calls).await {
         Ok(verdicts) => verdicts,
@@ -112,27 +196,35 @@ async fn simulated(relayer: &Relayer, batch: Vec<Queued>) -> Vec<Queued> {
             for q in batch {
                 q.answer(Err(e.clone()));
             }
-            return Vec::new();
+            return (Vec::new(), Vec::new());
         }
     };
-    let mut passing = Vec::with_capacity(batch.len());
+    let (mut passing, mut alone) = (Vec::with_capacity(batch.len()), Vec::new());
     for (q, verdict) in batch.into_iter().zip(verdicts) {
         match verdict {
-            None => passing.push(q),
-            Some(refusal) => q.answer(Err(SettleError::Refused(refusal))),
+            Verdict::Settles => passing.push(q),
+            Verdict::Refused(refusal) => q.answer(Err(SettleError::Refused(refusal))),
+            Verdict::Unclear => alone.push(q),
         }
     }
-    passing
+    if !alone.is_empty() {
+        tracing::warn!(
+            payments = alone.len(),
+            "batch simulation failed without the token's reason; trying those alone"
+        );
+    }
+    (passing, alone)
 }
 
 /// Sends the batch as one transaction and answers every payment in it, waiting until it is
-/// mined (the round is in flight until then). Hands the batch back when several payments
-/// were refused together before broadcast.
-async fn send(relayer: &Relayer, mut batch: Vec<Queued>) -> Option<Vec<Queued>> {
+/// mined (the round is in flight until then). Returns, unanswered, the payments to try alone:
+/// all of them when several were refused together before broadcast, and those the mined
+/// transaction did not settle. A batch of one is always answered.
+async fn send(relayer: &Relayer, mut batch: Vec<Queued>) -> Vec<Queued> {
     loop {
         let calls: Vec<Bytes> = batch.iter().map(|q| q.call.clone()).collect();
         let tx = match calls.as_slice() {
-            [] => return None,
+            [] => return Vec::new(),
             [call] => relayer.single(call.clone()),
             _ => relayer.aggregate(&calls),
         };
@@ -142,10 +234,19 @@ async fn send(relayer: &Relayer, mut batch: Vec<Queued>) -> Option<Vec<Queued>> 
             Ok(submitted) => {
                 metrics::histogram!("tollgate_settlement_batch_payments").record(batch.len() as f64);
                 let submitted = relayer.until_mined(submitted, started + IN_FLIGHT_MAX).await;
-                for q in batch {
-                    q.answer(Ok(submitted.clone()));
+                let mut again = Vec::new();
+                for q in batch.drain(..) {
+                    match &submitted.receipt {
+                        // Mined without settling it: its authorization is unspent by us, and
+                        // its own transaction says why (or settles it).
+                        Some(receipt) if calls.len() > 1 && !q.settled_in(receipt) => again.push(q),
+                        _ => q.answer(Ok(submitted.clone())),
+                    }
                 }
-                return None;
+                if !again.is_empty() {
+                    tracing::warn!(payment.tx = %submitted.tx, payments = again.len(), "a batch left payments unsettled; sending them alone");
+                }
+                return again;
             }
             // Rows the reconciler took over meanwhile: nothing was sent; the rest go without them.
             Err(SendFailure::Unrecorded(failed)) => {
@@ -153,12 +254,12 @@ async fn send(relayer: &Relayer, mut batch: Vec<Queued>) -> Option<Vec<Queued>> 
                     batch.remove(i).answer(Err(SettleError::NotSent("cannot record the transaction".into())));
                 }
             }
-            Err(SendFailure::Settle(SettleError::Refused(_))) if batch.len() > 1 => return Some(batch),
+            Err(SendFailure::Settle(SettleError::Refused(_))) if batch.len() > 1 => return batch,
             Err(SendFailure::Settle(e)) => {
                 for q in batch {
                     q.answer(Err(e.clone()));
                 }
-                return None;
+                return Vec::new();
             }
         }
     }

@@ -98,6 +98,17 @@ pub(super) const IN_FLIGHT_MAX: Duration = Duration::from_secs(6);
 /// treated as sent and confirmed by polling.
 const SYNC_SEND_WAIT: Duration = Duration::from_secs(4);
 
+/// What a batch's simulation says of one payment in it.
+pub(super) enum Verdict {
+    Settles,
+    /// The token refuses it, and says why.
+    Refused(PaymentError),
+    /// It failed without a reason of the token's: out of gas (a payer whose code burns it, an
+    /// EIP-7702 delegation), or anything else that may be the batch's doing, not the payment's.
+    /// It is tried alone, where its own simulation decides.
+    Unclear,
+}
+
 /// Why [`Relayer::send`] did not broadcast.
 pub(super) enum SendFailure {
     Settle(SettleError),
@@ -233,11 +244,11 @@ impl Relayer {
         if self.sync_send.load(Ordering::Relaxed) {
             let answer = tokio::time::timeout(SYNC_SEND_WAIT, self.provider.send_raw_transaction_sync(raw));
             let Ok(answer) = answer.await else {
-                // Sent, or possibly sent: either way the gate confirms it from the chain. The
-                // next nonce is read from the node again, so a transaction that never reached it
-                // leaves no gap.
+                // Sent, almost surely (the node holds the request), or possibly not: either way
+                // the gate confirms it from the chain. The local nonce stays: reading the node's
+                // pending count now could hand this transaction's nonce out again while it
+                // propagates. Should it never have arrived, `until_mined` resyncs after its wait.
                 tracing::debug!(payment.tx = %hash, "not mined within the sync wait; confirming by polling");
-                *self.next_nonce.lock().await = None;
                 return Ok(hash.into());
             };
             match answer {
@@ -280,11 +291,8 @@ impl Relayer {
     }
 
     /// Simulates every payment of a batch in one `eth_call` (aggregate3, each allowed to fail):
-    /// `None` for each that would settle, else why it would not, from the token's own revert.
-    pub(super) async fn simulate_each(
-        &self,
-        calls: &[Bytes],
-    ) -> Result<Vec<Option<PaymentError>>, SettleError> {
+    /// for each, whether it would settle, or the token's own reason why not.
+    pub(super) async fn simulate_each(&self, calls: &[Bytes]) -> Result<Vec<Verdict>, SettleError> {
         let answer = self
             .provider
             .call(self.aggregate(calls))
@@ -296,9 +304,11 @@ impl Relayer {
             .ok_or_else(|| SettleError::NotSent("Multicall3 gave no answer for the batch".into()))?;
         Ok(results
             .iter()
-            .map(|r| {
-                let reason = || alloy::sol_types::decode_revert_reason(&r.returnData).unwrap_or_default();
-                (!r.success).then(|| wallet::simulation_refusal(&reason()))
+            .map(|r| match r.success {
+                true => Verdict::Settles,
+                false => alloy::sol_types::decode_revert_reason(&r.returnData)
+                    .and_then(|reason| wallet::token_refusal(&reason))
+                    .map_or(Verdict::Unclear, Verdict::Refused),
             })
             .collect())
     }
@@ -394,6 +404,11 @@ impl Relayer {
                 return Submitted { tx: submitted.tx, receipt: Some(receipt) };
             }
             if tokio::time::Instant::now() + pause >= deadline {
+                // Not mined in several blocks: perhaps it never reached the node, leaving a gap
+                // every later nonce would wait behind. The next transaction takes the node's
+                // pending count, which fills such a gap (and is ours + 1 if there is none).
+                tracing::warn!(payment.tx = %submitted.tx, "settlement not mined in time; resyncing the relayer nonce");
+                *self.next_nonce.lock().await = None;
                 return submitted;
             }
             tokio::time::sleep(pause).await;
@@ -414,7 +429,7 @@ impl Settler for SelfSettler {
         let (to, input, gas_cap) = match &req.payment.signature {
             PayerSignature::Eoa(sig) if self.batching().await => {
                 let call = wallet::eoa_transfer_call(req.payment, sig);
-                return self.batcher().submit(call, recorder).await;
+                return self.batcher().submit(a.from, a.nonce, call, recorder).await;
             }
             PayerSignature::Eoa(sig) => {
                 (asset, wallet::eoa_transfer_call(req.payment, sig), GasCap::TRANSFER)
