@@ -2,6 +2,8 @@
 //! chain, driven for a fixed time by a mix of free calls, challenges, paid calls and a flood
 //! from one session, then the invariants a payment server must keep are checked:
 //! transfers on chain = settled payments = receipts = handler runs = paid answers.
+//! Paid calls come from Rust agents and from Python agents running the official x402 MCP client
+//! (PyPI `x402`, over the official MCP Python SDK), unchanged.
 //!
 //! Run: `cargo bench --bench load` (optional: LOAD_SECS, default 20).
 
@@ -32,6 +34,8 @@ use tollgate::tools::catalog::ToolHandler;
 
 const PRICE: u64 = 1000;
 const PAYERS: usize = 8;
+/// Agents running the official Python x402 MCP client.
+const PYTHON_AGENTS: usize = 2;
 
 struct Counted(Arc<AtomicUsize>);
 
@@ -98,7 +102,8 @@ async fn main() {
     // Per-agent ceiling (by API key): generous for the workers, and the flooder exceeds it.
     config.ceiling.api_key_header = "x-api-key".into();
     // Only configured keys earn their own bucket: every agent's key, and the flooder's.
-    let agents = (0..PAYERS).map(|i| format!("payer-{i}"));
+    let agents =
+        (0..PAYERS).map(|i| format!("payer-{i}")).chain((0..PYTHON_AGENTS).map(|i| format!("python-{i}")));
     let workers = ["free", "challenge"].into_iter().flat_map(|k| (0..64).map(move |n| format!("{k}-{n}")));
     config.ceiling.api_keys_sha256 = agents
         .chain(workers)
@@ -136,6 +141,13 @@ async fn main() {
         .connect_http(chain.anvil.endpoint().parse().unwrap());
     let payers: Vec<PrivateKeySigner> = (0..PAYERS).map(|_| PrivateKeySigner::random()).collect();
     for p in &payers {
+        tollgate::chain::usdc::mint(&provider, chain.token, p.address(), U256::from(1_000_000_000u64))
+            .await
+            .unwrap();
+    }
+    let python_payers: Vec<PrivateKeySigner> =
+        (0..PYTHON_AGENTS).map(|_| PrivateKeySigner::random()).collect();
+    for p in &python_payers {
         tollgate::chain::usdc::mint(&provider, chain.token, p.address(), U256::from(1_000_000_000u64))
             .await
             .unwrap();
@@ -214,7 +226,46 @@ async fn main() {
             ("flood", t)
         }));
     }
+    // Python agents: the official x402 client, each in its own process, for the same time.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let python: Vec<_> = python_payers
+        .iter()
+        .enumerate()
+        .map(|(i, payer)| {
+            tokio::process::Command::new(root.join(".tollgate/py/bin/python"))
+                .arg(root.join("tests/interop/x402_load.py"))
+                .args([url.as_str(), "counted", "{}", &secs.to_string()])
+                .env("PAYER_KEY", hex::encode(payer.to_bytes()))
+                .env("ALLOW_NETWORK", "eip155:31337")
+                .env("ALLOW_ASSET", chain.token.to_checksum(None))
+                .env("API_KEY", format!("python-{i}"))
+                .kill_on_drop(true)
+                .output()
+        })
+        .collect();
     let mut by_kind: std::collections::BTreeMap<&str, Tally> = Default::default();
+    let mut python_paid = 0;
+    for run in python {
+        let out = run.await.expect("the Python agent ran");
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        let count = |k: &str| report[k].as_u64().unwrap_or(0) as usize;
+        if !out.status.success() || report.is_null() {
+            println!(
+                "load: a Python agent failed: {}",
+                String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")
+            );
+        }
+        println!(
+            "load: python    {:>7} paid calls (official x402 client)  p50 {:>7.2} ms  p99 {:>7.2} ms  paid {:>5} errors {:>4}",
+            count("calls"),
+            report["p50_ms"].as_f64().unwrap_or(0.0),
+            report["p99_ms"].as_f64().unwrap_or(0.0),
+            count("paid"),
+            count("errors"),
+        );
+        python_paid += count("paid");
+        by_kind.entry("python").or_default().errors += count("errors") + usize::from(report.is_null());
+    }
     for w in workers {
         let (kind, t) = w.await.unwrap();
         let e = by_kind.entry(kind).or_default();
@@ -226,9 +277,9 @@ async fn main() {
     }
     let rss_after = resident_mb();
     println!(
-        "load: {secs} s on loopback, {PAYERS} paying agents, 2 free, 2 challengers, 1 flooder (4 loops)"
+        "load: {secs} s on loopback, {PAYERS} paying agents (Rust), {PYTHON_AGENTS} (official Python x402 client), 2 free, 2 challengers, 1 flooder (4 loops)"
     );
-    for (kind, t) in &mut by_kind {
+    for (kind, t) in by_kind.iter_mut().filter(|(kind, _)| **kind != "python") {
         t.latencies_us.sort_unstable();
         let n = t.latencies_us.len().max(1);
         let p = |q: f64| t.latencies_us.get(((n as f64) * q) as usize).copied().unwrap_or(0) as f64 / 1000.0;
@@ -248,7 +299,7 @@ async fn main() {
 
     // Invariants.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let answered_paid = by_kind.get("paid").map_or(0, |t| t.paid);
+    let answered_paid = by_kind.get("paid").map_or(0, |t| t.paid) + python_paid;
     let filter = Filter::new()
         .address(chain.token)
         .event_signature(Usdc::AuthorizationUsed::SIGNATURE_HASH)
@@ -275,7 +326,9 @@ async fn main() {
         && unresolved == 0
         && payee == U256::from(PRICE * transfers as u64)
         && honest_refused == 0
-        && refused("flood") > 0;
+        && refused("flood") > 0
+        && python_paid > 0
+        && by_kind.get("python").map_or(0, |t| t.errors) == 0;
     println!("load: invariants {}", if holds { "HOLD" } else { "VIOLATED" });
     chain.anvil.stop().await;
     if !holds {
