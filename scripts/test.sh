@@ -20,4 +20,6 @@ pg_isready -h 127.0.0.1 -p 5432 || { echo "PostgreSQL is not reachable at 127.0.
 # --all-targets also runs the benchmarks once (unoptimised) as smoke tests; the load test checks
 # its invariants (transfers = receipts = handler runs) and fails the run if they break.
 export LOAD_SECS="${LOAD_SECS:-5}"
+# The settlement bench (2-second blocks) as a smoke test: fewer payers, same invariants.
+export SETTLE_PAYERS="${SETTLE_PAYERS:-60}" SETTLE_ROUNDS="${SETTLE_ROUNDS:-2}"
 cargo test --all-targets "$@"
