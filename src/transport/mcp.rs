@@ -8,8 +8,8 @@
 use std::sync::Arc;
 
 use rmcp::model::{
-    CallToolRequestParams, CallToolResponse, Implementation, InitializeResult, ListToolsResult,
-    PaginatedRequestParams, ServerCapabilities, ServerConfig, Tool,
+    CallToolRequestParams, CallToolResponse, CallToolResult, Implementation, InitializeResult,
+    ListToolsResult, PaginatedRequestParams, ServerCapabilities, ServerConfig, Tool,
 };
 use rmcp::service::RequestContext;
 use rmcp::{ErrorData as McpError, RoleServer, ServerHandler};
@@ -61,32 +61,40 @@ impl ServerHandler for McpServer {
         request: CallToolRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
-        let name = request.name.as_ref();
-        let Some(entry) = self.app.catalog.current().get(name).cloned() else {
-            // A protocol error, as the MCP spec prescribes for unknown tools: nothing is quoted.
-            return Err(McpError::invalid_params(format!("unknown tool `{name}`"), None));
-        };
         let parts = context.extensions.get::<http::request::Parts>();
-        let headers = parts.map(|p| &p.headers);
-        let agent =
-            parts.and_then(|p| p.extensions.get::<ClientKey>()).map(ToString::to_string).unwrap_or_default();
         // rmcp moves a request's `_meta` into the context; read both places to be robust.
-        let payment = context
-            .meta
-            .get(META_PAYMENT)
-            .or_else(|| request.meta.as_ref().and_then(|m| m.get(META_PAYMENT)))
-            .cloned()
-            .map(PaymentInput::Meta)
-            .or_else(|| {
-                let header = headers.and_then(|h| h.get(PAYMENT_SIGNATURE_HEADER))?;
-                Some(PaymentInput::Header(header.as_bytes().to_vec()))
-            });
-        let client = parts
-            .and_then(|p| p.extensions.get::<ClientIdentity>())
-            .map(|c| c.0.to_string())
-            .unwrap_or_default();
-        let arguments = request.arguments.clone().unwrap_or_default();
-        let call = ToolCall { arguments, payment, agent, client };
-        Ok(self.app.paid.call(&entry, call).await.into())
+        let payment = context.meta.get(META_PAYMENT).cloned();
+        call_tool(&self.app, request, payment, parts).await.map(Into::into)
     }
+}
+
+/// A `tools/call`, from rmcp's handler or the transport's direct path: finds the tool, gathers
+/// the payment (`_meta["x402/payment"]`, else the `PAYMENT-SIGNATURE` header) and the caller's
+/// identity from the HTTP request, and runs the pipeline.
+pub async fn call_tool(
+    app: &AppState,
+    request: CallToolRequestParams,
+    meta_payment: Option<serde_json::Value>,
+    parts: Option<&http::request::Parts>,
+) -> Result<CallToolResult, McpError> {
+    let name = request.name.as_ref();
+    let Some(entry) = app.catalog.current().get(name).cloned() else {
+        // A protocol error, as the MCP spec prescribes for unknown tools: nothing is quoted.
+        return Err(McpError::invalid_params(format!("unknown tool `{name}`"), None));
+    };
+    let headers = parts.map(|p| &p.headers);
+    let agent =
+        parts.and_then(|p| p.extensions.get::<ClientKey>()).map(ToString::to_string).unwrap_or_default();
+    let payment = meta_payment
+        .or_else(|| request.meta.as_ref().and_then(|m| m.get(META_PAYMENT)).cloned())
+        .map(PaymentInput::Meta)
+        .or_else(|| {
+            let header = headers.and_then(|h| h.get(PAYMENT_SIGNATURE_HEADER))?;
+            Some(PaymentInput::Header(header.as_bytes().to_vec()))
+        });
+    let client =
+        parts.and_then(|p| p.extensions.get::<ClientIdentity>()).map(|c| c.0.to_string()).unwrap_or_default();
+    let arguments = request.arguments.unwrap_or_default();
+    let call = ToolCall { arguments, payment, agent, client };
+    Ok(app.paid.call(&entry, call).await)
 }

@@ -19,6 +19,7 @@ use tower::ServiceExt;
 
 use crate::state::AppState;
 
+mod direct;
 pub mod mcp;
 mod sessions;
 
@@ -32,6 +33,9 @@ type Service = StreamableHttpService<McpServer, TrackedSessions>;
 /// The two rmcp services and the body limit they share.
 #[derive(Clone)]
 pub struct McpTransport {
+    app: Arc<AppState>,
+    /// `server.allowed_hosts`, which the direct path checks as rmcp does.
+    allowed_hosts: Arc<[String]>,
     /// Who holds which session: an `initialize` past a client's share is refused here.
     live: Arc<crate::ceiling::LiveSessions>,
     with_sessions: Service,
@@ -64,7 +68,8 @@ impl McpTransport {
             base.with_legacy_session_mode(false).with_json_response(true),
         );
         let live = app.ceiling.sessions.clone();
-        McpTransport { live, with_sessions, stateless, max_body_bytes: server.max_body_bytes }
+        let (allowed_hosts, max_body_bytes) = (server.allowed_hosts.clone().into(), server.max_body_bytes);
+        McpTransport { app, allowed_hosts, live, with_sessions, stateless, max_body_bytes }
     }
 }
 
@@ -81,8 +86,11 @@ fn is_initialize(body: &Bytes) -> bool {
 
 /// `POST|GET|DELETE /mcp`.
 pub async fn mcp_endpoint(State(t): State<McpTransport>, request: Request) -> Response {
-    let has_session = request.headers().contains_key(SESSION_HEADER);
-    if has_session || request.method() != Method::POST {
+    let session = request.headers().get(SESSION_HEADER).map(|id| id.to_str().ok().map(str::to_owned));
+    // A POST on a live session of ours may take the direct path; anything else on a session
+    // (an unknown one included, which rmcp answers 404) is rmcp's.
+    let live_session = matches!(&session, Some(Some(id)) if t.live.is_live(id));
+    if request.method() != Method::POST || (session.is_some() && !live_session) {
         return serve(t.with_sessions, request).await;
     }
     let (parts, body) = request.into_parts();
@@ -90,6 +98,14 @@ pub async fn mcp_endpoint(State(t): State<McpTransport>, request: Request) -> Re
         Ok(bytes) => bytes,
         Err(_) => return body_too_large(t.max_body_bytes),
     };
+    // A plain tools/call is answered directly (see `direct`); the rest goes to rmcp.
+    let (parts, bytes) = match direct::try_serve(&t.app, &t.allowed_hosts, parts, bytes).await {
+        Ok(answered) => return answered,
+        Err(request) => request,
+    };
+    if live_session {
+        return serve(t.with_sessions, Request::from_parts(parts, Body::from(bytes))).await;
+    }
     if !is_initialize(&bytes) {
         return serve(t.stateless, Request::from_parts(parts, Body::from(bytes))).await;
     }

@@ -1,0 +1,141 @@
+//! The direct path for `tools/call`, the one request that carries money.
+//!
+//! rmcp answers each sessionless request by building a service, a one-shot transport, channels
+//! and a task, and each request on a session through the session's worker and an SSE stream.
+//! A `tools/call` needs none of it: its answer depends on its own message and HTTP request
+//! alone. So a plain one, sessionless or on a live session this server issued, is parsed here
+//! and handed to the same [`call_tool`] rmcp's handler calls, and its result is answered as
+//! `application/json` (which Streamable HTTP allows for any POST). Payment behaviour is the
+//! same either way: both paths end in the same function.
+//!
+//! Anything out of the ordinary goes to rmcp, which answers it as before: another method, a
+//! notification or batch, a session this server does not hold, a protocol version of the
+//! per-request era or one rmcp does not know, SEP-2243 `Mcp-*` headers, a request for client
+//! input (MRTR), an `Accept` or `Content-Type` rmcp would refuse, a `Host` it would check
+//! beyond an exact match, or any `Origin`.
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, StatusCode, header, request::Parts};
+use axum::response::{IntoResponse, Response};
+use rmcp::model::{CallToolRequestParams, ProtocolVersion, RequestId};
+use serde::{Deserialize, Serialize};
+
+use super::mcp::call_tool;
+use crate::state::AppState;
+
+/// A JSON-RPC `tools/call` request, as far as the direct path reads it.
+#[derive(Deserialize)]
+struct ToolsCall {
+    jsonrpc: String,
+    id: RequestId,
+    method: String,
+    params: CallToolRequestParams,
+}
+
+#[derive(Serialize)]
+struct Answer<'a, T: Serialize> {
+    jsonrpc: &'static str,
+    id: &'a RequestId,
+    #[serde(flatten)]
+    outcome: T,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Outcome {
+    Result(rmcp::model::CallToolResult),
+    Error(rmcp::ErrorData),
+}
+
+/// Protocol versions of the handshake era, answered here; the per-request era (2026-07-28)
+/// negotiates inside each message, which rmcp does.
+const HANDSHAKE_ERA: [ProtocolVersion; 4] = [
+    ProtocolVersion::V_2024_11_05,
+    ProtocolVersion::V_2025_03_26,
+    ProtocolVersion::V_2025_06_18,
+    ProtocolVersion::V_2025_11_25,
+];
+
+/// Answers `body` when it is a plain `tools/call` the direct path serves; otherwise hands the
+/// request back, untouched, for rmcp.
+pub async fn try_serve(
+    app: &AppState,
+    allowed_hosts: &[String],
+    parts: Parts,
+    body: Bytes,
+) -> Result<Response, (Parts, Bytes)> {
+    if !plain_headers(&parts.headers, allowed_hosts) {
+        return Err((parts, body));
+    }
+    let Ok(call) = serde_json::from_slice::<ToolsCall>(&body) else {
+        return Err((parts, body));
+    };
+    let p = &call.params;
+    let per_request_era = p.meta.as_ref().is_some_and(|m| m.protocol_version().is_some());
+    if call.jsonrpc != "2.0"
+        || call.method != "tools/call"
+        || p.input_responses.is_some()
+        || p.request_state.is_some()
+        || per_request_era
+    {
+        return Err((parts, body));
+    }
+    let outcome = match call_tool(app, call.params, None, Some(&parts)).await {
+        Ok(result) => Outcome::Result(result),
+        Err(error) => Outcome::Error(error),
+    };
+    let answer = Answer { jsonrpc: "2.0", id: &call.id, outcome };
+    let body = serde_json::to_vec(&answer).expect("a tool result serializes");
+    Ok((StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+/// The headers of a request rmcp would accept without a second look: JSON in, JSON and SSE
+/// accepted, a known handshake-era protocol version (or none), no SEP-2243 headers, no
+/// `Origin`, and a `Host` that exactly matches an allowed one (when any are configured).
+fn plain_headers(headers: &HeaderMap, allowed_hosts: &[String]) -> bool {
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let content_json = text(header::CONTENT_TYPE.as_str()).is_some_and(|v| v.starts_with("application/json"));
+    let accepts = text(header::ACCEPT.as_str())
+        .is_some_and(|v| v.contains("application/json") && v.contains("text/event-stream"));
+    let version_ok = match text("mcp-protocol-version") {
+        None => true,
+        Some(v) => HANDSHAKE_ERA.iter().any(|known| known.as_str() == v),
+    };
+    let mcp_headers = headers.keys().any(|k| {
+        let k = k.as_str();
+        k.starts_with("mcp-") && k != "mcp-protocol-version" && k != "mcp-session-id"
+    });
+    let origin = headers.contains_key(header::ORIGIN);
+    let host_ok = allowed_hosts.is_empty()
+        || text(header::HOST.as_str()).is_some_and(|h| host_allowed(h, allowed_hosts));
+    content_json && accepts && version_ok && !mcp_headers && !origin && host_ok
+}
+
+/// Whether `host` (a `Host` header: name, optional port) is one of `allowed`, each a name with
+/// or without a port, compared as rmcp compares them (case-insensitive name; a port only when
+/// the allowed entry names one).
+fn host_allowed(host: &str, allowed: &[String]) -> bool {
+    let Ok(host) = host.parse::<http::uri::Authority>() else { return false };
+    let name = host.host().trim_matches(['[', ']']).to_ascii_lowercase();
+    allowed.iter().filter_map(|a| a.trim().parse::<http::uri::Authority>().ok()).any(|a| {
+        a.host().trim_matches(['[', ']']).eq_ignore_ascii_case(&name)
+            && a.port_u16().is_none_or(|port| host.port_u16() == Some(port))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_match_by_name_and_by_port_only_when_the_allowed_entry_names_one() {
+        let allowed = vec!["localhost".to_owned(), "mcp.example.com:8443".to_owned(), "::1".to_owned()];
+        assert!(host_allowed("localhost:8402", &allowed));
+        assert!(host_allowed("LOCALHOST", &allowed));
+        assert!(host_allowed("mcp.example.com:8443", &allowed));
+        assert!(!host_allowed("mcp.example.com:9000", &allowed));
+        assert!(!host_allowed("mcp.example.com", &allowed));
+        assert!(!host_allowed("evil.example", &allowed));
+        assert!(!host_allowed("localhost.evil.example", &allowed));
+    }
+}
