@@ -20,6 +20,8 @@ use axum::response::{IntoResponse, Response};
 use rmcp::model::{CallToolRequestParams, ProtocolVersion, RequestId};
 use serde::{Deserialize, Serialize};
 
+use std::sync::Arc;
+
 use super::mcp::call_tool;
 use crate::state::AppState;
 
@@ -59,7 +61,7 @@ const HANDSHAKE_ERA: [ProtocolVersion; 4] = [
 /// Answers `body` when it is a plain `tools/call` the direct path serves; otherwise hands the
 /// request back, untouched, for rmcp.
 pub async fn try_serve(
-    app: &AppState,
+    app: &Arc<AppState>,
     allowed_hosts: &[String],
     parts: Parts,
     body: Bytes,
@@ -80,13 +82,25 @@ pub async fn try_serve(
     {
         return Err((parts, body));
     }
-    let outcome = match call_tool(app, call.params, None, Some(&parts)).await {
-        Ok(result) => Outcome::Result(result),
-        Err(error) => Outcome::Error(error),
+    // In a task of its own, as rmcp runs handlers: a client that hangs up mid-call does not
+    // cut the pipeline short between two of its steps.
+    let app = app.clone();
+    let ran = tokio::spawn(async move { call_tool(&app, call.params, None, Some(&parts)).await }).await;
+    let outcome = match ran {
+        Ok(Ok(result)) => Outcome::Result(result),
+        Ok(Err(error)) => Outcome::Error(error),
+        Err(_) => Outcome::Error(rmcp::ErrorData::internal_error("the call failed", None)),
     };
     let answer = Answer { jsonrpc: "2.0", id: &call.id, outcome };
-    let body = serde_json::to_vec(&answer).expect("a tool result serializes");
-    Ok((StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body).into_response())
+    Ok(match serde_json::to_vec(&answer) {
+        Ok(body) => (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Err(_) => super::jsonrpc_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            -32603,
+            "the result could not be encoded",
+            serde_json::json!({ "error": "internal" }),
+        ),
+    })
 }
 
 /// The headers of a request rmcp would accept without a second look: JSON in, JSON and SSE
@@ -94,12 +108,16 @@ pub async fn try_serve(
 /// `Origin`, and a `Host` that exactly matches an allowed one (when any are configured).
 fn plain_headers(headers: &HeaderMap, allowed_hosts: &[String]) -> bool {
     let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let content_json = text(header::CONTENT_TYPE.as_str()).is_some_and(|v| v.starts_with("application/json"));
-    let accepts = text(header::ACCEPT.as_str())
-        .is_some_and(|v| v.contains("application/json") && v.contains("text/event-stream"));
-    let version_ok = match text("mcp-protocol-version") {
+    let content_json =
+        text(header::CONTENT_TYPE.as_str()).is_some_and(|v| media_type(v) == "application/json");
+    // Every Accept header, every entry: the media type, and not refused by `q=0`.
+    let accepts = |wanted: &str| {
+        let entries = headers.get_all(header::ACCEPT).iter().filter_map(|v| v.to_str().ok());
+        entries.flat_map(|v| v.split(',')).any(|entry| media_type(entry) == wanted && !refused(entry))
+    };
+    let version_ok = match headers.get("mcp-protocol-version") {
         None => true,
-        Some(v) => HANDSHAKE_ERA.iter().any(|known| known.as_str() == v),
+        Some(v) => v.to_str().is_ok_and(|v| HANDSHAKE_ERA.iter().any(|known| known.as_str() == v)),
     };
     let mcp_headers = headers.keys().any(|k| {
         let k = k.as_str();
@@ -108,7 +126,26 @@ fn plain_headers(headers: &HeaderMap, allowed_hosts: &[String]) -> bool {
     let origin = headers.contains_key(header::ORIGIN);
     let host_ok = allowed_hosts.is_empty()
         || text(header::HOST.as_str()).is_some_and(|h| host_allowed(h, allowed_hosts));
-    content_json && accepts && version_ok && !mcp_headers && !origin && host_ok
+    content_json
+        && accepts("application/json")
+        && accepts("text/event-stream")
+        && version_ok
+        && !mcp_headers
+        && !origin
+        && host_ok
+}
+
+/// Whether an Accept entry carries `q=0` (this type is not acceptable).
+fn refused(entry: &str) -> bool {
+    entry.split(';').skip(1).any(|param| {
+        let param = param.trim();
+        param.strip_prefix("q=").is_some_and(|q| q.trim().parse::<f32>().is_ok_and(|q| q == 0.0))
+    })
+}
+
+/// A media type without its parameters, lower-cased.
+fn media_type(value: &str) -> String {
+    value.split(';').next().unwrap_or_default().trim().to_ascii_lowercase()
 }
 
 /// Whether `host` (a `Host` header: name, optional port) is one of `allowed`, each a name with
@@ -126,6 +163,34 @@ fn host_allowed(host: &str, allowed: &[String]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_plain_headers_take_the_direct_path() {
+        let plain = || {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+            h.insert(header::ACCEPT, "application/json, text/event-stream".parse().unwrap());
+            h.insert(header::HOST, "localhost:8402".parse().unwrap());
+            h
+        };
+        let allowed = vec!["localhost".to_owned()];
+        assert!(plain_headers(&plain(), &allowed));
+        let with = |name: &'static str, value: &[u8]| {
+            let mut h = plain();
+            h.insert(name, http::HeaderValue::from_bytes(value).unwrap());
+            plain_headers(&h, &allowed)
+        };
+        assert!(with("content-type", b"application/json; charset=utf-8"));
+        assert!(!with("content-type", b"application/jsonp"));
+        assert!(!with("accept", b"application/json;q=0, text/event-stream"));
+        assert!(!with("accept", b"application/json"));
+        assert!(with("mcp-protocol-version", b"2025-06-18"));
+        assert!(!with("mcp-protocol-version", b"2026-07-28"), "the per-request era is rmcp's");
+        assert!(!with("mcp-protocol-version", b"\xff"));
+        assert!(!with("origin", b"http://localhost"));
+        assert!(!with("mcp-method", b"tools/call"));
+        assert!(!with("host", b"evil.example"));
+    }
 
     #[test]
     fn hosts_match_by_name_and_by_port_only_when_the_allowed_entry_names_one() {

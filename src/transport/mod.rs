@@ -39,6 +39,8 @@ pub struct McpTransport {
     /// Who holds which session: an `initialize` past a client's share is refused here.
     live: Arc<crate::ceiling::LiveSessions>,
     with_sessions: Service,
+    /// The session manager of `with_sessions`, which the transport touches and sweeps.
+    sessions: Arc<TrackedSessions>,
     stateless: Service,
     max_body_bytes: usize,
 }
@@ -46,6 +48,7 @@ pub struct McpTransport {
 impl McpTransport {
     pub fn new(app: Arc<AppState>, cancel: CancellationToken) -> Self {
         let server = &app.config.server;
+        let cancel_sweeper = cancel.clone();
         let base = StreamableHttpServerConfig::default()
             .with_cancellation_token(cancel)
             .with_max_request_body_bytes(server.max_body_bytes);
@@ -57,11 +60,13 @@ impl McpTransport {
         let factory_app = app.clone();
         let factory = move || Ok(McpServer::new(factory_app.clone()));
         let live = app.ceiling.sessions.clone();
+        let sessions = Arc::new(TrackedSessions::new(live.clone()));
         let with_sessions = StreamableHttpService::new(
             factory.clone(),
-            Arc::new(TrackedSessions::new(live.clone())),
+            sessions.clone(),
             base.clone().with_legacy_session_mode(true),
         );
+        tokio::spawn(sweep_idle_sessions(sessions.clone(), cancel_sweeper));
         let stateless = StreamableHttpService::new(
             factory,
             Arc::new(TrackedSessions::new(live)),
@@ -69,7 +74,18 @@ impl McpTransport {
         );
         let live = app.ceiling.sessions.clone();
         let (allowed_hosts, max_body_bytes) = (server.allowed_hosts.clone().into(), server.max_body_bytes);
-        McpTransport { app, allowed_hosts, live, with_sessions, stateless, max_body_bytes }
+        McpTransport { app, allowed_hosts, live, with_sessions, sessions, stateless, max_body_bytes }
+    }
+}
+
+/// Closes idle sessions every so often, until the server stops.
+async fn sweep_idle_sessions(sessions: Arc<TrackedSessions>, cancel: CancellationToken) {
+    let mut every = tokio::time::interval(sessions::SESSION_IDLE / 10);
+    loop {
+        tokio::select! {
+            _ = every.tick() => sessions.sweep(std::time::Instant::now(), sessions::SESSION_IDLE).await,
+            _ = cancel.cancelled() => return,
+        }
     }
 }
 
@@ -90,6 +106,9 @@ pub async fn mcp_endpoint(State(t): State<McpTransport>, request: Request) -> Re
     // A POST on a live session of ours may take the direct path; anything else on a session
     // (an unknown one included, which rmcp answers 404) is rmcp's.
     let live_session = matches!(&session, Some(Some(id)) if t.live.is_live(id));
+    if let (true, Some(Some(id))) = (live_session, &session) {
+        t.sessions.touch(id, std::time::Instant::now());
+    }
     if request.method() != Method::POST || (session.is_some() && !live_session) {
         return serve(t.with_sessions, request).await;
     }
