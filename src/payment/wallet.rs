@@ -159,16 +159,17 @@ fn simulation_refusal(reason: &str) -> PaymentError {
 }
 
 /// The refusal a FiatToken revert string names, if it is one of the token's own: anything else
-/// (no reason, out of gas) says nothing certain about the payment itself.
+/// (no reason, out of gas) says nothing certain about the payment itself. The one reading of
+/// the token's reasons, for simulations, gas estimations and batches alike.
 pub(crate) fn token_refusal(reason: &str) -> Option<PaymentError> {
     let reason = reason.to_ascii_lowercase();
-    Some(if reason.contains("invalid signature") {
+    Some(if reason.contains("authorization is used") {
+        PaymentError::NonceReused
+    } else if reason.contains("invalid signature") {
         PaymentError::BadSignature
     } else if reason.contains("exceeds balance") {
         PaymentError::InsufficientBalance
-    } else if reason.contains("authorization is used") {
-        PaymentError::NonceReused
-    } else if reason.contains("expired") {
+    } else if reason.contains("authorization is expired") {
         PaymentError::Expired { margin_secs: 0 }
     } else if reason.contains("not yet valid") {
         PaymentError::NotYetValid

@@ -521,22 +521,13 @@ fn classify_rejection(e: RpcError<TransportErrorKind>) -> SettleError {
     let RpcError::ErrorResp(resp) = &e else {
         return SettleError::NotSent(format!("RPC unavailable: {}", rpc_failure(&e)));
     };
-    let message = resp.message.to_ascii_lowercase();
-    let reason = if message.contains("authorization is used") {
-        PaymentError::NonceReused
-    } else if message.contains("exceeds balance") {
-        PaymentError::InsufficientBalance
-    } else if message.contains("authorization is expired") {
-        PaymentError::Expired { margin_secs: 0 }
-    } else if message.contains("not yet valid") {
-        PaymentError::NotYetValid
-    } else if message.contains("invalid signature") {
-        PaymentError::BadSignature
-    } else if message.contains("revert") {
-        PaymentError::SettlementFailed { reason: "invalid_exact_evm_transaction_simulation_failed".into() }
-    } else {
-        // e.g. the relayer cannot pay for gas: our problem, and nothing was sent.
-        return SettleError::NotSent(format!("node refused: {}", resp.message));
-    };
-    SettleError::Refused(reason)
+    if let Some(refusal) = wallet::token_refusal(&resp.message) {
+        return SettleError::Refused(refusal);
+    }
+    if resp.message.to_ascii_lowercase().contains("revert") {
+        let reason = "invalid_exact_evm_transaction_simulation_failed".into();
+        return SettleError::Refused(PaymentError::SettlementFailed { reason });
+    }
+    // e.g. the relayer cannot pay for gas: our problem, and nothing was sent.
+    SettleError::NotSent(format!("node refused: {}", resp.message))
 }
