@@ -7,45 +7,26 @@
 //!
 //! Run: `cargo bench --bench load` (optional: LOAD_SECS, default 20).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+mod common;
+
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use alloy::network::EthereumWallet;
 use alloy::primitives::U256;
-use alloy::providers::{Provider, ProviderBuilder};
+use alloy::providers::Provider;
 use alloy::rpc::types::Filter;
-use alloy::signers::local::PrivateKeySigner;
 use alloy::sol_types::SolEvent;
-use rmcp::model::{CallToolResult, JsonObject};
 use serde_json::{Value, json};
-use tollgate::app::{App, Deps};
-use tollgate::chain::anvil::DEV_KEYS;
 use tollgate::chain::usdc::Usdc;
 use tollgate::client::sign::{SignParams, sign_payment};
 use tollgate::clock::{Clock, SystemClock};
 use tollgate::config::Config;
-use tollgate::config::PriceSetting;
-use tollgate::dev::DevChain;
-use tollgate::money::UsdcAmount;
 use tollgate::payment::wire::PaymentRequirements;
-use tollgate::tools::builtin::Builtin;
-use tollgate::tools::catalog::ToolHandler;
 
 const PRICE: u64 = 1000;
 const PAYERS: usize = 8;
 /// Agents running the official Python x402 MCP client.
 const PYTHON_AGENTS: usize = 2;
-
-struct Counted(Arc<AtomicUsize>);
-
-#[async_trait::async_trait]
-impl ToolHandler for Counted {
-    async fn call(&self, _args: JsonObject) -> CallToolResult {
-        self.0.fetch_add(1, Ordering::SeqCst);
-        CallToolResult::structured(json!({ "ok": true }))
-    }
-}
 
 #[derive(Default)]
 struct Tally {
@@ -94,9 +75,6 @@ async fn main() {
     let secs: u64 = std::env::var("LOAD_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::load(None).unwrap();
-    config.server.bind = "127.0.0.1:0".parse().unwrap();
-    config.dev.state_dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".tollgate");
-    config.database.url = format!("sqlite://{}", dir.path().join("load.db").display()).into();
     config.receipts.key = "33".repeat(32).into();
     config.limits.rules.clear(); // the load is the point here; limits have their own tests
     // Per-agent ceiling (by API key): generous for the workers, and the flooder exceeds it.
@@ -114,44 +92,10 @@ async fn main() {
     // per key even in release builds; the flooder's four loops exceed it even in a debug build.
     config.ceiling.burst = 100;
     config.ceiling.per_second = 100;
-    tollgate::chain::anvil::find_or_install(&config.dev.state_dir).await.unwrap();
-    let chain = DevChain::start(&config, &dir.path().join("payer.key")).await.unwrap();
-    chain.apply(&mut config);
-    let runs = Arc::new(AtomicUsize::new(0));
-    let tool = Builtin {
-        name: "counted",
-        description: "counts",
-        input_schema: json!({ "type": "object" }),
-        handler: Arc::new(Counted(runs.clone())),
-    };
-    let deps = Deps {
-        clock: Arc::new(SystemClock),
-        extra_tools: vec![(tool, PriceSetting::Fixed(UsdcAmount::from_atomic(PRICE)))],
-        config_file: None,
-    };
-    let app = App::build_with(config, deps).await.unwrap();
-    let url = format!("http://{}/mcp", app.local_addr());
-    let state = app.state();
-    tokio::spawn(app.run_until(std::future::pending()));
-
-    // Payers, funded.
-    let minter = tollgate::chain::parse_private_key(DEV_KEYS[0]).unwrap();
-    let provider = ProviderBuilder::new()
-        .wallet(EthereumWallet::from(minter))
-        .connect_http(chain.anvil.endpoint().parse().unwrap());
-    let payers: Vec<PrivateKeySigner> = (0..PAYERS).map(|_| PrivateKeySigner::random()).collect();
-    for p in &payers {
-        tollgate::chain::usdc::mint(&provider, chain.token, p.address(), U256::from(1_000_000_000u64))
-            .await
-            .unwrap();
-    }
-    let python_payers: Vec<PrivateKeySigner> =
-        (0..PYTHON_AGENTS).map(|_| PrivateKeySigner::random()).collect();
-    for p in &python_payers {
-        tollgate::chain::usdc::mint(&provider, chain.token, p.address(), U256::from(1_000_000_000u64))
-            .await
-            .unwrap();
-    }
+    let served = common::serve_counted(config, dir.path(), PRICE).await;
+    let payers = served.funded_payers(PAYERS, 1_000_000_000).await;
+    let python_payers = served.funded_payers(PYTHON_AGENTS, 1_000_000_000).await;
+    let common::Served { url, state, chain, runs, minter: provider } = served;
     let http = reqwest::Client::new();
     let (_, challenge) = post(&http, &url, &call("counted", None), None).await;
     let requirements: PaymentRequirements =

@@ -7,28 +7,19 @@
 //!
 //! Run: `cargo bench --bench settlement` (SETTLE_PAYERS, default 500; SETTLE_ROUNDS, default 3).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+mod common;
+
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use alloy::network::EthereumWallet;
-use alloy::primitives::U256;
-use alloy::providers::{Provider, ProviderBuilder};
-use alloy::signers::local::PrivateKeySigner;
+use alloy::providers::Provider;
 use alloy::sol_types::SolEvent;
-use rmcp::model::{CallToolResult, JsonObject};
 use serde_json::{Value, json};
-use tollgate::app::{App, Deps};
-use tollgate::chain::anvil::DEV_KEYS;
 use tollgate::chain::usdc::Usdc;
 use tollgate::client::sign::{SignParams, sign_payment};
 use tollgate::clock::{Clock, SystemClock};
-use tollgate::config::{Config, PriceSetting};
-use tollgate::dev::DevChain;
-use tollgate::money::UsdcAmount;
+use tollgate::config::Config;
 use tollgate::payment::wire::PaymentRequirements;
-use tollgate::tools::builtin::Builtin;
-use tollgate::tools::catalog::ToolHandler;
 
 const PRICE: u64 = 1000;
 const BLOCK_SECS: u64 = 2;
@@ -37,16 +28,6 @@ const BLOCK_SECS: u64 = 2;
 /// for the calldata, which batching does not reduce per payment.
 const GAS_PRICE_WEI: u128 = 10_000_000;
 const USDC_PER_ETH: u128 = 3_000;
-
-struct Counted(Arc<AtomicUsize>);
-
-#[async_trait::async_trait]
-impl ToolHandler for Counted {
-    async fn call(&self, _args: JsonObject) -> CallToolResult {
-        self.0.fetch_add(1, Ordering::SeqCst);
-        CallToolResult::structured(json!({ "ok": true }))
-    }
-}
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -65,46 +46,17 @@ struct Figures {
 async fn run(batch_max: usize, payers: usize, rounds: usize) -> Figures {
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::load(None).unwrap();
-    config.server.bind = "127.0.0.1:0".parse().unwrap();
-    config.dev.state_dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".tollgate");
-    config.database.url = format!("sqlite://{}", dir.path().join("settle.db").display()).into();
     config.receipts.key = "44".repeat(32).into();
     config.payment.batch_max = batch_max;
     // Every payer comes from one loopback address: the ceiling and limits are not measured here.
     config.limits.rules.clear();
     config.ceiling.burst = 1_000_000;
     config.ceiling.per_second = 1_000_000;
-    tollgate::chain::anvil::find_or_install(&config.dev.state_dir).await.unwrap();
-    let chain = DevChain::start(&config, &dir.path().join("payer.key")).await.unwrap();
-    chain.apply(&mut config);
-    let relayer = tollgate::chain::parse_private_key(chain.relayer_key).unwrap().address();
-    let runs = Arc::new(AtomicUsize::new(0));
-    let tool = Builtin {
-        name: "counted",
-        description: "counts",
-        input_schema: json!({ "type": "object" }),
-        handler: Arc::new(Counted(runs.clone())),
-    };
-    let deps = Deps {
-        clock: Arc::new(SystemClock),
-        extra_tools: vec![(tool, PriceSetting::Fixed(UsdcAmount::from_atomic(PRICE)))],
-        config_file: None,
-    };
-    let app = App::build_with(config, deps).await.unwrap();
-    let url = format!("http://{}/mcp", app.local_addr());
-    let state = app.state();
-    tokio::spawn(app.run_until(std::future::pending()));
-
+    let served = common::serve_counted(config, dir.path(), PRICE).await;
     // Payers funded while anvil still mines every transaction at once; then a block every 2 s.
-    let minter = tollgate::chain::parse_private_key(DEV_KEYS[0]).unwrap();
-    let provider = ProviderBuilder::new()
-        .wallet(EthereumWallet::from(minter))
-        .connect_http(chain.anvil.endpoint().parse().unwrap());
-    let signers: Vec<PrivateKeySigner> = (0..payers).map(|_| PrivateKeySigner::random()).collect();
-    for p in &signers {
-        let funds = U256::from(PRICE * rounds as u64);
-        tollgate::chain::usdc::mint(&provider, chain.token, p.address(), funds).await.unwrap();
-    }
+    let signers = served.funded_payers(payers, PRICE * rounds as u64).await;
+    let common::Served { url, state, chain, runs, minter: provider } = served;
+    let relayer = tollgate::chain::parse_private_key(chain.relayer_key).unwrap().address();
     let http = reqwest::Client::new();
     let call = |meta: Option<Value>| {
         let mut params = json!({ "name": "counted", "arguments": {} });
