@@ -9,9 +9,11 @@ use alloy::rpc::types::TransactionRequest;
 use alloy::signers::local::PrivateKeySigner;
 use alloy::sol_types::SolEvent;
 use serde_json::{Value, json};
+use tokio::task::JoinHandle;
 use tollgate::chain::anvil::DEV_KEYS;
 use tollgate::chain::usdc::Usdc;
 use tollgate::chain::wallets::MULTICALL3;
+use tollgate::payment::wire::PaymentRequirements;
 use tollgate::store::PaymentState;
 
 use crate::attacks::{attacker, authorization_call, pay_later, until_submitted};
@@ -39,6 +41,28 @@ async fn recorded_txs(app: &TestApp) -> Vec<(Address, B256, Option<B256>)> {
     rows.iter().map(|r| (r.payer, r.nonce, r.tx_hash)).collect()
 }
 
+/// Stops mining, then pays once and waits until that settlement is in the mempool: the
+/// transaction in flight that the next payments queue behind.
+async fn one_in_flight(
+    app: &TestApp,
+    payer: &PrivateKeySigner,
+    requirements: &PaymentRequirements,
+) -> JoinHandle<Value> {
+    app.anvil_rpc("evm_setAutomine", json!([false])).await;
+    let first = pay_signed(app, payer, requirements);
+    until_submitted(app, 1).await;
+    first
+}
+
+/// Pays `counted` from a task of its own with a fresh authorization signed by `payer`.
+fn pay_signed(
+    app: &TestApp,
+    payer: &PrivateKeySigner,
+    requirements: &PaymentRequirements,
+) -> JoinHandle<Value> {
+    pay_later(app, json!({}), &app.sign(payer, requirements))
+}
+
 fn nonce_of(payload: &Value) -> B256 {
     payload["payload"]["authorization"]["nonce"].as_str().unwrap().parse().unwrap()
 }
@@ -58,11 +82,7 @@ async fn funded_payer(app: &TestApp, amount: u64) -> PrivateKeySigner {
 
 /// Puts in the mempool, ahead of anything tollgate sent (a far higher tip), a transfer of all of
 /// `payer`'s tokens to a stranger, with an authorization `payer` signs for it.
-async fn drain_ahead(
-    app: &TestApp,
-    payer: &PrivateKeySigner,
-    requirements: &tollgate::payment::wire::PaymentRequirements,
-) {
+async fn drain_ahead(app: &TestApp, payer: &PrivateKeySigner, requirements: &PaymentRequirements) {
     let all = app.balance(payer.address()).await;
     let mut elsewhere = requirements.clone();
     elsewhere.pay_to = Address::repeat_byte(0x5e).to_checksum(None);
@@ -89,9 +109,7 @@ async fn payments_that_arrive_while_one_is_in_flight_share_the_next_transaction_
     let pay_to: Address = app.state.config.payment.pay_to.unwrap();
     let requirements = app.requirements("counted", json!({})).await;
     let before = app.balance(payer.address()).await;
-    app.anvil_rpc("evm_setAutomine", json!([false])).await;
-    let first = pay_later(&app, json!({}), &app.sign(&payer, &requirements));
-    until_submitted(&app, 1).await;
+    let first = one_in_flight(&app, &payer, &requirements).await;
     let lone = recorded_txs(&app).await[0].2.unwrap();
     // Act: four more payments by the same payer arrive meanwhile; the first is mined, then
     // the next round.
@@ -144,11 +162,9 @@ async fn a_payer_who_empties_their_wallet_before_the_round_is_refused_alone_and_
     let drainer = funded_payer(&app, 3 * COUNTED_PRICE).await;
     let pay_to: Address = app.state.config.payment.pay_to.unwrap();
     let requirements = app.requirements("counted", json!({})).await;
-    app.anvil_rpc("evm_setAutomine", json!([false])).await;
-    let first = pay_later(&app, json!({}), &app.sign(&honest, &requirements));
-    until_submitted(&app, 1).await;
-    let second = pay_later(&app, json!({}), &app.sign(&honest, &requirements));
-    let drained = pay_later(&app, json!({}), &app.sign(&drainer, &requirements));
+    let first = one_in_flight(&app, &honest, &requirements).await;
+    let second = pay_signed(&app, &honest, &requirements);
+    let drained = pay_signed(&app, &drainer, &requirements);
     until_settling(&app, 3).await;
     // Act: the drainer empties the wallet, mined with the first settlement.
     drain_ahead(&app, &drainer, &requirements).await;
@@ -175,10 +191,8 @@ async fn a_payment_spoiled_after_its_batch_was_simulated_fails_alone_and_says_wh
     let drainer = funded_payer(&app, 3 * COUNTED_PRICE).await;
     let pay_to: Address = app.state.config.payment.pay_to.unwrap();
     let requirements = app.requirements("counted", json!({})).await;
-    app.anvil_rpc("evm_setAutomine", json!([false])).await;
-    let first = pay_later(&app, json!({}), &app.sign(&honest, &requirements));
-    until_submitted(&app, 1).await;
-    let second = pay_later(&app, json!({}), &app.sign(&honest, &requirements));
+    let first = one_in_flight(&app, &honest, &requirements).await;
+    let second = pay_signed(&app, &honest, &requirements);
     let spoiled = app.sign(&drainer, &requirements);
     let third = pay_later(&app, json!({}), &spoiled);
     until_settling(&app, 3).await;
@@ -216,13 +230,10 @@ async fn a_payer_whose_code_burns_the_gas_of_a_mined_batch_sinks_only_their_own_
     let burner = funded_payer(&app, 3 * COUNTED_PRICE).await;
     let pay_to: Address = app.state.config.payment.pay_to.unwrap();
     let requirements = app.requirements("counted", json!({})).await;
-    app.anvil_rpc("evm_setAutomine", json!([false])).await;
-    let first = pay_later(&app, json!({}), &app.sign(&honest, &requirements));
-    until_submitted(&app, 1).await;
-    let burnt = pay_later(&app, json!({}), &app.sign(&burner, &requirements));
+    let first = one_in_flight(&app, &honest, &requirements).await;
+    let burnt = pay_signed(&app, &burner, &requirements);
     until_settling(&app, 2).await;
-    let others: Vec<_> =
-        (0..2).map(|_| pay_later(&app, json!({}), &app.sign(&honest, &requirements))).collect();
+    let others: Vec<_> = (0..2).map(|_| pay_signed(&app, &honest, &requirements)).collect();
     until_settling(&app, 4).await;
     app.anvil_rpc("evm_mine", json!([])).await;
     until_submitted(&app, 3).await;
