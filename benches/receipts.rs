@@ -184,6 +184,7 @@ async fn appends_per_second(store: Arc<dyn Store>) -> f64 {
             now: 1,
             terms: None,
             refund: None,
+            cached_at: None,
         };
         receipts.issue(&input).await.unwrap();
     }

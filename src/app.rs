@@ -29,6 +29,7 @@ use crate::payment::reconcile::Reconciler;
 use crate::payment::refund::Refunder;
 use crate::payment::requirements::PayTerms;
 use crate::payment::settle::{FacilitatorAuth, FacilitatorSettler, SelfSettler, Settler};
+use crate::protect::Protection;
 use crate::store::{self, Store};
 use crate::tools::builtin::{self, Builtin};
 use crate::tools::catalog::{Catalog, CatalogError, LiveCatalog, NewTool, PriceSource, ToolPrice};
@@ -127,7 +128,9 @@ impl App {
             None => None,
         };
         let paid = PaidCall::new(gate.clone(), limits.clone(), receipts.clone(), clock.clone(), settings);
-        let paid = Arc::new(paid.with_refunder(refunder));
+        let protection =
+            Arc::new(Protection::from_config(&config, clock.clone()).await.context("upstream protection")?);
+        let paid = Arc::new(paid.with_refunder(refunder).with_protection(protection.clone()));
         let catalog = Arc::new(LiveCatalog::new(catalog, late_upstreams.len()));
         let state = Arc::new(AppState {
             config,
@@ -141,6 +144,7 @@ impl App {
             metrics,
             receipts,
             paid,
+            protection,
             terms: terms.clone(),
             config_file: deps.config_file,
         });

@@ -76,6 +76,75 @@ pub struct UpstreamConfig {
     /// `result_too_large`.
     #[serde(default = "default_max_result_bytes")]
     pub max_result_bytes: usize,
+    /// The provider's request budget across all payers (and, in fleet mode, all replicas):
+    /// calls past it are refused before payment.
+    #[serde(default)]
+    pub quota: Option<QuotaConfig>,
+    /// Calls into this upstream at once, per replica (0 = no cap); more are refused before
+    /// payment.
+    #[serde(default)]
+    pub max_in_flight: u32,
+    /// Regular expressions over a tool error's text that mean "the API behind is throttled"
+    /// (e.g. "rate limited"): a match pauses this upstream's sales.
+    #[serde(default)]
+    pub throttle_patterns: Vec<String>,
+    /// How long a throttle signal that names no retry time pauses sales, in seconds.
+    #[serde(default = "default_throttle_pause_secs")]
+    pub throttle_pause_secs: u64,
+    /// Per-tool settings (upstream tool names, without the prefix): the result cache.
+    #[serde(default)]
+    pub tools: BTreeMap<String, UpstreamToolConfig>,
+}
+
+/// `quota = { requests = 1000, window_secs = 3600 }`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaConfig {
+    pub requests: u64,
+    pub window_secs: u64,
+}
+
+/// One upstream tool's own settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamToolConfig {
+    /// Identical calls (same tool, same canonical arguments) within this many seconds are
+    /// answered from the cache: the upstream sees one. 0 = no cache. Cached answers are shared
+    /// by every payer with the same arguments.
+    #[serde(default)]
+    pub cache_ttl_secs: u64,
+    /// The price of an answer from the cache (default: the tool's price).
+    #[serde(default)]
+    pub cached_price: Option<UsdcAmount>,
+}
+
+fn default_throttle_pause_secs() -> u64 {
+    30
+}
+
+impl UpstreamConfig {
+    /// The protection settings make sense: a quota with a positive budget and window, patterns
+    /// that compile, a pause of at least a second.
+    fn validate_protection(&self) -> Result<(), ConfigError> {
+        let name = &self.name;
+        if let Some(q) = self.quota
+            && (q.requests == 0 || q.window_secs == 0)
+        {
+            return Err(invalid(
+                "upstream.quota",
+                format!("`{name}`: requests and window_secs must be positive"),
+            ));
+        }
+        for pattern in &self.throttle_patterns {
+            if let Err(e) = regex::Regex::new(pattern) {
+                return Err(invalid("upstream.throttle_patterns", format!("`{name}`: {e}")));
+            }
+        }
+        if self.throttle_pause_secs == 0 {
+            return Err(invalid("upstream.throttle_pause_secs", format!("`{name}`: must be at least 1")));
+        }
+        Ok(())
+    }
 }
 
 fn default_max_result_bytes() -> usize {
@@ -413,6 +482,9 @@ pub struct ToolsConfig {
     /// A payer whose funds vanished between an `on_success` run and its settlement is refused
     /// paid calls for this long.
     pub unpaid_penalty_secs: u64,
+    /// The result cache's bounds in memory (`[[upstream]]` tools with `cache_ttl_secs`).
+    pub cache_max_entries: usize,
+    pub cache_max_bytes: usize,
 }
 
 /// When a priced tool's payment is taken.
@@ -667,6 +739,10 @@ impl Config {
             if u.command.is_empty() == u.url.is_empty() {
                 return Err(invalid("upstream", format!("`{}` needs exactly one of command or url", u.name)));
             }
+            u.validate_protection()?;
+        }
+        if self.tools.cache_max_entries == 0 || self.tools.cache_max_bytes < 1024 {
+            return Err(invalid("tools.cache_max_entries", "needs at least 1 entry and 1024 bytes"));
         }
         if self.receipts.checkpoint_interval_secs == 0 {
             return Err(invalid("receipts.checkpoint_interval_secs", "must be at least 1"));

@@ -33,6 +33,7 @@ pub mod limits;
 pub mod listing;
 pub mod money;
 pub mod payment;
+pub mod protect;
 pub mod public_api;
 pub mod readiness;
 pub mod receipt;

@@ -40,13 +40,18 @@ fn unavailable(e: impl std::fmt::Display) -> Response {
 
 /// The server's listing: tools and prices, payment terms, receipt keys and log endpoints.
 async fn well_known(State(app): State<Arc<AppState>>) -> Json<Value> {
+    let paused = app.protection.paused().await;
     let tools: Vec<Value> = app
         .catalog
         .current()
         .entries()
         .map(|e| {
             let (t, price) = (&e.tool, e.price_meta());
-            json!({ "name": t.name, "description": t.description, "inputSchema": t.input_schema, "price": price })
+            let mut tool = json!({ "name": t.name, "description": t.description, "inputSchema": t.input_schema, "price": price });
+            if let Some(pause) = crate::protect::paused_meta(e, &paused) {
+                tool["paused"] = pause;
+            }
+            tool
         })
         .collect();
     let current = &app.receipts.signer.kid;

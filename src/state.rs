@@ -33,6 +33,8 @@ pub struct AppState {
     pub receipts: Arc<Receipts>,
     /// Steps 3–10 of every `tools/call`.
     pub paid: Arc<PaidCall>,
+    /// Upstreams' budgets and pauses (what `tools/list` and `/.well-known/x402` show as paused).
+    pub protection: Arc<crate::protect::Protection>,
     /// Where every quote is paid (the part of the price table a reload cannot change).
     pub terms: PayTerms,
     /// The `--config` file, read again when prices reload.

@@ -31,6 +31,29 @@ end
 return out
 "#;
 
+/// Gives back one admitted charge: the bucket's TAT moves back by its increment, never below
+/// now. ARGV[1] = now (µs), ARGV[2] = increment (µs).
+const REFUND_LUA: &str = r#"
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+local now = tonumber(ARGV[1])
+if tat > now then
+  local new = tat - tonumber(ARGV[2])
+  if new < now then new = now end
+  local ttl_ms = math.floor((new - now) / 1000) + 1
+  redis.call('SET', KEYS[1], string.format('%.0f', new), 'PX', ttl_ms)
+end
+return 0
+"#;
+
+/// Moves a "until" mark later, never earlier. ARGV[1] = until, ARGV[2] = TTL (ms).
+const EXTEND_LUA: &str = r#"
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) > current then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
+return 0
+"#;
+
 /// Buckets shared through Redis.
 #[derive(Clone)]
 pub struct RedisBuckets {
@@ -76,7 +99,33 @@ impl RedisBuckets {
         })
     }
 
-    /// Round-trips a PING: for readiness.
+    /// The connection, for other state a fleet shares (the result cache).
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// Gives back what an admitted `charge` took (a call that never used it).
+    pub async fn refund(&self, charge: &Charge, now_us: u64) -> redis::RedisResult<()> {
+        let script = Script::new(REFUND_LUA);
+        script
+            .key(format!("{}:{}", self.prefix, charge.key))
+            .arg(now_us)
+            .arg(charge.rate.increment_us(charge.cost))
+            .invoke_async(&mut self.conn.clone())
+            .await
+    }
+
+    /// Marks `subject` as [`Self::penalize`] does, unless it is already marked until later.
+    pub async fn extend_penalty(&self, subject: &str, until_ms: u64, ttl_ms: u64) -> redis::RedisResult<()> {
+        let script = Script::new(EXTEND_LUA);
+        script
+            .key(format!("{}:penalty:{subject}", self.prefix))
+            .arg(until_ms)
+            .arg(ttl_ms.max(1))
+            .invoke_async(&mut self.conn.clone())
+            .await
+    }
+
     /// Marks `subject` penalised until `until_ms` (the service clock's time), for every replica.
     pub async fn penalize(&self, subject: &str, until_ms: u64, ttl_ms: u64) -> redis::RedisResult<()> {
         let key = format!("{}:penalty:{subject}", self.prefix);
@@ -95,6 +144,7 @@ impl RedisBuckets {
         redis::cmd("GET").arg(&key).query_async(&mut self.conn.clone()).await
     }
 
+    /// Round-trips a PING: for readiness.
     pub async fn ping(&self) -> redis::RedisResult<()> {
         redis::cmd("PING").query_async::<String>(&mut self.conn.clone()).await.map(|_| ())
     }

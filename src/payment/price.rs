@@ -107,6 +107,11 @@ impl PriceRecord {
     pub fn offer(expires: u64) -> PriceRecord {
         PriceRecord { basis: "offer".into(), offer_expires: Some(expires), ..PriceRecord::fixed() }
     }
+
+    /// The tool's `cached_price`: a cached answer was there when the call was quoted.
+    pub fn cached() -> PriceRecord {
+        PriceRecord { basis: "cached".into(), ..PriceRecord::fixed() }
+    }
 }
 
 impl Pricing {

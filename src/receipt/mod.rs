@@ -71,6 +71,12 @@ pub struct ReceiptBody {
     /// A tool error refunded (`refund_on_error`): the refund's transaction, or why it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refund: Option<RefundRecord>,
+    /// The answer came from the result cache (`cache_ttl_secs`), not a new upstream call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached: Option<bool>,
+    /// When the upstream gave the cached answer (unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached_at: Option<u64>,
 }
 
 /// A body and its detached signature, as returned in `_meta["tollgate/receipt"]`.
@@ -194,6 +200,8 @@ pub struct ReceiptInput<'a> {
     /// How the call was priced and charged (None for rows older than the terms).
     pub terms: Option<&'a CallTerms>,
     pub refund: Option<RefundRecord>,
+    /// When the upstream gave the answer served from the result cache; `None` for a live call.
+    pub cached_at: Option<u64>,
 }
 
 /// Issues receipts and checkpoints the log.
@@ -237,6 +245,8 @@ impl Receipts {
             charge: input.terms.map(|t| t.charge.as_str().to_owned()),
             price: input.terms.map(|t| t.price.clone()),
             refund: input.refund.clone(),
+            cached: input.cached_at.map(|_| true),
+            cached_at: input.cached_at,
         };
         let sign = |slot: &ReceiptSlot| {
             let body = ReceiptBody {

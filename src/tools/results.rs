@@ -15,6 +15,7 @@ use crate::payment::gate::Settlement;
 use crate::payment::requirements::Quote;
 use crate::payment::wire::{META_PAYMENT_RESPONSE, PaymentRequired};
 use crate::payment::{Money, PaymentError};
+use crate::protect::UpstreamRefusal;
 use crate::receipt::{META_RECEIPT, SignedReceipt};
 
 /// The `error` text of a first challenge.
@@ -41,6 +42,7 @@ pub fn render_error(quote: Option<&Quote>, error: &CallError) -> CallToolResult 
         (CallError::Payment(e), Some(quote)) => payment_error(quote, e),
         (CallError::Payment(e), None) if !e.is_challenge() => payment_status(e),
         (CallError::Limited(e), _) => limited(e),
+        (CallError::Upstream(refusal), _) => upstream_refused(refusal),
         (CallError::Unavailable(why), _) => {
             let extra = json!({ "retry_after_seconds": 5 });
             refusal("tool_unavailable", &why.0, error.money(), extra)
@@ -167,6 +169,34 @@ pub fn tool_timeout(tool: &str, secs: u64) -> CallToolResult {
     CallToolResult::structured_error(json!({
         "error": "tool_timeout",
         "message": format!("the tool `{tool}` did not finish within {secs}s and was stopped"),
+    }))
+}
+
+/// The upstream's budget or state refused the call before payment: the limits' structured
+/// denial on the `upstream` axis; nothing was charged or claimed.
+pub fn upstream_refused(refusal: &UpstreamRefusal) -> CallToolResult {
+    let (unit, limit, window_seconds, remaining, retry_after_seconds) = match refusal {
+        UpstreamRefusal::Paused { retry_after_seconds, .. } => {
+            ("pause", 0, *retry_after_seconds, 0, *retry_after_seconds)
+        }
+        UpstreamRefusal::Quota { limit, window_seconds, remaining, retry_after_seconds, .. } => {
+            ("requests", *limit, *window_seconds, *remaining, *retry_after_seconds)
+        }
+        UpstreamRefusal::Busy { limit, .. } => ("in_flight", u64::from(*limit), 0, 0, 1),
+        UpstreamRefusal::Unavailable { .. } => ("requests", 0, 0, 0, 5),
+    };
+    CallToolResult::structured_error(json!({
+        "error": "upstream_limited",
+        "message": refusal.to_string(),
+        "axis": "upstream",
+        "reason": refusal.reason(),
+        "upstream": refusal.upstream(),
+        "unit": unit,
+        "limit": limit,
+        "window_seconds": window_seconds,
+        "remaining": remaining,
+        "retry_after_seconds": retry_after_seconds,
+        "charged": false,
     }))
 }
 

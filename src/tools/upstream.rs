@@ -137,6 +137,14 @@ impl Upstream {
             Ok(Ok(result)) => self.bounded(result),
             Ok(Err(e)) => {
                 self.drop_connection().await;
+                // A throttled HTTP upstream (429, 503): its Retry-After pauses its sales.
+                if let Some((status, retry_after)) = http_status(&e) {
+                    return crate::protect::throttle::http_throttled(
+                        &self.name,
+                        status,
+                        retry_after.as_deref(),
+                    );
+                }
                 // The error may name the upstream's URL, and with it a key: cut to the host.
                 failed(crate::redact::urls(&format!("upstream `{}` failed: {e}", self.name)))
             }
@@ -159,6 +167,25 @@ impl Upstream {
             "limit_bytes": self.max_result_bytes,
         }))
     }
+}
+
+/// The HTTP status (429 or 503) and raw `Retry-After` a failed call ran into, if that is why
+/// it failed. rmcp's streamable HTTP client keeps them in its error, inside the service error's
+/// source chain (its `HttpStatus` variant is transparent, so the chain itself skips them).
+fn http_status(e: &rmcp::ServiceError) -> Option<(u16, Option<String>)> {
+    use rmcp::transport::streamable_http_client::{HttpStatusError, StreamableHttpError};
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(current) = source {
+        let status = match current.downcast_ref::<StreamableHttpError<reqwest::Error>>() {
+            Some(StreamableHttpError::HttpStatus(status)) => Some(status),
+            _ => current.downcast_ref::<HttpStatusError>(),
+        };
+        if let Some(status) = status.filter(|s| s.status == 429 || s.status == 503) {
+            return Some((status.status, status.retry_after.clone()));
+        }
+        source = current.source();
+    }
+    None
 }
 
 /// One upstream tool, as the catalog sees it.

@@ -49,7 +49,7 @@ impl ServerHandler for McpServer {
         _request: Option<PaginatedRequestParams>,
         _context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, McpError> {
-        Ok(ListToolsResult::with_all_items(self.app.catalog.current().tools()))
+        Ok(ListToolsResult::with_all_items(listed_tools(&self.app).await))
     }
 
     fn get_tool(&self, name: &str) -> Option<Tool> {
@@ -66,6 +66,25 @@ impl ServerHandler for McpServer {
         let payment = context.meta.get(META_PAYMENT).cloned();
         call_tool(&self.app, request, payment, parts).await.map(Into::into)
     }
+}
+
+/// The catalog's tools, each of a paused upstream marked `_meta["tollgate/paused"]`.
+async fn listed_tools(app: &AppState) -> Vec<Tool> {
+    let catalog = app.catalog.current();
+    let paused = app.protection.paused().await;
+    catalog
+        .entries()
+        .map(|entry| {
+            let mut tool = entry.tool.clone();
+            if let Some(pause) = crate::protect::paused_meta(entry, &paused) {
+                tool.meta
+                    .get_or_insert_with(Default::default)
+                    .0
+                    .insert(crate::protect::META_PAUSED.into(), pause);
+            }
+            tool
+        })
+        .collect()
 }
 
 /// A `tools/call`, from rmcp's handler or the transport's direct path: finds the tool, gathers

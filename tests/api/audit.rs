@@ -299,6 +299,7 @@ async fn a_receipt_without_a_transfer_is_caught() {
         now: app.clock.now_unix(),
         terms: None,
         refund: None,
+        cached_at: None,
     };
     app.state.receipts.issue(&input).await.unwrap();
     checkpoint(&app).await;

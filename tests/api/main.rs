@@ -26,6 +26,7 @@ mod pending;
 mod policies;
 mod pricing;
 mod properties;
+mod protect;
 mod restart;
 mod secrets;
 mod store;

@@ -39,6 +39,11 @@ pub(crate) fn upstream(name: &str) -> UpstreamConfig {
         free: vec!["ping".into()],
         hidden: vec!["admin".into()],
         max_result_bytes: 1024 * 1024,
+        quota: None,
+        max_in_flight: 0,
+        throttle_patterns: vec![],
+        throttle_pause_secs: 30,
+        tools: Default::default(),
     }
 }
 

@@ -35,6 +35,12 @@ def broken(text: str) -> str:
     raise ValueError("upstream tool failed on purpose")
 
 
+@mcp.tool(description="Meets the API's rate limit, as a SaaS wrapper reports it.")
+def limited(text: str) -> str:
+    record("limited")
+    raise ValueError("upstream API rate limited: retry after 30s")
+
+
 @mcp.tool(description="Answers pong (free).")
 def ping() -> str:
     return "pong"

@@ -6,6 +6,7 @@
 use crate::limits::LimitError;
 use crate::payment::price::PriceError;
 use crate::payment::{Money, PaymentError};
+use crate::protect::UpstreamRefusal;
 
 /// The arguments do not match the tool's input schema (checked before any quote).
 #[derive(Debug, Clone, thiserror::Error)]
@@ -37,6 +38,9 @@ pub enum CallError {
     Limited(#[from] LimitError),
     #[error(transparent)]
     Unavailable(#[from] ToolUnavailable),
+    /// The upstream's budget or state refuses the call (quota, in flight, paused).
+    #[error(transparent)]
+    Upstream(#[from] UpstreamRefusal),
     /// Our side failed after the payment was verified; nothing more is known.
     #[error("internal error: {0}")]
     Internal(String),
@@ -60,7 +64,8 @@ impl CallError {
             | CallError::Price(_)
             | CallError::PaymentRequired
             | CallError::Limited(_)
-            | CallError::Unavailable(_) => Money::Unmoved,
+            | CallError::Unavailable(_)
+            | CallError::Upstream(_) => Money::Unmoved,
         }
     }
 }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use super::{PaidCall, Stored, results, stored_answer, stored_args};
 use crate::payment::gate::Settlement;
 use crate::payment::price::CallTerms;
+use crate::protect::Service;
 use crate::store::{PaymentRecord, StoreError};
 use crate::tools::catalog::Catalog;
 
@@ -61,11 +62,19 @@ impl PaidCall {
                     Ok(Stored::Served(answer) | Stored::Unsettled(answer)) => answer,
                     Err(e) => results::render_error(None, &e),
                 };
-                self.finish(&row.tool, &settled, &args, result, terms.as_ref(), None).await;
+                self.finish(&row.tool, &settled, &args, result, terms.as_ref(), None, None).await;
             }
             (None, Some(entry)) => {
-                if let Err(e) =
-                    self.run_once(entry, &settled, row.handler_started_at, args, terms.as_ref()).await
+                if let Err(e) = self
+                    .run_once(
+                        entry,
+                        &settled,
+                        row.handler_started_at,
+                        args,
+                        terms.as_ref(),
+                        Service::Live(None),
+                    )
+                    .await
                 {
                     tracing::debug!(error = %e, payment.row = row.id, "abandoned call taken by another worker");
                     return;
@@ -74,8 +83,16 @@ impl PaidCall {
             // The tool was removed (or made free) after it was paid for: the receipt records
             // that the call could not run.
             (None, None) => {
-                self.finish(&row.tool, &settled, &args, results::withdrawn(&row.tool), terms.as_ref(), None)
-                    .await;
+                self.finish(
+                    &row.tool,
+                    &settled,
+                    &args,
+                    results::withdrawn(&row.tool),
+                    terms.as_ref(),
+                    None,
+                    None,
+                )
+                .await;
             }
         }
         tracing::info!(payment.row = row.id, tool = %row.tool, "finished an abandoned paid call");

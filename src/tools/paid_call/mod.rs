@@ -23,7 +23,7 @@ use rmcp::model::{CallToolResult, JsonObject};
 
 pub use error::{ArgumentError, CallError, ToolUnavailable};
 
-use super::catalog::ToolEntry;
+use super::catalog::{PriceSource, ToolEntry};
 use super::results;
 use crate::clock::SharedClock;
 use crate::config::{ChargePolicy, FailureBudgetConfig};
@@ -37,6 +37,7 @@ use crate::payment::price::{CallTerms, PriceRecord};
 use crate::payment::refund::{RefundRecord, Refunder};
 use crate::payment::requirements::Quote;
 use crate::payment::verify::{VerifiedPayment, verify_decoded};
+use crate::protect::{Protected, Protection, Service};
 use crate::receipt::{ReceiptInput, Receipts};
 
 /// One `tools/call` for a known tool.
@@ -71,6 +72,8 @@ pub struct Priced {
     pub terms: CallTerms,
     /// SHA-256 of the canonical arguments: what offers and replays are bound to.
     pub args_hash: String,
+    /// The upstream budget, state and cache of an upstream's tool.
+    pub protected: Option<Protected>,
 }
 
 /// The config values a paid call needs.
@@ -117,6 +120,8 @@ pub struct PaidCall {
     offers: Offers,
     /// Sends `refund_on_error` refunds, when configured.
     refunder: Option<Arc<Refunder>>,
+    /// Upstreams' quotas, in-flight caps, pauses and the result cache.
+    protection: Arc<Protection>,
 }
 
 impl PaidCall {
@@ -134,6 +139,7 @@ impl PaidCall {
         PaidCall {
             offers,
             refunder: None,
+            protection: Arc::new(Protection::none(clock.clone())),
             gate,
             limits,
             failures,
@@ -144,6 +150,12 @@ impl PaidCall {
             finishers,
             finishing: Default::default(),
         }
+    }
+
+    /// Upstream tools are protected by `protection` (the default protects none).
+    pub fn with_protection(mut self, protection: Arc<Protection>) -> PaidCall {
+        self.protection = protection;
+        self
     }
 
     /// Refunds of `refund_on_error` tools go out from this wallet.
@@ -189,10 +201,13 @@ impl PaidCall {
         if let Err(problems) = entry.validate(&call.arguments) {
             return (Err(ArgumentError { tool: tool.to_string(), problems }.into()), None);
         }
-        let priced = match price(entry, &call.arguments) {
+        let mut priced = match price(entry, &call.arguments) {
             Ok(priced) => priced,
             Err(e) => return (Err(e), None),
         };
+        if let Some(priced) = priced.as_mut() {
+            self.protect(entry, priced).await;
+        }
         let outcome = self.try_priced(entry, priced.as_ref(), call).await;
         (outcome, priced)
     }
@@ -228,10 +243,13 @@ impl PaidCall {
         let tool = entry.tool.name.to_string();
         let Some(priced) = priced else {
             metrics::counter!("tollgate_calls_total", "tool" => tool, "kind" => "free").increment(1);
-            return Ok(Paid::Free(self.run_bounded(entry, &call.arguments).await));
+            return self.run_free(entry, &call.arguments).await.map(Paid::Free);
         };
-        // 4. No payment: the challenge.
+        // 4. No payment: the challenge; nobody is asked to sign for an upstream that is paused.
         let Some(payment) = call.payment else {
+            if let Some(p) = &priced.protected {
+                self.protection.check_paused(&p.guard).await?;
+            }
             metrics::counter!("tollgate_challenges_total", "tool" => tool).increment(1);
             return Err(CallError::PaymentRequired);
         };
@@ -261,6 +279,7 @@ impl PaidCall {
         // smart wallet's signature is not asked again: were its answer different now (new
         // owners, a flaky node), a payer whose money moved would be re-challenged.
         let known = self.gate.known(&verified, quote, &priced.args_hash).await?;
+        let mut service = Service::Live(None);
         if known.is_none() {
             // Under on_success the handler runs before the settlement: the authorization must
             // outlive both, or a payer could sign one that expires mid-run and never pay.
@@ -282,8 +301,14 @@ impl PaidCall {
                 amount: quote.amount,
             };
             self.limits.check(&limit, self.clock.now_millis()).await?;
+            // 6b. The upstream's budget and state, or its cached answer, still before the claim.
+            if let Some(p) = &priced.protected {
+                service = self.protection.serve(p, Some(quote.amount)).await?;
+            }
             // A tool that cannot run now (its upstream is down) must not take a payment.
-            entry.ready().await.map_err(ToolUnavailable)?;
+            if !matches!(service, Service::Cached(_)) {
+                entry.ready().await.map_err(ToolUnavailable)?;
+            }
         }
         // 7–10 run in their own task: once a claim exists, a dropped connection must not
         // abandon the settlement halfway; the outcome is stored and a retry gets it.
@@ -293,6 +318,7 @@ impl PaidCall {
             call.arguments,
             known,
             priced,
+            service,
         ));
         self.answer_in_time(started, task).await
     }
@@ -317,7 +343,9 @@ impl PaidCall {
     }
 
     /// Steps 7–10: claim (unless held), settle, run once, receipt; under `on_success`, claim,
-    /// check, run, then settle only a success (`run_then_settle`).
+    /// check, run, then settle only a success (`run_then_settle`). `service` (an upstream's
+    /// admission, or its cached answer) lives as long as this task: an in-flight slot is held
+    /// through the settlement and the handler, and released on every path.
     async fn claim_settle_run(
         self: Arc<Self>,
         entry: Arc<ToolEntry>,
@@ -325,6 +353,7 @@ impl PaidCall {
         args: JsonObject,
         known: Option<Claimed>,
         priced: Priced,
+        service: Service,
     ) -> Result<Paid, CallError> {
         let quote = &priced.quote;
         // 7. The atomic claim (unless the payment was already held).
@@ -343,7 +372,7 @@ impl PaidCall {
         let t_claim = t0.elapsed();
         let (settled, lease, args, terms) = match claimed {
             Claimed::Fresh(row) if priced.terms.charge == ChargePolicy::OnSuccess => {
-                return self.run_then_settle(&entry, row, &v, &priced, checks, args).await;
+                return self.run_then_settle(&entry, row, &v, &priced, checks, args, service).await;
             }
             // 8. Settlement, confirmed on chain, before the handler.
             Claimed::Fresh(row) => {
@@ -363,7 +392,15 @@ impl PaidCall {
                             let terms = CallTerms::from_stored(row.price_terms.as_deref());
                             let args = paid_for.unwrap_or_default();
                             let answer = self
-                                .finish(&entry.tool.name, &settlement, &args, result, terms.as_ref(), None)
+                                .finish(
+                                    &entry.tool.name,
+                                    &settlement,
+                                    &args,
+                                    result,
+                                    terms.as_ref(),
+                                    None,
+                                    None,
+                                )
                                 .await;
                             return Ok(Paid::Replayed(answer));
                         }
@@ -390,7 +427,8 @@ impl PaidCall {
         };
         let t_settle = t0.elapsed() - t_claim;
         // 9. The handler, at most once per settlement; 10. its receipt.
-        let answer = self.run_once(&entry, &settled, lease, args, terms.as_ref()).await.map(Paid::Settled);
+        let answer =
+            self.run_once(&entry, &settled, lease, args, terms.as_ref(), service).await.map(Paid::Settled);
         tracing::debug!(
             timing.claim_us = t_claim.as_micros() as u64,
             timing.settle_us = t_settle.as_micros() as u64,
@@ -420,6 +458,54 @@ impl PaidCall {
         }
     }
 
+    /// A free call: from the cache when its upstream caches it, else admitted by its upstream's
+    /// budget and state (a free call spends the API's budget too), then run.
+    async fn run_free(&self, entry: &ToolEntry, args: &JsonObject) -> Result<CallToolResult, CallError> {
+        let protected = match entry.source {
+            PriceSource::Upstream { .. } => self.protection.of(entry, &crate::payment::gate::args_hash(args)),
+            _ => None,
+        };
+        let service = match &protected {
+            Some(p) => self.protection.serve(p, None).await?,
+            None => Service::Live(None),
+        };
+        Ok(self.serve(entry, args, service).await.0)
+    }
+
+    /// Step 9's answer: the cached one (with its time), or the handler's, bounded; a live
+    /// upstream answer is handed to its admission (throttle signals, the cache).
+    async fn serve(
+        &self,
+        entry: &ToolEntry,
+        args: &JsonObject,
+        service: Service,
+    ) -> (CallToolResult, Option<u64>) {
+        match service {
+            Service::Cached(answer) => (answer.result.clone(), Some(answer.at)),
+            Service::Live(admission) => {
+                let result = self.run_bounded(entry, args).await;
+                if let Some(admission) = admission {
+                    admission.finish(&result).await;
+                }
+                (result, None)
+            }
+        }
+    }
+
+    /// The protection of an upstream tool's call, and its price when a cached answer is there
+    /// and the tool has a `cached_price` (quoted as such, and recorded in the receipt).
+    async fn protect(&self, entry: &ToolEntry, priced: &mut Priced) {
+        let Some(p) = self.protection.of(entry, &priced.args_hash) else { return };
+        if let Some(cached_price) = p.cache.and_then(|c| c.cached_price)
+            && cached_price != priced.quote.amount
+            && self.protection.fresh(&p).await.is_some()
+        {
+            priced.quote = Arc::new(priced.quote.with_amount(cached_price));
+            priced.terms.price = PriceRecord::cached();
+        }
+        priced.protected = Some(p);
+    }
+
     /// Runs the handler under the payment's lease, then finishes the call. `lease` is the
     /// handler lease the caller saw on the row (`None` for a fresh settlement).
     async fn run_once(
@@ -429,6 +515,7 @@ impl PaidCall {
         lease: Option<i64>,
         args: JsonObject,
         terms: Option<&CallTerms>,
+        service: Service,
     ) -> Result<CallToolResult, CallError> {
         let now = self.clock.now_unix() as i64;
         // A lease younger than the request timeout belongs to a request that may still be running.
@@ -439,14 +526,14 @@ impl PaidCall {
         }
         metrics::counter!("tollgate_calls_total", "tool" => entry.tool.name.to_string(), "kind" => "paid")
             .increment(1);
-        let result = self.run_bounded(entry, &args).await;
+        let (result, cached_at) = self.serve(entry, &args, service).await;
         // Refunded here, where the handler has just run under the lease: never for an answer
         // finished again from storage, so one failure is refunded once.
         let refund = match terms {
             Some(t) if t.refund_on_error && result.is_error == Some(true) => self.refund(settled).await,
             _ => None,
         };
-        Ok(self.finish(&entry.tool.name, settled, &args, result, terms, refund).await)
+        Ok(self.finish(&entry.tool.name, settled, &args, result, terms, refund, cached_at).await)
     }
 
     /// Whether `refund_on_error` refunds can be sent (a refund wallet was configured at start).
@@ -490,8 +577,10 @@ impl PaidCall {
         Some(record)
     }
 
-    /// Step 10: the signed receipt (with the call's terms and any refund), appended to the log,
-    /// beside the standard payment response; the answer is stored for retries of the payment.
+    /// Step 10: the signed receipt (with the call's terms, any refund and the time of a cached
+    /// answer), appended to the log, beside the standard payment response; the answer is
+    /// stored for retries of the payment.
+    #[allow(clippy::too_many_arguments)]
     async fn finish(
         &self,
         tool: &str,
@@ -500,11 +589,13 @@ impl PaidCall {
         result: CallToolResult,
         terms: Option<&CallTerms>,
         refund: Option<RefundRecord>,
+        cached_at: Option<u64>,
     ) -> CallToolResult {
         let now = self.clock.now_unix();
         let pay_to = self.settings.pay_to;
+        let settlement = settled;
         let input =
-            ReceiptInput { tool, args, result: &result, settlement: settled, pay_to, now, terms, refund };
+            ReceiptInput { tool, args, result: &result, settlement, pay_to, now, terms, refund, cached_at };
         let receipt = self.issue_receipt(&input).await;
         let answer = results::paid(result, settled, receipt.as_ref());
         let json = serde_json::to_string(&answer).expect("CallToolResult serialises");
@@ -547,7 +638,8 @@ fn price(entry: &ToolEntry, args: &JsonObject) -> Result<Option<Priced>, CallErr
         false => Arc::new(base.with_amount(amount)),
     };
     let terms = CallTerms { charge: pricing.charge, refund_on_error: pricing.refund_on_error, price: record };
-    Ok(Some(Priced { quote, terms, args_hash: crate::payment::gate::args_hash(args) }))
+    let args_hash = crate::payment::gate::args_hash(args);
+    Ok(Some(Priced { quote, terms, args_hash, protected: None }))
 }
 
 fn stored_args(json: Option<&str>) -> Option<JsonObject> {

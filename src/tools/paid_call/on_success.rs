@@ -20,10 +20,12 @@ use crate::chain::client::ChainError;
 use crate::payment::gate::{ChainChecks, Checked};
 use crate::payment::verify::VerifiedPayment;
 use crate::payment::{Money, PaymentError};
+use crate::protect::Service;
 use crate::store::{PaymentRecord, UNSETTLED_KEY};
 use crate::tools::catalog::ToolEntry;
 
 impl PaidCall {
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn run_then_settle(
         &self,
         entry: &Arc<ToolEntry>,
@@ -32,6 +34,7 @@ impl PaidCall {
         priced: &Priced,
         checks: Option<Result<ChainChecks, ChainError>>,
         args: JsonObject,
+        service: Service,
     ) -> Result<Paid, CallError> {
         let tool = entry.tool.name.to_string();
         let checks = match checks {
@@ -44,7 +47,7 @@ impl PaidCall {
             // Someone submitted the public authorization first and it paid us: the money has
             // moved, so the call runs as a paid one whatever its outcome.
             Checked::Spent(settled) => {
-                let ran = self.run_once(entry, &settled, None, args, Some(&priced.terms)).await;
+                let ran = self.run_once(entry, &settled, None, args, Some(&priced.terms), service).await;
                 return ran.map(Paid::Settled);
             }
         };
@@ -55,7 +58,7 @@ impl PaidCall {
             return Err(PaymentError::InProgress.into());
         }
         metrics::counter!("tollgate_calls_total", "tool" => tool.clone(), "kind" => "paid").increment(1);
-        let result = self.run_bounded(entry, &args).await;
+        let (result, cached_at) = self.serve(entry, &args, service).await;
         if result.is_error == Some(true) {
             if let Err(e) = self.gate.store.release(row.id).await {
                 // Still nothing broadcast: the reconciler releases the stale claim later.
@@ -67,7 +70,8 @@ impl PaidCall {
         // 8b. Settle the success, confirmed before it is served.
         match self.gate.submit(&row, v, &priced.quote, head).await {
             Ok(settled) => {
-                let answer = self.finish(&tool, &settled, &args, result, Some(&priced.terms), None).await;
+                let answer =
+                    self.finish(&tool, &settled, &args, result, Some(&priced.terms), None, cached_at).await;
                 Ok(Paid::Settled(answer))
             }
             Err(refusal) if refusal.money() == Money::Unmoved => {

@@ -1,0 +1,386 @@
+//! Protecting the API behind the tools: an upstream's quota, its in-flight cap, its pauses
+//! when it is throttled, and the result cache, all decided before anyone pays. The upstreams
+//! are real: an MCP Streamable HTTP server written here (it can answer 429, hold calls, count
+//! them) and the official Python SDK's stdio server; the chain is anvil; balances are checked.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use alloy::primitives::U256;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use tollgate::clock::Clock;
+use tollgate::config::{ChargePolicy, Config, LimitBackend, QuotaConfig, UpstreamToolConfig};
+use tollgate::money::UsdcAmount;
+
+use crate::helpers::{Server, TestApp, spawn_app_with};
+use crate::upstream::{PRICE, upstream};
+
+/// An MCP server over Streamable HTTP (plain JSON answers), written for these tests: `search`
+/// answers at once, `slow` waits until the test lets it go, `busy` answers a tool error that
+/// carries `retry_after_seconds`; every `tools/call` is counted, and while `throttled` is set
+/// it is answered `429 Too Many Requests` with `Retry-After: 30`, as a SaaS API's gateway does.
+#[derive(Clone)]
+struct FakeUpstream {
+    calls: Arc<AtomicUsize>,
+    started_slow: Arc<AtomicUsize>,
+    throttled: Arc<AtomicBool>,
+    release: Arc<tokio::sync::Semaphore>,
+}
+
+impl FakeUpstream {
+    async fn start() -> (FakeUpstream, String) {
+        let fake = FakeUpstream {
+            calls: Default::default(),
+            started_slow: Default::default(),
+            throttled: Default::default(),
+            release: Arc::new(tokio::sync::Semaphore::new(0)),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/mcp", listener.local_addr().unwrap());
+        let app = axum::Router::new()
+            .route("/mcp", axum::routing::post(rpc).get(|| async { StatusCode::METHOD_NOT_ALLOWED }))
+            .with_state(fake.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (fake, url)
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+async fn rpc(
+    axum::extract::State(fake): axum::extract::State<FakeUpstream>,
+    _headers: HeaderMap,
+    axum::Json(message): axum::Json<Value>,
+) -> Response {
+    let Some(id) = message.get("id").cloned() else { return StatusCode::ACCEPTED.into_response() };
+    let answer =
+        |result: Value| axum::Json(json!({ "jsonrpc": "2.0", "id": id, "result": result })).into_response();
+    let params = &message["params"];
+    match message["method"].as_str().unwrap_or_default() {
+        "initialize" => answer(json!({
+            "protocolVersion": params["protocolVersion"],
+            "capabilities": { "tools": {} },
+            "serverInfo": { "name": "fake-saas", "version": "1.0.0" },
+        })),
+        "tools/list" => {
+            let schema = json!({ "type": "object", "properties": { "q": { "type": "string" } } });
+            let tools: Vec<Value> = ["search", "slow", "busy"]
+                .iter()
+                .map(|name| json!({ "name": name, "description": "a SaaS API call", "inputSchema": schema }))
+                .collect();
+            answer(json!({ "tools": tools }))
+        }
+        "tools/call" => {
+            if fake.throttled.load(Ordering::SeqCst) {
+                return (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "30")], "slow down").into_response();
+            }
+            let n = fake.calls.fetch_add(1, Ordering::SeqCst) + 1;
+            let q = params["arguments"]["q"].as_str().unwrap_or_default().to_owned();
+            match params["name"].as_str().unwrap_or_default() {
+                "slow" => {
+                    fake.started_slow.fetch_add(1, Ordering::SeqCst);
+                    fake.release.acquire().await.unwrap().forget();
+                    answer(json!({ "content": [{ "type": "text", "text": format!("slow {q}") }] }))
+                }
+                "busy" => answer(json!({
+                    "content": [{ "type": "text", "text": "the API is busy" }],
+                    "structuredContent": { "error": "busy", "retry_after_seconds": 12 },
+                    "isError": true,
+                })),
+                _ => answer(
+                    json!({ "content": [{ "type": "text", "text": format!("results for {q}, call #{n}") }] }),
+                ),
+            }
+        }
+        _ => answer(json!({})),
+    }
+}
+
+/// tollgate selling the fake upstream's tools (as `up_*`, at [`PRICE`]), with `tweak` on its
+/// `[[upstream]]` and on the rest of the config.
+async fn app_selling(
+    url: &str,
+    tweak: impl FnOnce(&mut tollgate::config::UpstreamConfig, &mut Config),
+) -> TestApp {
+    let mut u = upstream("saas");
+    u.url = url.to_owned();
+    u.free = vec!["busy".into()];
+    spawn_app_with(move |c: &mut Config| {
+        tweak(&mut u, c);
+        c.upstream = vec![u];
+    })
+    .await
+}
+
+/// A payment for `tool` with `args`, signed by the demo payer from the challenge of `url`.
+async fn signed(app: &TestApp, url: &str, tool: &str, args: &Value) -> Value {
+    let challenge = crate::helpers::Mcp::sessionless(url).call_tool(tool, args.clone(), None).await;
+    let requirements = serde_json::from_value(challenge["structuredContent"]["accepts"][0].clone())
+        .unwrap_or_else(|_| panic!("a challenge: {challenge}"));
+    json!({ "x402/payment": app.sign(&app.payer(), &requirements) })
+}
+
+async fn pay_at(url: &str, tool: &str, args: &Value, meta: &Value) -> Value {
+    crate::helpers::Mcp::sessionless(url).call_tool(tool, args.clone(), Some(meta.clone())).await
+}
+
+/// A paid answer: the tool's own, with its settlement.
+fn ran(answer: &Value) -> bool {
+    answer["isError"] != true && answer["_meta"]["x402/payment-response"]["success"] == true
+}
+
+fn refusal(answer: &Value) -> &Value {
+    &answer["structuredContent"]
+}
+
+#[tokio::test]
+async fn a_429_from_the_upstream_pauses_its_tools_uncharged_until_the_retry_time() {
+    // Arrange: charge on success, so the call that meets the 429 is not charged either.
+    let (fake, url) = FakeUpstream::start().await;
+    let app = app_selling(&url, |u, _| u.charge = Some(ChargePolicy::OnSuccess)).await;
+    let payer = app.payer().address();
+    let args = json!({ "q": "rust" });
+    let first = signed(&app, &app.mcp_url(), "up_search", &args).await;
+    let second = signed(&app, &app.mcp_url(), "up_search", &args).await;
+    let before = app.balance(payer).await;
+    // Act 1: the upstream's gateway says 429, Retry-After: 30.
+    fake.throttled.store(true, Ordering::SeqCst);
+    let met = pay_at(&app.mcp_url(), "up_search", &args, &first).await;
+    fake.throttled.store(false, Ordering::SeqCst);
+    let challenge = app.sessionless().call_tool("up_search", args.clone(), None).await;
+    let paid_attempt = pay_at(&app.mcp_url(), "up_search", &args, &second).await;
+    let listed = app.sessionless().list_tools().await;
+    let well_known: Value =
+        reqwest::get(format!("{}/.well-known/x402", app.base_url())).await.unwrap().json().await.unwrap();
+    // Assert 1: the call that met it was not charged; sales stop before payment, with the time.
+    assert_eq!(met["structuredContent"]["error"], "upstream_throttled", "{met}");
+    assert_eq!(met["_meta"]["tollgate/charged"], false, "{met}");
+    for refused in [&challenge, &paid_attempt] {
+        let r = refusal(refused);
+        assert_eq!(r["error"], "upstream_limited", "{refused}");
+        assert_eq!((r["axis"].as_str(), r["reason"].as_str()), (Some("upstream"), Some("paused")));
+        assert_eq!(r["retry_after_seconds"], 30);
+        assert_eq!(r["charged"], false);
+    }
+    assert_eq!(app.balance(payer).await, before, "nothing was charged");
+    assert_eq!(fake.calls(), 0, "no call reached the upstream while it was paused (the 429 is not counted)");
+    let shown = listed.iter().find(|t| t["name"] == "up_search").unwrap();
+    assert_eq!(shown["_meta"]["tollgate/paused"]["retry_after_seconds"], 30, "{shown}");
+    let known = well_known["tools"].as_array().unwrap().iter().find(|t| t["name"] == "up_search").unwrap();
+    assert_eq!(known["paused"]["upstream"], "saas", "{known}");
+    // Act 2: the retry time passes (injected clock).
+    app.advance_time(31).await;
+    let resumed = pay_at(&app.mcp_url(), "up_search", &args, &second).await;
+    // Assert 2: sales resume, and the held-back authorization pays for the call.
+    assert!(ran(&resumed), "{resumed}");
+    assert_eq!(before - app.balance(payer).await, U256::from(PRICE));
+    assert_eq!(fake.calls(), 1);
+    let listed = app.sessionless().list_tools().await;
+    assert!(listed.iter().all(|t| t["_meta"].get("tollgate/paused").is_none()), "no longer paused");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_tool_error_carrying_retry_after_seconds_pauses_the_upstream() {
+    let (_fake, url) = FakeUpstream::start().await;
+    let app = app_selling(&url, |_, _| {}).await;
+    let busy = app.sessionless().call_tool("up_busy", json!({}), None).await;
+    let next = app.sessionless().call_tool("up_search", json!({ "q": "x" }), None).await;
+    assert_eq!(busy["structuredContent"]["retry_after_seconds"], 12, "{busy}");
+    assert_eq!(refusal(&next)["reason"], "paused", "{next}");
+    assert_eq!(refusal(&next)["retry_after_seconds"], 12);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn five_concurrent_paid_calls_against_max_in_flight_two_run_two_and_refuse_three_uncharged() {
+    // Arrange
+    let (fake, url) = FakeUpstream::start().await;
+    let app = app_selling(&url, |u, _| u.max_in_flight = 2).await;
+    let payer = app.payer().address();
+    let mut payments = Vec::new();
+    for i in 0..5 {
+        let args = json!({ "q": format!("job {i}") });
+        let payment = signed(&app, &app.mcp_url(), "up_slow", &args).await;
+        payments.push((args, payment));
+    }
+    let before = app.balance(payer).await;
+    // Act: five at once; the upstream holds every call until let go.
+    let calls: Vec<_> = payments
+        .into_iter()
+        .map(|(args, payment)| {
+            let url = app.mcp_url();
+            tokio::spawn(async move { pay_at(&url, "up_slow", &args, &payment).await })
+        })
+        .collect();
+    // Three are refused at once; two settle and wait in the upstream.
+    for _ in 0..600 {
+        let done = calls.iter().filter(|c| c.is_finished()).count();
+        if done == 3 && fake.started_slow.load(Ordering::SeqCst) == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    fake.release.add_permits(2);
+    let mut answers = Vec::new();
+    for call in calls {
+        answers.push(call.await.unwrap());
+    }
+    // Assert
+    let paid: Vec<_> = answers.iter().filter(|a| ran(a)).collect();
+    let refused: Vec<_> = answers.iter().filter(|a| refusal(a)["reason"] == "in_flight").collect();
+    assert_eq!((paid.len(), refused.len()), (2, 3), "{answers:#?}");
+    for r in &refused {
+        assert_eq!(refusal(r)["axis"], "upstream");
+        assert_eq!(refusal(r)["limit"], 2);
+        assert_eq!(refusal(r)["charged"], false);
+    }
+    assert_eq!(
+        before - app.balance(payer).await,
+        U256::from(2 * PRICE),
+        "only the two that ran were charged"
+    );
+    assert_eq!(fake.calls(), 2);
+    // The slots came back: the next call runs.
+    fake.release.add_permits(1);
+    let args = json!({ "q": "after" });
+    let later = signed(&app, &app.mcp_url(), "up_slow", &args).await;
+    assert!(ran(&pay_at(&app.mcp_url(), "up_slow", &args, &later).await));
+    app.shutdown().await;
+}
+
+/// A Redis key prefix of this run's own, so runs never share buckets.
+fn fresh_prefix() -> String {
+    format!("tg-protect-{}", rand::random::<u64>())
+}
+
+#[tokio::test]
+async fn a_quota_of_three_and_a_pause_are_shared_by_two_replicas_through_redis() {
+    // Arrange: two replicas (each with its own relayer), one Redis, one upstream.
+    let (fake, url) = FakeUpstream::start().await;
+    let app = app_selling(&url, |u, c| {
+        u.quota = Some(QuotaConfig { requests: 3, window_secs: 3600 });
+        c.limits.backend = LimitBackend::Redis;
+        c.limits.redis_url = "redis://127.0.0.1:6379".to_owned().into();
+        c.limits.key_prefix = fresh_prefix();
+    })
+    .await;
+    let mut second = app.state.config.clone();
+    second.payment.relayer_key = tollgate::chain::anvil::DEV_KEYS[4].to_owned().into();
+    let sibling = Server::start(second, app.clock.clone(), app.runs.clone()).await;
+    let (a, b) = (app.mcp_url(), sibling.mcp_url());
+    let payer = app.payer().address();
+    let before = app.balance(payer).await;
+    // Act: two calls on one replica, one on the other, then a fourth on each.
+    let mut answers = Vec::new();
+    for (i, url) in [&a, &a, &b, &b, &a].into_iter().enumerate() {
+        let args = json!({ "q": format!("q{i}") });
+        let payment = signed(&app, url, "up_search", &args).await;
+        answers.push(pay_at(url, "up_search", &args, &payment).await);
+    }
+    // Assert: three ran; the fourth and fifth were refused uncharged, on either replica.
+    for answer in &answers[..3] {
+        assert!(ran(answer), "{answer}");
+    }
+    for answer in &answers[3..] {
+        let r = refusal(answer);
+        assert_eq!(
+            (r["reason"].as_str(), r["limit"].as_u64(), r["remaining"].as_u64()),
+            (Some("quota"), Some(3), Some(0)),
+            "{answer}"
+        );
+        assert_eq!(r["window_seconds"], 3600);
+        assert!(r["retry_after_seconds"].as_u64().is_some_and(|s| s > 0 && s <= 1200), "{answer}");
+        assert_eq!(r["charged"], false);
+    }
+    assert_eq!(before - app.balance(payer).await, U256::from(3 * PRICE));
+    assert_eq!(fake.calls(), 3);
+    // Act 2: a third of the window later one unit is back; a throttle seen by one replica
+    // then pauses the upstream's sales on the other.
+    app.advance_time(1200).await;
+    fake.throttled.store(true, Ordering::SeqCst);
+    let _ = app.sessionless().call_tool("up_busy", json!({}), None).await;
+    let on_sibling =
+        crate::helpers::Mcp::sessionless(&b).call_tool("up_search", json!({ "q": "z" }), None).await;
+    assert_eq!(refusal(&on_sibling)["reason"], "paused", "{on_sibling}");
+    assert_eq!(refusal(&on_sibling)["retry_after_seconds"], 30);
+    sibling.shutdown().await;
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn two_identical_calls_within_the_ttl_make_one_upstream_call_two_charges_and_two_receipts() {
+    // Arrange: `search` answers from the cache for 60 s, at 500 instead of PRICE.
+    let (fake, url) = FakeUpstream::start().await;
+    let app = app_selling(&url, |u, _| {
+        let cached_price = Some(UsdcAmount::from_atomic(500));
+        u.tools.insert("search".into(), UpstreamToolConfig { cache_ttl_secs: 60, cached_price });
+    })
+    .await;
+    let payer = app.payer().address();
+    let args = json!({ "q": "weather in Lisbon" });
+    let before = app.balance(payer).await;
+    let answered_at = app.clock.now_unix();
+    // Act
+    let first_requirements = app.requirements("up_search", args.clone()).await;
+    let first = app.pay("up_search", args.clone(), &app.sign(&app.payer(), &first_requirements)).await;
+    app.advance_time(10).await;
+    let second_requirements = app.requirements("up_search", args.clone()).await;
+    let second = app.pay("up_search", args.clone(), &app.sign(&app.payer(), &second_requirements)).await;
+    let other = app.requirements("up_search", json!({ "q": "weather in Porto" })).await.amount;
+    // Assert: one upstream call, two charges (the second at the cached price), two receipts.
+    assert_eq!(first_requirements.amount, PRICE.to_string());
+    assert_eq!(second_requirements.amount, "500", "a cached answer is quoted at cached_price");
+    assert_eq!(other, PRICE.to_string(), "other arguments are not cached");
+    assert!(ran(&first) && ran(&second), "{first} {second}");
+    assert_eq!(fake.calls(), 1, "the upstream saw one call");
+    assert_eq!(first["content"], second["content"], "the same answer");
+    assert_eq!(before - app.balance(payer).await, U256::from(PRICE + 500));
+    let (r1, r2) =
+        (&first["_meta"]["tollgate/receipt"]["body"], &second["_meta"]["tollgate/receipt"]["body"]);
+    assert_eq!(r1.get("cached"), None, "{r1}");
+    assert_eq!(r2["cached"], true, "{r2}");
+    assert_eq!(r2["cached_at"], answered_at, "the time the upstream gave the answer");
+    assert_eq!(r2["price"]["basis"], "cached");
+    assert_ne!(r1["tx"], r2["tx"], "each call paid for itself");
+    // Act 2: past the TTL, the next call goes to the upstream again at the full price.
+    app.advance_time(60).await;
+    let third_requirements = app.requirements("up_search", args.clone()).await;
+    let third = app.pay("up_search", args.clone(), &app.sign(&app.payer(), &third_requirements)).await;
+    assert_eq!(third_requirements.amount, PRICE.to_string());
+    assert!(ran(&third), "{third}");
+    assert_eq!(fake.calls(), 2);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_stdio_upstream_error_matching_a_throttle_pattern_pauses_its_tools() {
+    // Arrange: the official Python SDK's server, whose `limited` tool fails with "upstream API
+    // rate limited: retry after 30s", as an operator's SaaS wrapper does.
+    let dir = tempfile::tempdir().unwrap();
+    let calls_file = dir.path().join("calls");
+    let python = crate::upstream::python().await.display().to_string();
+    let mut u = upstream("py-stdio");
+    u.command =
+        vec![python, crate::upstream::script(), "stdio".into(), "0".into(), calls_file.display().to_string()];
+    u.free = vec!["ping".into(), "limited".into()];
+    u.throttle_patterns = vec!["(?i)rate limited".into()];
+    let app = spawn_app_with(move |c: &mut Config| c.upstream = vec![u]).await;
+    let before = app.balance(app.payer().address()).await;
+    // Act
+    let hit = app.sessionless().call_tool("up_limited", json!({ "text": "a" }), None).await;
+    let next = app.sessionless().call_tool("up_reverse", json!({ "text": "b" }), None).await;
+    // Assert: the priced tool is refused before anyone is asked to pay, with the named time.
+    assert_eq!(hit["isError"], true, "{hit}");
+    assert_eq!(refusal(&next)["reason"], "paused", "{next}");
+    assert_eq!(refusal(&next)["retry_after_seconds"], 30);
+    assert_eq!(refusal(&next)["charged"], false);
+    assert_eq!(crate::upstream::calls(&calls_file), ["limited"], "reverse never reached the upstream");
+    assert_eq!(app.balance(app.payer().address()).await, before);
+    app.shutdown().await;
+}
