@@ -256,16 +256,16 @@ impl Protection {
                 (Some(cached), Some(paid)) if cached == paid => Some(policy.ttl_secs + self.offer_grace_secs),
                 (Some(_), Some(_)) => None,
             };
-            if let Some(max_age) = max_age {
-                match self.cache.get(&p.key, self.clock.now_unix(), max_age).await {
-                    Some(answer) => {
-                        metrics::counter!("tollgate_upstream_cache_total", "upstream" => name, "tool" => tool, "outcome" => "hit").increment(1);
-                        return Ok(Service::Cached(answer));
-                    }
-                    None => {
-                        metrics::counter!("tollgate_upstream_cache_total", "upstream" => name, "tool" => tool, "outcome" => "miss").increment(1);
-                    }
-                }
+            let found = match max_age {
+                Some(max_age) => self.cache.get(&p.key, self.clock.now_unix(), max_age).await,
+                None => None,
+            };
+            // A miss is a call of a cached tool that goes to the upstream, whatever the reason.
+            let outcome = if found.is_some() { "hit" } else { "miss" };
+            metrics::counter!("tollgate_upstream_cache_total", "upstream" => name, "tool" => tool, "outcome" => outcome)
+                .increment(1);
+            if let Some(answer) = found {
+                return Ok(Service::Cached(answer));
             }
         }
         self.admit(p).await.map(|a| Service::Live(Some(a)))

@@ -129,6 +129,18 @@ async fn pay_at(url: &str, tool: &str, args: &Value, meta: &Value) -> Value {
     crate::helpers::Mcp::sessionless(url).call_tool(tool, args.clone(), Some(meta.clone())).await
 }
 
+async fn metrics(app: &TestApp) -> String {
+    reqwest::get(format!("{}/metrics", app.base_url())).await.unwrap().text().await.unwrap()
+}
+
+/// The value of the one series of `name` whose labels include all of `labels`.
+fn series(metrics: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|label| l.contains(label)))?;
+    line.rsplit_once(' ')?.1.parse().ok()
+}
+
 /// A paid answer: the tool's own, with its settlement.
 fn ran(answer: &Value) -> bool {
     answer["isError"] != true && answer["_meta"]["x402/payment-response"]["success"] == true
@@ -201,7 +213,11 @@ async fn a_tool_error_carrying_retry_after_seconds_pauses_the_upstream() {
 async fn five_concurrent_paid_calls_against_max_in_flight_two_run_two_and_refuse_three_uncharged() {
     // Arrange
     let (fake, url) = FakeUpstream::start().await;
-    let app = app_selling(&url, |u, _| u.max_in_flight = 2).await;
+    let app = app_selling(&url, |u, _| {
+        u.name = "saas-slots".into();
+        u.max_in_flight = 2;
+    })
+    .await;
     let payer = app.payer().address();
     let mut payments = Vec::new();
     for i in 0..5 {
@@ -246,11 +262,21 @@ async fn five_concurrent_paid_calls_against_max_in_flight_two_run_two_and_refuse
         "only the two that ran were charged"
     );
     assert_eq!(fake.calls(), 2);
-    // The slots came back: the next call runs.
+    // The slots came back: the next call runs; operators saw it all.
     fake.release.add_permits(1);
     let args = json!({ "q": "after" });
     let later = signed(&app, &app.mcp_url(), "up_slow", &args).await;
     assert!(ran(&pay_at(&app.mcp_url(), "up_slow", &args, &later).await));
+    let metrics = metrics(&app).await;
+    assert_eq!(
+        series(
+            &metrics,
+            "tollgate_upstream_refusals_total",
+            &["upstream=\"saas-slots\"", "reason=\"in_flight\""]
+        ),
+        Some(3.0)
+    );
+    assert_eq!(series(&metrics, "tollgate_upstream_in_flight", &["upstream=\"saas-slots\""]), Some(0.0));
     app.shutdown().await;
 }
 
@@ -318,6 +344,7 @@ async fn two_identical_calls_within_the_ttl_make_one_upstream_call_two_charges_a
     // Arrange: `search` answers from the cache for 60 s, at 500 instead of PRICE.
     let (fake, url) = FakeUpstream::start().await;
     let app = app_selling(&url, |u, _| {
+        u.name = "saas-cache".into();
         let cached_price = Some(UsdcAmount::from_atomic(500));
         u.tools.insert("search".into(), UpstreamToolConfig { cache_ttl_secs: 60, cached_price });
     })
@@ -355,6 +382,12 @@ async fn two_identical_calls_within_the_ttl_make_one_upstream_call_two_charges_a
     assert_eq!(third_requirements.amount, PRICE.to_string());
     assert!(ran(&third), "{third}");
     assert_eq!(fake.calls(), 2);
+    let metrics = metrics(&app).await;
+    let cache = |outcome: &str| {
+        let outcome = format!("outcome=\"{outcome}\"");
+        series(&metrics, "tollgate_upstream_cache_total", &["upstream=\"saas-cache\"", &outcome])
+    };
+    assert_eq!((cache("hit"), cache("miss")), (Some(1.0), Some(2.0)), "{metrics}");
     app.shutdown().await;
 }
 
