@@ -127,25 +127,56 @@ impl UpstreamConfig {
     /// that compile, a pause of at least a second.
     fn validate_protection(&self) -> Result<(), ConfigError> {
         let name = &self.name;
+        // Upper bounds keep every sum and product of these (µs, ms) far inside u64 and below
+        // 2^53, where Redis's Lua computes the same.
         if let Some(q) = self.quota
-            && (q.requests == 0 || q.window_secs == 0)
+            && (q.requests == 0
+                || q.window_secs == 0
+                || q.requests > 1_000_000_000
+                || q.window_secs > YEAR_SECS)
         {
-            return Err(invalid(
-                "upstream.quota",
-                format!("`{name}`: requests and window_secs must be positive"),
-            ));
+            let reason =
+                format!("`{name}`: requests (at most 1e9) and window_secs (at most a year) must be positive");
+            return Err(invalid("upstream.quota", reason));
+        }
+        for (tool, t) in &self.tools {
+            if t.cache_ttl_secs > WEEK_SECS {
+                return Err(invalid(
+                    "upstream.tools",
+                    format!("`{name}.{tool}`: cache_ttl_secs is at most a week"),
+                ));
+            }
+            match t.cached_price {
+                Some(_) if t.cache_ttl_secs == 0 => {
+                    let reason = format!("`{name}.{tool}`: cached_price needs cache_ttl_secs");
+                    return Err(invalid("upstream.tools", reason));
+                }
+                // A zero price is a free call: a cached answer for nothing is a free tool.
+                Some(price) if price.atomic() == 0 => {
+                    let reason =
+                        format!("`{name}.{tool}`: cached_price must be positive (or make the tool free)");
+                    return Err(invalid("upstream.tools", reason));
+                }
+                _ => {}
+            }
         }
         for pattern in &self.throttle_patterns {
             if let Err(e) = regex::Regex::new(pattern) {
                 return Err(invalid("upstream.throttle_patterns", format!("`{name}`: {e}")));
             }
         }
-        if self.throttle_pause_secs == 0 {
-            return Err(invalid("upstream.throttle_pause_secs", format!("`{name}`: must be at least 1")));
+        if let Err(e) = regex::RegexSet::new(&self.throttle_patterns) {
+            return Err(invalid("upstream.throttle_patterns", format!("`{name}`: {e}")));
+        }
+        if self.throttle_pause_secs == 0 || self.throttle_pause_secs > 3600 {
+            return Err(invalid("upstream.throttle_pause_secs", format!("`{name}`: between 1 and 3600")));
         }
         Ok(())
     }
 }
+
+const YEAR_SECS: u64 = 366 * 86_400;
+const WEEK_SECS: u64 = 7 * 86_400;
 
 fn default_max_result_bytes() -> usize {
     1024 * 1024

@@ -13,6 +13,7 @@ use rmcp::model::{CallToolResult, JsonObject};
 use serde_json::json;
 use tollgate::app::{App, Deps};
 use tollgate::chain::anvil::DEV_KEYS;
+use tollgate::chain::usdc::Usdc;
 use tollgate::clock::SystemClock;
 use tollgate::config::{Config, PriceSetting};
 use tollgate::dev::DevChain;
@@ -75,6 +76,23 @@ pub async fn serve_counted(mut config: Config, dir: &Path, price: u64) -> Served
 }
 
 impl Served {
+    /// `AuthorizationUsed` events on the token: one per settled payment.
+    #[allow(dead_code)] // every bench compiles this module; not every one reads these
+    pub async fn authorizations_used(&self) -> usize {
+        use alloy::sol_types::SolEvent;
+        let filter = alloy::rpc::types::Filter::new()
+            .address(self.chain.token)
+            .event_signature(Usdc::AuthorizationUsed::SIGNATURE_HASH)
+            .from_block(0);
+        self.minter.get_logs(&filter).await.unwrap().len()
+    }
+
+    /// What `payTo` holds of the token.
+    #[allow(dead_code)]
+    pub async fn payee_balance(&self) -> U256 {
+        Usdc::new(self.chain.token, &self.minter).balanceOf(self.chain.pay_to).call().await.unwrap()
+    }
+
     /// `n` fresh payers holding `amount` of the token each.
     pub async fn funded_payers(&self, n: usize, amount: u64) -> Vec<PrivateKeySigner> {
         let payers: Vec<PrivateKeySigner> = (0..n).map(|_| PrivateKeySigner::random()).collect();

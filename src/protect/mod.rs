@@ -136,7 +136,7 @@ impl Service {
 }
 
 /// A call admitted into its upstream: holds an in-flight slot and a unit of quota until it is
-/// dropped. Dropped without [`Admission::finish`] (the call never reached the upstream: the
+/// dropped. Dropped before [`Admission::started`] (the call never reached the upstream: the
 /// settlement failed, the payer went away), the quota is given back.
 pub struct Admission {
     protected: Protected,
@@ -380,31 +380,41 @@ impl UpstreamGuard {
 }
 
 impl Admission {
-    /// The upstream answered: reads any throttle signal in the answer (pausing the upstream's
-    /// sales, fleet-wide in fleet mode) and keeps a cacheable answer. The slot is released
-    /// when the admission is dropped.
-    pub async fn finish(mut self, result: &CallToolResult) {
+    /// The call is about to reach the upstream: from here its quota unit is spent, even if the
+    /// call is cut off (a timeout, a dropped request), since the upstream may be serving it.
+    pub fn started(&mut self) {
+        self.ran = true;
+    }
+
+    /// The upstream answered: reads any throttle signal in the answer, pausing the upstream's
+    /// sales (fleet-wide in fleet mode). The slot is released when the admission is dropped.
+    pub async fn observe(&mut self, result: &CallToolResult) {
         self.ran = true;
         let guard = &self.protected.guard;
         let now_ms = self.clock.now_millis();
-        if let Some(signal) = throttle::signal(result, &guard.patterns, guard.pause_secs) {
-            let until = now_ms + signal.pause_secs * 1000;
-            guard.paused_until_ms.fetch_max(until, Ordering::SeqCst);
-            metrics::counter!("tollgate_upstream_throttle_signals_total", "upstream" => guard.name.clone(), "signal" => signal.kind).increment(1);
-            metrics::gauge!("tollgate_upstream_paused_until_seconds", "upstream" => guard.name.clone())
-                .set((until / 1000) as f64);
-            tracing::warn!(upstream = %guard.name, signal = signal.kind, pause_secs = signal.pause_secs, "upstream throttled; its tools are paused");
-            if let Shared::Redis(r) = &*self.shared
-                && let Err(e) =
-                    r.extend_penalty(&pause_key(&guard.name), until, signal.pause_secs * 1000).await
-            {
-                tracing::warn!(error = %e, upstream = %guard.name, "could not share an upstream pause");
-            }
+        let Some(signal) = throttle::signal(result, &guard.patterns, guard.pause_secs) else { return };
+        let until = now_ms + signal.pause_secs * 1000;
+        guard.paused_until_ms.fetch_max(until, Ordering::SeqCst);
+        metrics::counter!("tollgate_upstream_throttle_signals_total", "upstream" => guard.name.clone(), "signal" => signal.kind).increment(1);
+        metrics::gauge!("tollgate_upstream_paused_until_seconds", "upstream" => guard.name.clone())
+            .set((until / 1000) as f64);
+        tracing::warn!(upstream = %guard.name, signal = signal.kind, pause_secs = signal.pause_secs, "upstream throttled; its tools are paused");
+        if let Shared::Redis(r) = &*self.shared
+            && let Err(e) = r.extend_penalty(&pause_key(&guard.name), until, signal.pause_secs * 1000).await
+        {
+            tracing::warn!(error = %e, upstream = %guard.name, "could not share an upstream pause");
         }
-        if self.protected.cache.is_some() && result.is_error != Some(true) {
-            let answer = CachedAnswer { at: now_ms / 1000, result: result.clone() };
-            self.cache.put(&self.protected.key, answer, self.cache_keep_secs).await;
+    }
+
+    /// Keeps a cacheable answer (not an error) for the identical calls that follow. Called once
+    /// the call is paid for: an `on_success` answer whose settlement was refused is withheld
+    /// from its caller, and must not be served to the next one at the cached price.
+    pub async fn keep(&self, result: &CallToolResult) {
+        if self.protected.cache.is_none() || result.is_error == Some(true) {
+            return;
         }
+        let answer = CachedAnswer { at: self.clock.now_unix(), result: result.clone() };
+        self.cache.put(&self.protected.key, answer, self.cache_keep_secs).await;
     }
 
     fn report_in_flight(&self) {

@@ -6,8 +6,9 @@
 //! `retry_after_seconds`, and an error text matching an operator's `throttle_patterns`.
 //!
 //! Guarantees: only error results are read; a pause is at least a second and at most
-//! [`MAX_PAUSE_SECS`], whatever the upstream says (error texts can echo a caller's arguments,
-//! so no caller can stop sales for longer than that with one call). Does not pause anything
+//! [`MAX_PAUSE_SECS`], whatever the upstream says; a pattern's pause is the operator's
+//! `throttle_pause_secs` at most (error texts can echo a caller's arguments, so a caller can
+//! never name a longer one). Does not pause anything
 //! itself: `Protection::observe` does.
 
 use std::sync::LazyLock;
@@ -62,8 +63,11 @@ pub fn signal(result: &CallToolResult, patterns: &RegexSet, default_secs: u64) -
     if !patterns.is_match(&text) {
         return None;
     }
+    // Error texts can repeat a caller's arguments: a time named in the text may shorten the
+    // operator's pause, never lengthen it.
     let named = RETRY_IN_TEXT.captures(&text).and_then(|c| c[1].parse::<u64>().ok());
-    Some(Signal { kind: "pattern", pause_secs: bounded(named.unwrap_or(default_secs)) })
+    let secs = named.map_or(default_secs, |named| named.min(default_secs));
+    Some(Signal { kind: "pattern", pause_secs: bounded(secs) })
 }
 
 fn bounded(secs: u64) -> u64 {
@@ -124,7 +128,8 @@ mod tests {
             CallToolResult::error(vec![ContentBlock::text("upstream API rate limited: retry after 45s")]);
         assert_eq!(signal(&text, &none, 30), None, "no pattern configured, no signal");
         let limited = patterns(&["(?i)rate limited"]);
-        assert_eq!(signal(&text, &limited, 30), Some(Signal { kind: "pattern", pause_secs: 45 }));
+        assert_eq!(signal(&text, &limited, 60), Some(Signal { kind: "pattern", pause_secs: 45 }));
+        assert_eq!(signal(&text, &limited, 30).unwrap().pause_secs, 30, "a text never lengthens the pause");
         let plain = CallToolResult::error(vec![ContentBlock::text("rate limited")]);
         assert_eq!(signal(&plain, &limited, 30).map(|s| s.pause_secs), Some(30), "no time named: default");
         let ok = CallToolResult::success(vec![ContentBlock::text("rate limited: retry after 9s")]);

@@ -417,3 +417,33 @@ async fn a_stdio_upstream_error_matching_a_throttle_pattern_pauses_its_tools() {
     assert_eq!(app.balance(app.payer().address()).await, before);
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_payment_at_the_cached_price_never_buys_a_live_call_once_the_answer_is_gone() {
+    // Arrange: a cache of one entry, so a second set of arguments evicts the first answer.
+    let (fake, url) = FakeUpstream::start().await;
+    let app = app_selling(&url, |u, c| {
+        let cached_price = Some(UsdcAmount::from_atomic(500));
+        u.tools.insert("search".into(), UpstreamToolConfig { cache_ttl_secs: 60, cached_price });
+        c.tools.cache_max_entries = 1;
+    })
+    .await;
+    let payer = app.payer().address();
+    let (lisbon, porto) = (json!({ "q": "Lisbon" }), json!({ "q": "Porto" }));
+    let first = signed(&app, &app.mcp_url(), "up_search", &lisbon).await;
+    assert!(ran(&pay_at(&app.mcp_url(), "up_search", &lisbon, &first).await));
+    let cheap = app.requirements("up_search", lisbon.clone()).await;
+    assert_eq!(cheap.amount, "500", "quoted at the cached price while the answer is there");
+    let cheap_payment = json!({ "x402/payment": app.sign(&app.payer(), &cheap) });
+    let evicting = signed(&app, &app.mcp_url(), "up_search", &porto).await;
+    assert!(ran(&pay_at(&app.mcp_url(), "up_search", &porto, &evicting).await));
+    let before = app.balance(payer).await;
+    // Act: the cheap payment arrives after Lisbon's answer was evicted.
+    let answer = pay_at(&app.mcp_url(), "up_search", &lisbon, &cheap_payment).await;
+    // Assert: re-quoted at the live price, uncharged, and the upstream was not called for it.
+    assert_eq!(answer["structuredContent"]["error"], "offer_expired", "{answer}");
+    assert_eq!(answer["structuredContent"]["accepts"][0]["amount"], PRICE.to_string(), "{answer}");
+    assert_eq!(app.balance(payer).await, before);
+    assert_eq!(fake.calls(), 2);
+    app.shutdown().await;
+}

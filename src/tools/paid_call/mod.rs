@@ -300,10 +300,23 @@ impl PaidCall {
                 agent: &call.agent,
                 amount: quote.amount,
             };
+            // A paused upstream is refused before the wallet limits, which it would spend.
+            if let Some(p) = &priced.protected {
+                self.protection.check_paused(&p.guard).await?;
+            }
             self.limits.check(&limit, self.clock.now_millis()).await?;
             // 6b. The upstream's budget and state, or its cached answer, still before the claim.
             if let Some(p) = &priced.protected {
                 service = self.protection.serve(p, Some(quote.amount)).await?;
+                // A payment that covers only a cached answer never buys a live call: with the
+                // answer gone, the caller is quoted today's price, uncharged.
+                let cached_price = p.cache.and_then(|c| c.cached_price);
+                if matches!(service, Service::Live(_))
+                    && cached_price == Some(quote.amount)
+                    && price(entry, &call.arguments)?.is_some_and(|live| live.quote.amount != quote.amount)
+                {
+                    return Err(PaymentError::OfferExpired.into());
+                }
             }
             // A tool that cannot run now (its upstream is down) must not take a payment.
             if !matches!(service, Service::Cached(_)) {
@@ -482,14 +495,29 @@ impl PaidCall {
     ) -> (CallToolResult, Option<u64>) {
         match service {
             Service::Cached(answer) => (answer.result.clone(), Some(answer.at)),
-            Service::Live(admission) => {
-                let result = self.run_bounded(entry, args).await;
-                if let Some(admission) = admission {
-                    admission.finish(&result).await;
+            Service::Live(mut admission) => {
+                let result = self.run_admitted(entry, args, admission.as_mut()).await;
+                if let Some(admission) = &admission {
+                    admission.keep(&result).await;
                 }
                 (result, None)
             }
         }
+    }
+
+    /// Runs the handler (bounded) under an upstream's admission, which sees the answer (its
+    /// throttle signals); the admission's slot stays held by the caller.
+    async fn run_admitted(
+        &self,
+        entry: &ToolEntry,
+        args: &JsonObject,
+        admission: Option<&mut crate::protect::Admission>,
+    ) -> CallToolResult {
+        let Some(admission) = admission else { return self.run_bounded(entry, args).await };
+        admission.started();
+        let result = self.run_bounded(entry, args).await;
+        admission.observe(&result).await;
+        result
     }
 
     /// The protection of an upstream tool's call, and its price when a cached answer is there

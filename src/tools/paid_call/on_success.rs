@@ -58,7 +58,14 @@ impl PaidCall {
             return Err(PaymentError::InProgress.into());
         }
         metrics::counter!("tollgate_calls_total", "tool" => tool.clone(), "kind" => "paid").increment(1);
-        let (result, cached_at) = self.serve(entry, &args, service).await;
+        // The upstream's slot stays held through the settlement below; a live answer is kept
+        // in the cache only once it is paid for.
+        let (result, cached_at, admission) = match service {
+            Service::Cached(answer) => (answer.result.clone(), Some(answer.at), None),
+            Service::Live(mut admission) => {
+                (self.run_admitted(entry, &args, admission.as_mut()).await, None, admission)
+            }
+        };
         if result.is_error == Some(true) {
             if let Err(e) = self.gate.store.release(row.id).await {
                 // Still nothing broadcast: the reconciler releases the stale claim later.
@@ -70,6 +77,9 @@ impl PaidCall {
         // 8b. Settle the success, confirmed before it is served.
         match self.gate.submit(&row, v, &priced.quote, head).await {
             Ok(settled) => {
+                if let Some(admission) = &admission {
+                    admission.keep(&result).await;
+                }
                 let answer =
                     self.finish(&tool, &settled, &args, result, Some(&priced.terms), None, cached_at).await;
                 Ok(Paid::Settled(answer))
