@@ -49,8 +49,10 @@ async fn a_store_failure_while_recording_a_settlement_never_says_nothing_was_cha
     // Act: the store goes away, then the block with our transfer arrives.
     relay.up.store(false, Ordering::SeqCst);
     let cut = async {
-        // The relay drops live connections within 20 ms: wait until the store really fails.
-        while app.state.store.ping().await.is_ok() {
+        // The relay drops live connections within 20 ms: wait until every one is closed (a
+        // pooled connection not yet dropped would still record the settlement) and the store
+        // really fails.
+        while app.state.store.ping().await.is_ok() || relay.live.load(Ordering::SeqCst) > 0 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     };

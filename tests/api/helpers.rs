@@ -410,6 +410,8 @@ fn slow_tool(runs: Arc<AtomicUsize>) -> (Builtin, PriceSetting) {
 pub struct Relay {
     pub port: u16,
     pub up: Arc<AtomicBool>,
+    /// Connections relayed now: 0 once a cut has closed every one of them.
+    pub live: Arc<AtomicUsize>,
 }
 
 impl Relay {
@@ -417,16 +419,21 @@ impl Relay {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let up = Arc::new(AtomicBool::new(true));
-        let flag = up.clone();
+        let live = Arc::new(AtomicUsize::new(0));
+        let (flag, count) = (up.clone(), live.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((mut client, _)) = listener.accept().await else { return };
-                let flag = flag.clone();
+                let (flag, count) = (flag.clone(), count.clone());
                 tokio::spawn(async move {
                     if !flag.load(Ordering::SeqCst) {
                         return; // refused: dropped at once
                     }
-                    let Ok(mut server) = TcpStream::connect(("127.0.0.1", target)).await else { return };
+                    count.fetch_add(1, Ordering::SeqCst);
+                    let Ok(mut server) = TcpStream::connect(("127.0.0.1", target)).await else {
+                        count.fetch_sub(1, Ordering::SeqCst);
+                        return;
+                    };
                     // Relay until either side closes or the relay is cut.
                     let relay = tokio::io::copy_bidirectional(&mut client, &mut server);
                     let cut = async {
@@ -435,10 +442,11 @@ impl Relay {
                         }
                     };
                     tokio::select! { _ = relay => {}, () = cut => {} }
+                    count.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });
-        Relay { port, up }
+        Relay { port, up, live }
     }
 }
 
