@@ -48,7 +48,7 @@ async fn well_known(State(app): State<Arc<AppState>>) -> Json<Value> {
         .map(|e| {
             let (t, price) = (&e.tool, e.price_meta());
             let mut tool = json!({ "name": t.name, "description": t.description, "inputSchema": t.input_schema, "price": price });
-            if let Some(pause) = crate::protect::paused_meta(e, &paused) {
+            if let Some(pause) = e.upstream().and_then(|(u, _)| crate::protect::paused_meta(u, &paused)) {
                 tool["paused"] = pause;
             }
             tool

@@ -28,17 +28,23 @@ pub struct Bounds {
     pub max_bytes: usize,
 }
 
-pub enum ResultCache {
+pub struct ResultCache {
+    store: Store,
+    /// One answer may take at most a quarter of the byte bound, in memory and in Redis alike
+    /// (where maxmemory bounds the whole): one huge answer never crowds out the rest.
+    max_entry_bytes: usize,
+}
+
+enum Store {
     Memory(Mutex<Memory>),
     /// Shared by a fleet: `SET key json PX ttl`.
     Redis {
         conn: ConnectionManager,
         prefix: String,
-        max_entry_bytes: usize,
     },
 }
 
-pub struct Memory {
+struct Memory {
     entries: LruCache<String, Entry>,
     bytes: usize,
     bounds: Bounds,
@@ -55,21 +61,19 @@ struct Entry {
 impl ResultCache {
     pub fn memory(bounds: Bounds) -> ResultCache {
         let memory = Memory { entries: LruCache::unbounded(), bytes: 0, bounds };
-        ResultCache::Memory(Mutex::new(memory))
+        ResultCache { store: Store::Memory(Mutex::new(memory)), max_entry_bytes: bounds.max_bytes / 4 }
     }
 
     pub fn redis(conn: ConnectionManager, prefix: &str, bounds: Bounds) -> ResultCache {
-        // One answer may take at most a quarter of what memory would allow: Redis's maxmemory
-        // bounds the whole, this keeps one huge answer from crowding out the rest.
-        let max_entry_bytes = bounds.max_bytes / 4;
-        ResultCache::Redis { conn, prefix: prefix.to_owned(), max_entry_bytes }
+        let store = Store::Redis { conn, prefix: prefix.to_owned() };
+        ResultCache { store, max_entry_bytes: bounds.max_bytes / 4 }
     }
 
     /// The answer kept under `key` if it is at most `max_age` seconds old at `now`.
     pub async fn get(&self, key: &str, now: u64, max_age: u64) -> Option<Arc<CachedAnswer>> {
         let young = |a: &CachedAnswer| now <= a.at.saturating_add(max_age);
-        match self {
-            ResultCache::Memory(m) => {
+        match &self.store {
+            Store::Memory(m) => {
                 let mut m = m.lock().expect("cache lock");
                 let entry = m.entries.get(key)?;
                 if entry.keep_until < now {
@@ -78,7 +82,7 @@ impl ResultCache {
                 }
                 Some(entry.answer.clone()).filter(|a| young(a))
             }
-            ResultCache::Redis { conn, prefix, .. } => {
+            Store::Redis { conn, prefix } => {
                 let mut conn = conn.clone();
                 let cmd = redis::cmd("GET").arg(format!("{prefix}:cache:{key}")).clone();
                 let json: Option<String> = match cmd.query_async(&mut conn).await {
@@ -102,16 +106,16 @@ impl ResultCache {
             return;
         }
         let json = serde_json::to_string(&answer).expect("a tool result serialises");
-        match self {
-            ResultCache::Memory(m) => {
+        if json.len() > self.max_entry_bytes {
+            return;
+        }
+        match &self.store {
+            Store::Memory(m) => {
                 let keep_until = answer.at.saturating_add(keep_secs);
                 let entry = Entry { answer: Arc::new(answer), bytes: json.len(), keep_until };
                 m.lock().expect("cache lock").insert(key, entry);
             }
-            ResultCache::Redis { conn, prefix, max_entry_bytes } => {
-                if json.len() > *max_entry_bytes {
-                    return;
-                }
+            Store::Redis { conn, prefix } => {
                 let mut conn = conn.clone();
                 let set = redis::cmd("SET")
                     .arg(format!("{prefix}:cache:{key}"))
@@ -129,21 +133,18 @@ impl ResultCache {
 
     /// Entries and bytes held in memory (zero in Redis, which keeps its own).
     pub fn size(&self) -> (usize, usize) {
-        match self {
-            ResultCache::Memory(m) => {
+        match &self.store {
+            Store::Memory(m) => {
                 let m = m.lock().expect("cache lock");
                 (m.entries.len(), m.bytes)
             }
-            ResultCache::Redis { .. } => (0, 0),
+            Store::Redis { .. } => (0, 0),
         }
     }
 }
 
 impl Memory {
     fn insert(&mut self, key: &str, entry: Entry) {
-        if entry.bytes > self.bounds.max_bytes / 4 {
-            return;
-        }
         self.remove(key);
         while self.entries.len() >= self.bounds.max_entries
             || self.bytes + entry.bytes > self.bounds.max_bytes

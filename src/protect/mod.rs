@@ -31,7 +31,6 @@ use crate::config::{Config, LimitBackend, QuotaConfig, UpstreamConfig, secret_op
 use crate::limits::gcra::{Charge, MemoryBuckets, Rate, Verdict};
 use crate::limits::redis::RedisBuckets;
 use crate::money::UsdcAmount;
-use crate::tools::catalog::{PriceSource, ToolEntry};
 use cache::{Bounds, CachedAnswer, ResultCache};
 
 /// Why a call into an upstream is refused before payment.
@@ -187,11 +186,12 @@ impl Protection {
     }
 
     /// The protection of `entry` for these arguments, if it is an upstream's tool.
-    pub fn of(&self, entry: &ToolEntry, args_hash: &str) -> Option<Protected> {
-        let PriceSource::Upstream { upstream, remote } = &entry.source else { return None };
+    /// `tool` is the catalog's name; `upstream` and `remote` say where it comes from
+    /// (`ToolEntry::upstream`).
+    pub fn of(&self, tool: &str, (upstream, remote): (&str, &str), args_hash: &str) -> Option<Protected> {
         let guard = self.upstreams.get(upstream)?.clone();
         let cache = guard.cached_tools.get(remote).copied();
-        Some(Protected { guard, cache, key: format!("{}:{args_hash}", entry.tool.name) })
+        Some(Protected { guard, cache, key: format!("{tool}:{args_hash}") })
     }
 
     /// Refuses while the upstream is paused.
@@ -458,9 +458,8 @@ pub struct Pause {
     pub retry_after_seconds: u64,
 }
 
-/// What a listing shows for `entry` while its upstream is paused (`None` when it is not).
-pub fn paused_meta(entry: &ToolEntry, paused: &HashMap<String, Pause>) -> Option<serde_json::Value> {
-    let PriceSource::Upstream { upstream, .. } = &entry.source else { return None };
+/// What a listing shows for a tool of `upstream` while it is paused (`None` when it is not).
+pub fn paused_meta(upstream: &str, paused: &HashMap<String, Pause>) -> Option<serde_json::Value> {
     let pause = paused.get(upstream)?;
     Some(serde_json::json!({
         "upstream": upstream,

@@ -96,6 +96,14 @@ impl ToolEntry {
         Some(quote.price_meta(pricing).1)
     }
 
+    /// The upstream (name, and the tool's own name there) an upstream tool comes from.
+    pub fn upstream(&self) -> Option<(&str, &str)> {
+        match &self.source {
+            PriceSource::Upstream { upstream, remote } => Some((upstream, remote)),
+            _ => None,
+        }
+    }
+
     pub async fn ready(&self) -> Result<(), String> {
         self.handler.ready().await
     }

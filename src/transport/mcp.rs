@@ -76,7 +76,7 @@ async fn listed_tools(app: &AppState) -> Vec<Tool> {
         .entries()
         .map(|entry| {
             let mut tool = entry.tool.clone();
-            if let Some(pause) = crate::protect::paused_meta(entry, &paused) {
+            if let Some(pause) = entry.upstream().and_then(|(u, _)| crate::protect::paused_meta(u, &paused)) {
                 tool.meta
                     .get_or_insert_with(Default::default)
                     .0

@@ -23,7 +23,7 @@ use rmcp::model::{CallToolResult, JsonObject};
 
 pub use error::{ArgumentError, CallError, ToolUnavailable};
 
-use super::catalog::{PriceSource, ToolEntry};
+use super::catalog::ToolEntry;
 use super::results;
 use crate::clock::SharedClock;
 use crate::config::{ChargePolicy, FailureBudgetConfig};
@@ -474,10 +474,10 @@ impl PaidCall {
     /// A free call: from the cache when its upstream caches it, else admitted by its upstream's
     /// budget and state (a free call spends the API's budget too), then run.
     async fn run_free(&self, entry: &ToolEntry, args: &JsonObject) -> Result<CallToolResult, CallError> {
-        let protected = match entry.source {
-            PriceSource::Upstream { .. } => self.protection.of(entry, &crate::payment::gate::args_hash(args)),
-            _ => None,
-        };
+        let name = &entry.tool.name;
+        let protected = entry
+            .upstream()
+            .and_then(|u| self.protection.of(name, u, &crate::payment::gate::args_hash(args)));
         let service = match &protected {
             Some(p) => self.protection.serve(p, None).await?,
             None => Service::Live(None),
@@ -523,7 +523,8 @@ impl PaidCall {
     /// The protection of an upstream tool's call, and its price when a cached answer is there
     /// and the tool has a `cached_price` (quoted as such, and recorded in the receipt).
     async fn protect(&self, entry: &ToolEntry, priced: &mut Priced) {
-        let Some(p) = self.protection.of(entry, &priced.args_hash) else { return };
+        let Some(upstream) = entry.upstream() else { return };
+        let Some(p) = self.protection.of(&entry.tool.name, upstream, &priced.args_hash) else { return };
         if let Some(cached_price) = p.cache.and_then(|c| c.cached_price)
             && cached_price != priced.quote.amount
             && self.protection.fresh(&p).await.is_some()
