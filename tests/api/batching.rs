@@ -35,10 +35,20 @@ async fn until_settling(app: &TestApp, n: usize) {
     tokio::time::timeout(std::time::Duration::from_secs(30), settling).await.expect("payments settling");
 }
 
-/// The settlement transaction recorded for each unresolved payment, by payer and nonce.
-async fn recorded_txs(app: &TestApp) -> Vec<(Address, B256, Option<B256>)> {
-    let rows = app.state.store.unresolved(100).await.unwrap();
-    rows.iter().map(|r| (r.payer, r.nonce, r.tx_hash)).collect()
+/// Waits (bounded) until the payment with `nonce` has its settlement transaction recorded, and
+/// returns it. (Counting recorded rows is not enough: a batch records its rows one by one, and
+/// the earlier transaction's row may still be counted.)
+async fn until_recorded(app: &TestApp, nonce: B256) -> B256 {
+    let recorded = async {
+        loop {
+            let rows = app.state.store.unresolved(100).await.unwrap();
+            if let Some(tx) = rows.iter().find(|r| r.nonce == nonce).and_then(|r| r.tx_hash) {
+                return tx;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(30), recorded).await.expect("transaction recorded")
 }
 
 /// Stops mining, then pays once and waits until that settlement is in the mempool: the
@@ -110,18 +120,17 @@ async fn payments_that_arrive_while_one_is_in_flight_share_the_next_transaction_
     let requirements = app.requirements("counted", json!({})).await;
     let before = app.balance(payer.address()).await;
     let first = one_in_flight(&app, &payer, &requirements).await;
-    let lone = recorded_txs(&app).await[0].2.unwrap();
+    let lone = app.state.store.unresolved(10).await.unwrap()[0].tx_hash.unwrap();
     // Act: four more payments by the same payer arrive meanwhile; the first is mined, then
     // the next round.
     let later: Vec<Value> = (0..4).map(|_| app.sign(&payer, &requirements)).collect();
     let calls: Vec<_> = later.iter().map(|payload| pay_later(&app, json!({}), payload)).collect();
     until_settling(&app, 5).await;
     app.anvil_rpc("evm_mine", json!([])).await;
-    until_submitted(&app, 4).await;
-    let shared: Vec<Option<B256>> = {
-        let recorded = recorded_txs(&app).await;
-        later.iter().map(|p| recorded.iter().find(|r| r.1 == nonce_of(p)).unwrap().2).collect()
-    };
+    let mut shared = Vec::new();
+    for payload in &later {
+        shared.push(Some(until_recorded(&app, nonce_of(payload)).await));
+    }
     app.anvil_rpc("evm_mine", json!([])).await;
     app.anvil_rpc("evm_setAutomine", json!([true])).await;
     // Assert: every call served, charged once.
@@ -197,10 +206,7 @@ async fn a_payment_spoiled_after_its_batch_was_simulated_fails_alone_and_says_wh
     let third = pay_later(&app, json!({}), &spoiled);
     until_settling(&app, 3).await;
     app.anvil_rpc("evm_mine", json!([])).await;
-    until_submitted(&app, 2).await;
-    let recorded = recorded_txs(&app).await;
-    let tx_of = |payload: &Value| recorded.iter().find(|r| r.1 == nonce_of(payload)).unwrap().2.unwrap();
-    let batch = tx_of(&spoiled);
+    let batch = until_recorded(&app, nonce_of(&spoiled)).await;
     // Act: the drainer empties the wallet ahead of the batch, in the same block.
     drain_ahead(&app, &drainer, &requirements).await;
     app.anvil_rpc("evm_mine", json!([])).await;
