@@ -174,6 +174,7 @@ async fn appends_per_second(store: Arc<dyn Store>) -> f64 {
             asset: row.asset,
             amount: row.amount,
             nonce: row.nonce,
+            leased: false,
         };
         let input = ReceiptInput {
             tool: "sha256",

@@ -8,11 +8,14 @@
 use std::num::NonZeroUsize;
 use std::time::Duration;
 
-use alloy::primitives::{Address, B256, Bytes, U256};
+use alloy::eips::BlockId;
+use alloy::primitives::{Address, B256, Bytes, U64, U256};
 use alloy::providers::{DynProvider, Provider, ProviderBuilder};
 use alloy::rpc::client::{ClientBuilder, RpcClient};
-use alloy::rpc::types::{Filter, TransactionReceipt};
+use alloy::rpc::types::{Filter, TransactionReceipt, TransactionRequest};
+use alloy::sol_types::SolCall as _;
 use alloy::sol_types::SolEvent;
+use alloy::transports::RpcError;
 use alloy::transports::http::Http;
 use alloy::transports::layers::{FallbackLayer, RateLimitRetryPolicy, RetryBackoffLayer, RetryPolicy};
 use tower::Layer;
@@ -44,6 +47,20 @@ pub enum TxStatus {
     Mined { block: u64, confirmations: u64, effect: AuthEffect, sender: Address },
     /// Mined and reverted: nothing moved.
     Reverted { block: u64 },
+}
+
+/// What settlement starts from, read in one request ([`Chain::settlement_checks`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SettlementChecks {
+    /// Whether the authorization is already spent (or cancelled).
+    pub used: bool,
+    /// The payer's token balance.
+    pub balance: U256,
+    /// The latest block number: where log searches for this payment start.
+    pub head: u64,
+    /// Whether the simulated transaction (when one was given) would succeed: `None` when none
+    /// was given or the node could not say.
+    pub simulated: Option<bool>,
 }
 
 /// The chain's latest block, as far as the node knows.
@@ -110,6 +127,22 @@ pub trait Chain: Send + Sync + 'static {
     ) -> Result<bool, ChainError>;
     async fn balance_of(&self, owner: Address) -> Result<U256, ChainError>;
     async fn block_number(&self) -> Result<u64, ChainError>;
+    /// The authorization's state, the payer's balance, the head, and (when given) whether
+    /// `simulate` would succeed as an `eth_call`. A simulation that fails is not an error.
+    async fn settlement_checks(
+        &self,
+        authorizer: Address,
+        nonce: B256,
+        simulate: Option<TransactionRequest>,
+    ) -> Result<SettlementChecks, ChainError> {
+        let _ = simulate;
+        let (used, balance, head) = tokio::try_join!(
+            self.authorization_used(authorizer, nonce),
+            self.balance_of(authorizer),
+            self.block_number(),
+        )?;
+        Ok(SettlementChecks { used, balance, head, simulated: None })
+    }
     async fn head(&self) -> Result<Head, ChainError>;
     async fn tx_status(&self, tx: B256, expect: &ExpectedTransfer) -> Result<TxStatus, ChainError>;
     async fn find_spent(&self, q: &SpentQuery) -> Result<Option<Spent>, ChainError>;
@@ -150,6 +183,14 @@ impl Chain for ChainClient {
     }
     async fn block_number(&self) -> Result<u64, ChainError> {
         ChainClient::block_number(self).await
+    }
+    async fn settlement_checks(
+        &self,
+        authorizer: Address,
+        nonce: B256,
+        simulate: Option<TransactionRequest>,
+    ) -> Result<SettlementChecks, ChainError> {
+        ChainClient::settlement_checks(self, authorizer, nonce, simulate).await
     }
     async fn head(&self) -> Result<Head, ChainError> {
         ChainClient::head(self).await
@@ -324,6 +365,53 @@ impl ChainClient {
             .map_err(unavailable)?
             .ok_or_else(|| ChainError::Unavailable("no latest block".into()))?;
         Ok(Head { number: block.header.number, timestamp: block.header.timestamp })
+    }
+
+    /// [`Chain::settlement_checks`]: the three reads as one JSON-RPC batch (one HTTP request
+    /// where they would otherwise take three, on the path every payment waits for), beside the
+    /// simulation. The simulation goes on its own: alloy's retry layer fails a whole batch when
+    /// any answer in it is an error, and a simulation's revert is an answer, not a failure.
+    pub async fn settlement_checks(
+        &self,
+        authorizer: Address,
+        nonce: B256,
+        simulate: Option<TransactionRequest>,
+    ) -> Result<SettlementChecks, ChainError> {
+        let token_call = |input: Vec<u8>| {
+            let call = TransactionRequest::default().to(self.asset).input(input.into());
+            (call, BlockId::latest())
+        };
+        let used = token_call(Usdc::authorizationStateCall { authorizer, nonce }.abi_encode());
+        let balance = token_call(Usdc::balanceOfCall::new((authorizer,)).abi_encode());
+        let reads = async {
+            let client = self.provider.client();
+            let mut batch = alloy::rpc::client::BatchRequest::new(client);
+            let used = batch.add_call::<_, Bytes>("eth_call", &used)?;
+            let balance = batch.add_call::<_, Bytes>("eth_call", &balance)?;
+            let head = batch.add_call::<_, U64>("eth_blockNumber", &[(); 0])?;
+            batch.send().await?;
+            tokio::try_join!(used, balance, head)
+        };
+        let simulated = async {
+            let tx = simulate?;
+            match self.provider.call(tx).await {
+                Ok(_) => Some(true),
+                Err(RpcError::ErrorResp(e)) if super::wallets::is_revert(e.code, &e.message) => Some(false),
+                Err(_) => None,
+            }
+        };
+        let (reads, simulated) = tokio::join!(reads, simulated);
+        let (used, balance, head) = reads.map_err(unavailable)?;
+        let word = |answer: &Bytes| {
+            U256::try_from_be_slice(answer.get(..32).unwrap_or_default())
+                .ok_or_else(|| ChainError::Unavailable("a malformed token answer".into()))
+        };
+        Ok(SettlementChecks {
+            used: !word(&used)?.is_zero(),
+            balance: word(&balance)?,
+            head: head.to(),
+            simulated,
+        })
     }
 
     pub async fn balance_of(&self, owner: Address) -> Result<U256, ChainError> {

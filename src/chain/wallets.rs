@@ -138,7 +138,7 @@ fn vouches(answer: &[u8]) -> bool {
 
 /// Whether a node's error answer is the call's own revert (execution), not the node's trouble.
 /// Running out of the gas we capped a wallet call with is the wallet's doing: a no too.
-fn is_revert(code: i64, message: &str) -> bool {
+pub(crate) fn is_revert(code: i64, message: &str) -> bool {
     let message = message.to_ascii_lowercase();
     code == 3 || message.contains("revert") || message.contains("out of gas")
 }

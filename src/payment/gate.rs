@@ -25,7 +25,7 @@ use super::error::PaymentError;
 use super::price::CallTerms;
 use super::requirements::Quote;
 use super::resolve::expected_transfer;
-use super::settle::{SettleError, SettleRequest, Settler, Submitted, TxRecorder};
+use super::settle::{Prepared, SettleError, SettleRequest, Settler, Submitted, TxRecorder};
 use super::verify::VerifiedPayment;
 use super::wire::SettlementResponse;
 use crate::chain::Network;
@@ -44,6 +44,15 @@ const CONFIRM_POLL_MAX: Duration = Duration::from_millis(250);
 /// Reason codes of payments that can never settle for us.
 const TX_FAILED: &str = "invalid_exact_evm_transaction_failed";
 
+/// Whether a settlement takes the handler lease as it is recorded: a fresh call about to run
+/// its handler takes it in the same write (`Transition::handler_lease`); any other settlement
+/// leaves it to be taken apart (`Store::start_handler`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lease {
+    Take,
+    Leave,
+}
+
 /// A settled payment: the money moved, confirmed on chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settlement {
@@ -56,6 +65,8 @@ pub struct Settlement {
     pub asset: Address,
     pub amount: UsdcAmount,
     pub nonce: B256,
+    /// This request took the handler lease with the settlement ([`Lease::Take`]).
+    pub leased: bool,
 }
 
 impl Settlement {
@@ -81,6 +92,7 @@ impl Settlement {
             asset: row.asset,
             amount: row.amount,
             nonce: row.nonce,
+            leased: false,
         })
     }
 }
@@ -104,13 +116,16 @@ pub struct ChainChecks {
     pub used: bool,
     pub balance: U256,
     pub head: u64,
+    /// What the settler read ahead of the submission (`Settler::prepare`).
+    pub prepared: Option<Prepared>,
 }
 
 /// What the prechecks found.
 #[derive(Debug, Clone)]
 pub enum Checked {
-    /// Unused and funded at block `head` (where log searches for it will start): submit it.
-    Ready { head: u64 },
+    /// Unused and funded at block `head` (where log searches for it will start): submit it,
+    /// with what the settler read ahead.
+    Ready { head: u64, prepared: Option<Prepared> },
     /// Already spent on chain, in a transaction that paid us (a front-runner submitted it).
     Spent(Settlement),
 }
@@ -306,22 +321,20 @@ impl PaymentGate {
         quote: &Quote,
     ) -> Result<Settlement, PaymentError> {
         let checks = self.check_chain(v).await;
-        self.settle_checked(row, v, quote, checks).await
+        self.settle_checked(row, v, quote, checks, Lease::Leave).await
     }
 
     /// The chain checks settlement starts from: is the authorization already used, does the
-    /// payer hold the price, and the head (where log searches start). They only read, so a
-    /// caller may ask them while the claim is being written.
+    /// payer hold the price, and the head (where log searches start), beside what the settler
+    /// reads ahead. They only read, so a caller may ask them while the claim is being written.
     pub async fn check_chain(&self, v: &VerifiedPayment) -> Result<ChainChecks, ChainError> {
         let a = &v.authorization;
         let asked = std::time::Instant::now();
-        let (used, balance, head) = tokio::try_join!(
-            self.chain.authorization_used(a.from, a.nonce),
-            self.chain.balance_of(a.from),
-            self.chain.block_number(),
-        )?;
+        let simulate = self.settler.presimulation(v);
+        let checks = self.chain.settlement_checks(a.from, a.nonce, simulate).await?;
         tracing::debug!(timing.checks_us = asked.elapsed().as_micros() as u64, "chain checks answered");
-        Ok(ChainChecks { used, balance, head })
+        let prepared = (checks.simulated == Some(true)).then_some(Prepared { simulated_at: asked });
+        Ok(ChainChecks { used: checks.used, balance: checks.balance, head: checks.head, prepared })
     }
 
     /// Step 8 with the chain checks already answered.
@@ -331,10 +344,11 @@ impl PaymentGate {
         v: &VerifiedPayment,
         quote: &Quote,
         checks: Result<ChainChecks, ChainError>,
+        lease: Lease,
     ) -> Result<Settlement, PaymentError> {
         match self.precheck(row, v, checks).await? {
             Checked::Spent(settlement) => Ok(settlement),
-            Checked::Ready { head } => self.submit(row, v, quote, head).await,
+            Checked::Ready { head, prepared } => self.submit(row, v, quote, head, prepared, lease).await,
         }
     }
 
@@ -349,8 +363,8 @@ impl PaymentGate {
     ) -> Result<Checked, PaymentError> {
         let a = &v.authorization;
         // A failure to ask has moved nothing: release.
-        let checks = checks.map(|c| (c.used, c.balance, c.head));
-        let (used, balance, head) = match checks {
+        let checks = checks.map(|c| (c.used, c.balance, c.head, c.prepared));
+        let (used, balance, head, prepared) = match checks {
             Ok(answers) => answers,
             Err(e) => {
                 tracing::warn!(error = %e, "chain unavailable before settlement");
@@ -375,7 +389,7 @@ impl PaymentGate {
             self.store.release(row.id).await.map_err(store_down)?;
             return Err(PaymentError::InsufficientBalance);
         }
-        Ok(Checked::Ready { head })
+        Ok(Checked::Ready { head, prepared })
     }
 
     /// As [`precheck`](Self::precheck), then a simulated transfer: nothing is run for a payment
@@ -403,6 +417,8 @@ impl PaymentGate {
         v: &VerifiedPayment,
         quote: &Quote,
         head: u64,
+        prepared: Option<Prepared>,
+        lease: Lease,
     ) -> Result<Settlement, PaymentError> {
         let t = Transition { from_block: Some(head as i64), ..Default::default() };
         let moved = [PaymentState::Claimed];
@@ -416,11 +432,12 @@ impl PaymentGate {
         }
         let started = std::time::Instant::now();
         let recorder = Arc::new(RowRecorder { store: self.store.clone(), row: row.id, now: self.now() });
-        let request = SettleRequest { payment: v, requirements: &quote.requirements, payload: &v.raw };
+        let request =
+            SettleRequest { payment: v, requirements: &quote.requirements, payload: &v.raw, prepared };
         let submitted = self.settler.submit(&request, recorder).await;
         tracing::debug!(timing.submit_us = started.elapsed().as_micros() as u64, "settlement submitted");
         let settled = match submitted {
-            Ok(submitted) => self.confirm(row, submitted).await,
+            Ok(submitted) => self.confirm(row, submitted, lease).await,
             Err(SettleError::NotSent(why)) => {
                 tracing::warn!(reason = %why, "settlement not sent; releasing the claim");
                 self.store.release(row.id).await.map_err(store_down)?;
@@ -458,7 +475,12 @@ impl PaymentGate {
 
     /// Waits for our transaction to be mined with enough confirmations, until the settle
     /// timeout. A receipt that came with the broadcast (EIP-7966) is the first answer, at once.
-    async fn confirm(&self, row: &PaymentRecord, submitted: Submitted) -> Result<Settlement, PaymentError> {
+    async fn confirm(
+        &self,
+        row: &PaymentRecord,
+        submitted: Submitted,
+        lease: Lease,
+    ) -> Result<Settlement, PaymentError> {
         let expect = expected_transfer(row)?;
         let tx = submitted.tx;
         if let Some(receipt) = &submitted.receipt
@@ -466,7 +488,7 @@ impl PaymentGate {
                 TxStatus::of(receipt, &expect, self.network.asset, 0)
             && confirmations >= self.confirmations
         {
-            return self.mark_settled(row, Landed { tx, block, sender }).await;
+            return self.mark_settled(row, Landed { tx, block, sender }, lease).await;
         }
         let deadline = tokio::time::Instant::now() + self.settle_timeout;
         let mut poll = CONFIRM_POLL_FIRST;
@@ -475,7 +497,7 @@ impl PaymentGate {
                 Ok(TxStatus::Mined { block, confirmations, effect: AuthEffect::Paid, sender })
                     if confirmations >= self.confirmations =>
                 {
-                    return self.mark_settled(row, Landed { tx, block, sender }).await;
+                    return self.mark_settled(row, Landed { tx, block, sender }, lease).await;
                 }
                 // Reverted, or mined without spending this authorization: another transaction
                 // may have spent it first (a front-runner submitting the public authorization).
@@ -502,9 +524,16 @@ impl PaymentGate {
         &self,
         row: &PaymentRecord,
         landed: Landed,
+        lease: Lease,
     ) -> Result<Settlement, PaymentError> {
         let Landed { tx, block, sender } = landed;
-        let t = Transition { tx_hash: Some(tx), block_number: Some(block as i64), ..Default::default() };
+        let handler_lease = (lease == Lease::Take).then(|| self.now());
+        let t = Transition {
+            tx_hash: Some(tx),
+            block_number: Some(block as i64),
+            handler_lease,
+            ..Default::default()
+        };
         let from = [PaymentState::Settling, PaymentState::Pending, PaymentState::Claimed];
         let moved = self
             .store
@@ -538,6 +567,8 @@ impl PaymentGate {
             asset: row.asset,
             amount: row.amount,
             nonce: row.nonce,
+            // Moved here, the lease went with it (a row in `settling` has none taken yet).
+            leased: moved && handler_lease.is_some(),
         })
     }
 

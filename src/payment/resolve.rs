@@ -114,7 +114,7 @@ impl PaymentGate {
         confirmations: u64,
     ) -> Result<Settlement, PaymentError> {
         if confirmations >= self.confirmations {
-            return self.mark_settled(row, landed).await;
+            return self.mark_settled(row, landed, super::gate::Lease::Leave).await;
         }
         self.mark_pending(row.id, Some(landed.tx)).await?;
         Err(PaymentError::Pending { transaction: Some(hex(landed.tx)) })

@@ -220,6 +220,16 @@ impl Receipts {
 
     /// Step 10: signs and appends the receipt of a settled call (idempotent per payment).
     pub async fn issue(&self, input: &ReceiptInput<'_>) -> Result<SignedReceipt, ReceiptError> {
+        self.issue_answered(input, None).await
+    }
+
+    /// As [`issue`](Self::issue), storing with the receipt, in its transaction, the answer
+    /// `answer` renders from it (the JSON served for the call).
+    pub async fn issue_answered(
+        &self,
+        input: &ReceiptInput<'_>,
+        answer: Option<&(dyn Fn(&SignedReceipt) -> String + Send + Sync)>,
+    ) -> Result<SignedReceipt, ReceiptError> {
         let s = input.settlement;
         let payer_key = format!("{:#x}", s.payer);
         let template = ReceiptBody {
@@ -263,7 +273,12 @@ impl Receipts {
                 body: text,
             }
         };
-        let stored = self.store.append_receipt(s.row_id, &payer_key, input.now as i64, &sign).await?;
+        let render = |stored: &crate::store::StoredReceipt| {
+            let answer = answer?;
+            SignedReceipt::from_stored(stored).ok().map(|receipt| answer(&receipt))
+        };
+        let render: crate::store::RenderAnswer<'_> = Some(&render);
+        let stored = self.store.append_receipt(s.row_id, &payer_key, input.now as i64, &sign, render).await?;
         SignedReceipt::from_stored(&stored).map_err(|e| StoreError::Corrupt(e.to_string()).into())
     }
 

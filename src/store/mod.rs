@@ -158,6 +158,9 @@ pub struct Transition<'a> {
     pub error: Option<&'a str>,
     pub from_block: Option<i64>,
     pub tx_nonce: Option<i64>,
+    /// Takes the handler lease with the move, at this time, where none was taken: a fresh
+    /// settlement about to run its handler saves a write of its own.
+    pub handler_lease: Option<i64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -222,6 +225,10 @@ pub struct StoredCheckpoint {
 /// Signs a receipt once its slot is known (called inside the store's append transaction).
 pub type SignReceipt<'a> = &'a (dyn Fn(&ReceiptSlot) -> NewReceipt + Send + Sync);
 
+/// Renders the answer served with a receipt (called inside the append transaction, so the
+/// receipt and its answer are stored together: a retry never finds one without the other).
+pub type RenderAnswer<'a> = Option<&'a (dyn Fn(&StoredReceipt) -> Option<String> + Send + Sync)>;
+
 /// The one storage interface; every backend passes the same test suite.
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -276,13 +283,16 @@ pub trait Store: Send + Sync + 'static {
     async fn unresolved(&self, limit: i64) -> Result<Vec<PaymentRecord>, StoreError>;
 
     /// Appends the receipt of `payment_row` at the next log index and the payer's next
-    /// `payer_seq`, atomically across replicas; returns the existing one if it was issued.
+    /// `payer_seq`, atomically across replicas; returns the existing one if it was issued. The
+    /// `answer` rendered with the receipt is stored in the same transaction, as `save_result`
+    /// stores one.
     async fn append_receipt(
         &self,
         payment_row: i64,
         payer: &str,
         now: i64,
         sign: SignReceipt<'_>,
+        answer: RenderAnswer<'_>,
     ) -> Result<StoredReceipt, StoreError>;
     /// Number of leaves in the log.
     async fn receipt_count(&self) -> Result<i64, StoreError>;

@@ -13,8 +13,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{PgPool, SqlitePool};
 
 use super::{
-    Claim, NewPayment, PaymentKey, PaymentRecord, PaymentState, ReceiptSlot, SignReceipt, Store, StoreError,
-    StoredCheckpoint, StoredReceipt, Transition,
+    Claim, NewPayment, PaymentKey, PaymentRecord, PaymentState, ReceiptSlot, RenderAnswer, SignReceipt,
+    Store, StoreError, StoredCheckpoint, StoredReceipt, Transition,
 };
 
 /// SQLite, for `tollgate dev` and single-node deployments.
@@ -307,6 +307,7 @@ macro_rules! impl_store {
                      block_number = coalesce($3, block_number), error = coalesce($4, error), \
                      from_block = coalesce($7, from_block), tx_nonce = coalesce($8, tx_nonce), \
                      args_json = case when $1 = 'failed' then null else args_json end, \
+                     handler_started_at = coalesce(handler_started_at, $9), \
                      updated_at = $5 where id = $6 and state in ({})",
                     state_list(from)
                 );
@@ -319,6 +320,7 @@ macro_rules! impl_store {
                     .bind(id)
                     .bind(t.from_block)
                     .bind(t.tx_nonce)
+                    .bind(t.handler_lease)
                     .execute(&self.pool)
                     .await?;
                 Ok(done.rows_affected() == 1)
@@ -393,16 +395,7 @@ macro_rules! impl_store {
             }
 
             async fn save_result(&self, id: i64, result_json: &str, now: i64) -> Result<(), StoreError> {
-                sqlx::query(
-                    "insert into results (payment_row, result_json, created_at) values ($1, $2, $3) \
-                     on conflict (payment_row) do update set result_json = excluded.result_json \
-                     where results.result_json like '{\"unsettled\":%'",
-                )
-                .bind(id)
-                .bind(result_json)
-                .bind(now)
-                .execute(&self.pool)
-                .await?;
+                sqlx::query(SAVE_RESULT).bind(id).bind(result_json).bind(now).execute(&self.pool).await?;
                 Ok(())
             }
 
@@ -428,6 +421,7 @@ macro_rules! impl_store {
                 payer: &str,
                 now: i64,
                 sign: SignReceipt<'_>,
+                answer: RenderAnswer<'_>,
             ) -> Result<StoredReceipt, StoreError> {
                 // One appender at a time: in process (SQLite has one writer anyway) and, on
                 // Postgres, fleet-wide via a transaction-scoped advisory lock.
@@ -436,55 +430,66 @@ macro_rules! impl_store {
                 if let Some(lock) = $append_lock {
                     sqlx::query(lock).execute(&mut *tx).await?;
                 }
-                let existing = sqlx::query_as::<_, StoredReceipt>(select_receipts!("where payment_row = $1"))
+                // The slot, and whether this payment has its receipt already, in one read.
+                let (issued, log_index, prev_seq, prev_leaf_hash): (i64, i64, Option<i64>, Option<String>) =
+                    sqlx::query_as(
+                        "select (select count(*) from receipts where payment_row = $1), \
+                         (select coalesce(max(log_index) + 1, 0) from receipts), \
+                         (select payer_seq from receipts where payer = $2 order by payer_seq desc limit 1), \
+                         (select leaf_hash from receipts where payer = $2 order by payer_seq desc limit 1)",
+                    )
                     .bind(payment_row)
-                    .fetch_optional(&mut *tx)
+                    .bind(payer)
+                    .fetch_one(&mut *tx)
                     .await?;
-                if let Some(existing) = existing {
-                    return Ok(existing);
-                }
-                let (log_index,): (i64,) =
-                    sqlx::query_as("select coalesce(max(log_index) + 1, 0) from receipts").fetch_one(&mut *tx).await?;
-                let previous: Option<(i64, String)> = sqlx::query_as(
-                    "select payer_seq, leaf_hash from receipts where payer = $1 order by payer_seq desc limit 1",
-                )
-                .bind(payer)
-                .fetch_optional(&mut *tx)
-                .await?;
-                let (prev_seq, prev_leaf_hash) = previous.unwrap_or((0, String::new()));
-                let slot = ReceiptSlot { log_index, payer_seq: prev_seq + 1, prev_leaf_hash };
-                let new = sign(&slot);
-                let stored = StoredReceipt {
-                    log_index,
-                    payment_row,
-                    payer: payer.to_owned(),
-                    payer_seq: slot.payer_seq,
-                    body: new.body,
-                    signature: new.signature,
-                    kid: new.kid,
-                    leaf_hash: new.leaf_hash,
-                    created_at: now,
-                };
-                sqlx::query(
-                    "insert into receipts (log_index, payment_row, payer, payer_seq, body, signature, kid, \
-                     leaf_hash, created_at) values ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-                )
-                .bind(stored.log_index)
-                .bind(stored.payment_row)
-                .bind(&stored.payer)
-                .bind(stored.payer_seq)
-                .bind(&stored.body)
-                .bind(&stored.signature)
-                .bind(&stored.kid)
-                .bind(&stored.leaf_hash)
-                .bind(stored.created_at)
-                .execute(&mut *tx)
-                .await?;
-                // With its receipt, the call is finished: its arguments are no longer needed.
-                sqlx::query("update payments set args_json = null where id = $1")
-                    .bind(payment_row)
+                let stored = if issued > 0 {
+                    sqlx::query_as::<_, StoredReceipt>(select_receipts!("where payment_row = $1"))
+                        .bind(payment_row)
+                        .fetch_one(&mut *tx)
+                        .await?
+                } else {
+                    let slot = ReceiptSlot {
+                        log_index,
+                        payer_seq: prev_seq.unwrap_or(0) + 1,
+                        prev_leaf_hash: prev_leaf_hash.unwrap_or_default(),
+                    };
+                    let new = sign(&slot);
+                    let stored = StoredReceipt {
+                        log_index,
+                        payment_row,
+                        payer: payer.to_owned(),
+                        payer_seq: slot.payer_seq,
+                        body: new.body,
+                        signature: new.signature,
+                        kid: new.kid,
+                        leaf_hash: new.leaf_hash,
+                        created_at: now,
+                    };
+                    sqlx::query(
+                        "insert into receipts (log_index, payment_row, payer, payer_seq, body, signature, kid, \
+                         leaf_hash, created_at) values ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                    )
+                    .bind(stored.log_index)
+                    .bind(stored.payment_row)
+                    .bind(&stored.payer)
+                    .bind(stored.payer_seq)
+                    .bind(&stored.body)
+                    .bind(&stored.signature)
+                    .bind(&stored.kid)
+                    .bind(&stored.leaf_hash)
+                    .bind(stored.created_at)
                     .execute(&mut *tx)
                     .await?;
+                    // With its receipt, the call is finished: its arguments are no longer needed.
+                    sqlx::query("update payments set args_json = null where id = $1")
+                        .bind(payment_row)
+                        .execute(&mut *tx)
+                        .await?;
+                    stored
+                };
+                if let Some(json) = answer.and_then(|render| render(&stored)) {
+                    sqlx::query(SAVE_RESULT).bind(payment_row).bind(json).bind(now).execute(&mut *tx).await?;
+                }
                 tx.commit().await?;
                 Ok(stored)
             }
@@ -552,6 +557,12 @@ macro_rules! impl_store {
         }
     };
 }
+
+/// Stores a served answer: first write wins, except over a result kept unsettled, which the
+/// served answer replaces.
+const SAVE_RESULT: &str = "insert into results (payment_row, result_json, created_at) values ($1, $2, $3) \
+     on conflict (payment_row) do update set result_json = excluded.result_json \
+     where results.result_json like '{\"unsettled\":%'";
 
 /// Postgres advisory locks, by purpose (ids are bigints no other program on the database uses;
 /// 6962 is the log's RFC). The receipt append lock (id 6962001) is held for each append's

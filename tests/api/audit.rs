@@ -288,6 +288,7 @@ async fn a_receipt_without_a_transfer_is_caught() {
         asset: row.asset,
         amount: tollgate::money::UsdcAmount::from_atomic(999),
         nonce: row.nonce,
+        leased: false,
     };
     let result = rmcp::model::CallToolResult::structured(json!({ "forged": true }));
     let input = tollgate::receipt::ReceiptInput {

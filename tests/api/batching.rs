@@ -264,3 +264,33 @@ async fn a_payer_whose_code_burns_the_gas_of_a_mined_batch_sinks_only_their_own_
     assert_eq!(app.balance(burner.address()).await, U256::from(3 * COUNTED_PRICE), "the burner paid nothing");
     app.shutdown().await;
 }
+
+/// The relayer's transactions so far (its nonce): what tollgate broadcast, mined or not.
+async fn relayer_sent(app: &TestApp) -> u64 {
+    let relayer = app.state.gate.settler.relayer().expect("self-relayed");
+    app.chain().provider().get_transaction_count(relayer).pending().await.unwrap()
+}
+
+#[tokio::test]
+async fn a_payer_whose_code_needs_more_gas_than_the_cap_is_refused_before_anything_is_broadcast() {
+    // Arrange: a payer whose address holds code (an EIP-7702 delegation, say) that vouches for
+    // any signature after burning ~430k gas: enough gas and the transfer succeeds, but more than
+    // a plain payment's cap. A simulation ahead of time without the cap would pass it.
+    let app = spawn_app().await;
+    let heavy = funded_payer(&app, 3 * COUNTED_PRICE).await;
+    // PUSH2 0x4000; loop: JUMPDEST PUSH1 1 SWAP1 SUB DUP1 PUSH1 3 JUMPI; POP;
+    // mstore(0, 0x1626ba7e << 224); return(0, 32)
+    let burn_then_vouch = "0x6140005b600190038060035750631626ba7e60e01b60005260206000f3";
+    app.anvil_rpc("anvil_setCode", json!([heavy.address(), burn_then_vouch])).await;
+    let requirements = app.requirements("counted", json!({})).await;
+    let sent_before = relayer_sent(&app).await;
+    // Act: it pays alone, with nothing in flight.
+    let refused = app.pay("counted", json!({}), &app.sign(&heavy, &requirements)).await;
+    // Assert: refused for the cap, uncharged, and no transaction of ours went out to revert.
+    assert_eq!(refused["structuredContent"]["error"], "settlement_gas_exceeds_cap", "{refused}");
+    assert!(refused.get("_meta").and_then(|m| m.get("x402/payment-response")).is_none(), "{refused}");
+    assert_eq!(relayer_sent(&app).await, sent_before, "nothing broadcast");
+    assert_eq!(app.runs(), 0);
+    assert_eq!(app.balance(heavy.address()).await, U256::from(3 * COUNTED_PRICE));
+    app.shutdown().await;
+}

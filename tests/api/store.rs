@@ -204,7 +204,7 @@ async fn a_settled_call_is_unfinished_until_its_receipt_is_stored() {
             kid: "k".into(),
             leaf_hash: "11".into(),
         };
-        store.append_receipt(row.id, &format!("{:#x}", row.payer), 22, &sign).await.unwrap();
+        store.append_receipt(row.id, &format!("{:#x}", row.payer), 22, &sign, None).await.unwrap();
         assert!(unfinished(100).await.is_empty(), "{backend}: finished with its receipt");
         let stored = store.payment(row.id).await.unwrap().unwrap();
         assert_eq!(stored.args_json, None, "{backend}: arguments are dropped once finished");

@@ -23,7 +23,9 @@
 //! relayer's nonce lock orders the transactions.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use alloy::primitives::{Address, B256, Bytes};
 use alloy::rpc::types::TransactionReceipt;
@@ -31,7 +33,7 @@ use alloy::sol_types::SolEvent;
 use tokio::sync::{mpsc, oneshot};
 
 use super::relayer::{GasCap, IN_FLIGHT_MAX, Relayer, SendFailure, Verdict};
-use super::{SettleError, Submitted, TxRecorder};
+use super::{Prepared, SettleError, Submitted, TxRecorder};
 use crate::chain::usdc::Usdc;
 
 /// A payment waiting for its round.
@@ -40,6 +42,9 @@ pub(super) struct Queued {
     pub nonce: B256,
     /// The token's `transferWithAuthorization` call.
     pub call: Bytes,
+    /// Its simulation ahead of the claim: it stands for the estimate only while it is current
+    /// ([`Flights::current`]), for a payment going alone.
+    pub prepared: Option<Prepared>,
     pub recorder: Arc<dyn TxRecorder>,
     reply: oneshot::Sender<Result<Submitted, SettleError>>,
 }
@@ -92,11 +97,12 @@ impl Batcher {
         payer: Address,
         nonce: B256,
         call: Bytes,
+        prepared: Option<Prepared>,
         recorder: Arc<dyn TxRecorder>,
     ) -> Result<Submitted, SettleError> {
         let (reply, answer) = oneshot::channel();
         self.queue
-            .send(Queued { payer, nonce, call, recorder, reply })
+            .send(Queued { payer, nonce, call, prepared, recorder, reply })
             .await
             .map_err(|_| SettleError::NotSent("the settlement queue is closed".into()))?;
         // Dropped without an answer (its round's task died): it may have been broadcast, and
@@ -105,8 +111,43 @@ impl Batcher {
     }
 }
 
+/// What the rounds know of their own transactions, so a payment's simulation ahead of time
+/// ([`Prepared`]) is trusted only while it describes the chain our next transaction meets.
+#[derive(Default)]
+struct Flights {
+    /// Rounds whose transactions are not mined yet (nor given up on).
+    in_flight: AtomicUsize,
+    /// When the last round ended: its transactions mined, the chain moved.
+    last_landed: Mutex<Option<Instant>>,
+}
+
+impl Flights {
+    /// Whether a simulation asked at `at` saw the chain after every transaction of ours: none
+    /// is in flight, and none landed since.
+    fn current(&self, at: Instant) -> bool {
+        let landed = *self.last_landed.lock().expect("not poisoned");
+        self.in_flight.load(Ordering::SeqCst) == 0 && landed.is_none_or(|landed| at > landed)
+    }
+
+    fn take_off(self: &Arc<Self>) -> Flight {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        Flight(self.clone())
+    }
+}
+
+/// One round in flight; dropped when it ends, however it ends (a panic too).
+struct Flight(Arc<Flights>);
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        *self.0.last_landed.lock().expect("not poisoned") = Some(Instant::now());
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 async fn rounds(relayer: Arc<Relayer>, mut incoming: mpsc::Receiver<Queued>, batch_max: usize) {
     let limit = batch_max * ROUND_TXS;
+    let flights = Arc::new(Flights::default());
     let mut waiting: VecDeque<Queued> = VecDeque::new();
     let mut arrived = Vec::new();
     loop {
@@ -124,11 +165,21 @@ async fn rounds(relayer: Arc<Relayer>, mut incoming: mpsc::Receiver<Queued>, bat
             }
         }
         waiting.extend(arrived.drain(..));
-        let round = take_round(&mut waiting, limit);
+        let mut round = take_round(&mut waiting, limit);
         metrics::histogram!("tollgate_settlement_round_payments").record(round.len() as f64);
         let lone = round.len() == 1;
+        // A simulation ahead of time stands for the estimate only for a payment that goes
+        // alone, and saw the chain after our last transaction: payments in a batch are simulated
+        // together, and one that waited behind ours may find the chain moved by it (its payer's
+        // balance spent by the payment before).
+        let current = lone && round[0].prepared.is_some_and(|p| flights.current(p.simulated_at));
+        if !current {
+            round.iter_mut().for_each(|q| q.prepared = None);
+        }
+        let flight = flights.take_off();
         let relayer = relayer.clone();
         let work = tokio::spawn(async move {
+            let _flight = flight;
             let batches = split(round, batch_max);
             futures_util::future::join_all(batches.into_iter().map(|batch| settle(&relayer, batch))).await;
         });
@@ -229,8 +280,12 @@ async fn send(relayer: &Relayer, mut batch: Vec<Queued>) -> Vec<Queued> {
             _ => relayer.aggregate(&calls),
         };
         let recorders: Vec<Arc<dyn TxRecorder>> = batch.iter().map(|q| q.recorder.clone()).collect();
+        let prepared = match batch.as_slice() {
+            [lone] => lone.prepared,
+            _ => None,
+        };
         let started = tokio::time::Instant::now();
-        match relayer.send(tx, &GasCap::TRANSFER.times(batch.len()), &recorders).await {
+        match relayer.send(tx, &GasCap::TRANSFER.times(batch.len()), prepared, &recorders).await {
             Ok(submitted) => {
                 metrics::histogram!("tollgate_settlement_batch_payments").record(batch.len() as f64);
                 let submitted = relayer.until_mined(submitted, started + IN_FLIGHT_MAX).await;
@@ -262,5 +317,29 @@ async fn send(relayer: &Relayer, mut batch: Vec<Queued>) -> Vec<Queued> {
                 return Vec::new();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_simulation_is_current_only_if_asked_after_our_last_transaction_landed_with_none_in_flight() {
+        // Arrange
+        let flights = Arc::new(Flights::default());
+        let before_any = Instant::now();
+        // Act + Assert: nothing of ours ever went: current.
+        assert!(flights.current(before_any), "no transaction of ours yet");
+        // One in flight: nothing asked before it lands is current, whenever it was asked.
+        let flight = flights.take_off();
+        let during = Instant::now();
+        assert!(!flights.current(before_any), "asked before ours went");
+        assert!(!flights.current(during), "asked while ours was in flight");
+        drop(flight);
+        // Landed: what was asked before it is stale; what is asked after it is current.
+        assert!(!flights.current(during), "asked before ours landed");
+        let after = Instant::now();
+        assert!(flights.current(after), "asked after ours landed, none in flight");
     }
 }

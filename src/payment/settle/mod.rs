@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use alloy::primitives::{Address, B256};
-use alloy::rpc::types::TransactionReceipt;
+use alloy::rpc::types::{TransactionReceipt, TransactionRequest};
 use serde_json::Value;
 
 pub use facilitator::{FacilitatorAuth, FacilitatorCheckError, FacilitatorSettler};
@@ -50,6 +50,18 @@ pub struct SettleRequest<'a> {
     pub payment: &'a VerifiedPayment,
     pub requirements: &'a PaymentRequirements,
     pub payload: &'a Value,
+    /// What [`Settler::presimulation`] found, when it was asked for this payment.
+    pub prepared: Option<Prepared>,
+}
+
+/// What a settler learnt ahead of the submission ([`Settler::presimulation`]): the simulation
+/// of the very transaction it would send passed, with the gas cap as its gas. It stands for the
+/// settler's own simulation (its gas estimate) only while the chain cannot have moved under it
+/// by the settler's own doing (the batcher decides: `batch::Flights`).
+#[derive(Debug, Clone, Copy)]
+pub struct Prepared {
+    /// When the simulation was asked: the state it saw is no older than this.
+    pub simulated_at: std::time::Instant,
 }
 
 /// A broadcast settlement: its hash, and its receipt when the node returned it with the answer
@@ -75,6 +87,13 @@ pub trait Settler: Send + Sync + 'static {
         req: &SettleRequest<'_>,
         recorder: Arc<dyn TxRecorder>,
     ) -> Result<Submitted, SettleError>;
+    /// The transaction this settler would send for `payment`, to be simulated ahead of the
+    /// submission: the gate asks it with the chain checks, beside the claim's write, so that a
+    /// lone payment's submission needs no round trip before its broadcast. `None` when the
+    /// settler has nothing to simulate ahead (a facilitator, a smart wallet).
+    fn presimulation(&self, _payment: &VerifiedPayment) -> Option<TransactionRequest> {
+        None
+    }
     /// The relayer address, when tollgate pays gas itself.
     fn relayer(&self) -> Option<Address> {
         None

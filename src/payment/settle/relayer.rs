@@ -20,7 +20,7 @@ use alloy::sol_types::SolCall as _;
 use alloy::transports::{RpcError, TransportErrorKind};
 
 use super::batch::Batcher;
-use super::{Cached, SettleError, SettleRequest, Settler, Submitted, TxRecorder};
+use super::{Cached, Prepared, SettleError, SettleRequest, Settler, Submitted, TxRecorder};
 use crate::chain::client::rpc_client;
 use crate::chain::usdc::Usdc;
 use crate::chain::wallets::{MULTICALL3, Multicall3};
@@ -182,11 +182,14 @@ impl Relayer {
     /// The signed transaction, after a simulation (gas estimation) that must succeed. Everything
     /// that can refuse it is asked here, before broadcast, where a refusal still means "not
     /// sent": after the broadcast, every error is ambiguous. One round trip: the simulation,
-    /// beside reads that are cached (chain id, fees, gas money) or kept (the nonce).
+    /// beside reads that are cached (chain id, fees, gas money) or kept (the nonce). When the
+    /// very transaction was `simulated` a moment ago with the cap as its gas
+    /// ([`SelfSettler::prepare`]), the cap is its limit and no round trip is left at all.
     async fn build(
         &self,
         tx: TransactionRequest,
         gas_cap: &GasCap,
+        simulated: bool,
         nonce: &mut Option<u64>,
     ) -> Result<TxEnvelope, SettleError> {
         let not_sent = |e: RpcError<TransportErrorKind>| {
@@ -194,8 +197,15 @@ impl Relayer {
         };
         let p = &self.provider;
         let known_nonce = *nonce;
-        let (gas, (chain_id, fees, balance, pending)) = tokio::try_join!(
-            async { p.estimate_gas(tx.clone()).await.map_err(classify_rejection) },
+        let (gas_limit, (chain_id, fees, balance, pending)) = tokio::try_join!(
+            async {
+                match simulated {
+                    true => Ok(gas_cap.limit),
+                    // Headroom over the estimate: state can shift between simulation and inclusion.
+                    false => p.estimate_gas(tx.clone()).await.map(|gas| gas.saturating_mul(12) / 10),
+                }
+                .map_err(classify_rejection)
+            },
             async {
                 tokio::try_join!(
                     self.chain_id.get_or_try_init(|| async { p.get_chain_id().await }),
@@ -211,8 +221,6 @@ impl Relayer {
                 .map_err(not_sent)
             },
         )?;
-        // Headroom over the estimate: state can shift between simulation and inclusion.
-        let gas_limit = gas.saturating_mul(12) / 10;
         if gas_limit > gas_cap.limit {
             tracing::warn!(
                 settlement.gas = gas_limit,
@@ -321,6 +329,7 @@ impl Relayer {
         &self,
         tx: TransactionRequest,
         gas_cap: &GasCap,
+        prepared: Option<Prepared>,
         recorders: &[Arc<dyn TxRecorder>],
     ) -> Result<Submitted, SendFailure> {
         let mut attempts = 0;
@@ -333,12 +342,21 @@ impl Relayer {
                 // Nonce, signing and recording in order; the broadcast itself runs unlocked, so
                 // a settlement waiting for its block (sync send) does not hold up the next one.
                 let mut next = self.next_nonce.lock().await;
-                match self.build(tx.clone(), gas_cap, &mut next).await {
+                let started = std::time::Instant::now();
+                // A second attempt (the nonce was taken) is simulated again: time has passed.
+                let simulated = attempts == 1 && prepared.is_some();
+                match self.build(tx.clone(), gas_cap, simulated, &mut next).await {
                     Ok(envelope) => {
+                        let built_in = started.elapsed();
                         let (hash, nonce) = (*envelope.tx_hash(), envelope.nonce());
                         let recorded =
                             futures_util::future::join_all(recorders.iter().map(|r| r.record(hash, nonce)))
                                 .await;
+                        tracing::debug!(
+                            timing.build_us = built_in.as_micros() as u64,
+                            timing.record_us = (started.elapsed() - built_in).as_micros() as u64,
+                            "settlement signed and recorded"
+                        );
                         let failed: Vec<usize> =
                             recorded.iter().enumerate().filter(|(_, r)| r.is_err()).map(|(i, _)| i).collect();
                         if failed.is_empty() {
@@ -359,8 +377,13 @@ impl Relayer {
                 (Err(e), None) => return Err(e),
             };
             let hash = *envelope.tx_hash();
+            let started = std::time::Instant::now();
             let error = match self.broadcast(hash, &envelope.encoded_2718()).await {
-                Ok(submitted) => return Ok(submitted),
+                Ok(submitted) => {
+                    let waited = started.elapsed().as_micros() as u64;
+                    tracing::debug!(timing.broadcast_us = waited, "settlement broadcast");
+                    return Ok(submitted);
+                }
                 Err(e) => e,
             };
             *self.next_nonce.lock().await = None;
@@ -429,7 +452,7 @@ impl Settler for SelfSettler {
         let (to, input, gas_cap) = match &req.payment.signature {
             PayerSignature::Eoa(sig) if self.batching().await => {
                 let call = wallet::eoa_transfer_call(req.payment, sig);
-                return self.batcher().submit(a.from, a.nonce, call, recorder).await;
+                return self.batcher().submit(a.from, a.nonce, call, req.prepared, recorder).await;
             }
             PayerSignature::Eoa(sig) => {
                 (asset, wallet::eoa_transfer_call(req.payment, sig), GasCap::TRANSFER)
@@ -457,7 +480,8 @@ impl Settler for SelfSettler {
             PayerSignature::Unproven(_) => return Err(SettleError::Refused(PaymentError::BadSignature)),
         };
         let counterfactual = matches!(req.payment.signature, PayerSignature::Counterfactual { .. });
-        let sent = self.relayer.send(self.relayer.request(to, input), &gas_cap, &[recorder]).await;
+        let request = self.relayer.request(to, input);
+        let sent = self.relayer.send(request, &gas_cap, req.prepared, &[recorder]).await;
         match sent.map_err(SendFailure::into_settle) {
             // Multicall3 reverts with its own message, hiding USDC's: an authorization spent
             // meanwhile (by a front-runner) must reach the gate as spent, which asks the chain
@@ -474,6 +498,16 @@ impl Settler for SelfSettler {
             }
             other => other,
         }
+    }
+
+    /// A plain payment's `transferWithAuthorization` from the relayer, with the gas cap as its
+    /// gas: simulated beside the claim, it lets a lone payment's transaction be built without an
+    /// estimate (one execution off the path, instead of an estimate's many on it). Smart wallets
+    /// are simulated where they are sent (their cap differs, and they are rare).
+    fn presimulation(&self, payment: &crate::payment::verify::VerifiedPayment) -> Option<TransactionRequest> {
+        let PayerSignature::Eoa(sig) = &payment.signature else { return None };
+        let call = wallet::eoa_transfer_call(payment, sig);
+        Some(self.relayer.single(call).with_gas_limit(GasCap::TRANSFER.limit))
     }
 
     fn relayer(&self) -> Option<Address> {

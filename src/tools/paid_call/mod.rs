@@ -31,14 +31,14 @@ use crate::limits::failures::FailureBudget;
 use crate::limits::{LimitRequest, WalletLimits};
 use crate::payment::PaymentError;
 use crate::payment::decode::{PaymentInput, decode};
-use crate::payment::gate::{Claimed, PaymentGate, Settlement};
+use crate::payment::gate::{Claimed, Lease, PaymentGate, Settlement};
 use crate::payment::offer::Offers;
 use crate::payment::price::{CallTerms, PriceRecord};
 use crate::payment::refund::{RefundRecord, Refunder};
 use crate::payment::requirements::Quote;
 use crate::payment::verify::{VerifiedPayment, verify_decoded};
 use crate::protect::{Protected, Protection, Service};
-use crate::receipt::{ReceiptInput, Receipts};
+use crate::receipt::{ReceiptInput, Receipts, SignedReceipt};
 
 /// One `tools/call` for a known tool.
 #[derive(Debug, Clone)]
@@ -325,6 +325,7 @@ impl PaidCall {
         }
         // 7–10 run in their own task: once a claim exists, a dropped connection must not
         // abandon the settlement halfway; the outcome is stored and a retry gets it.
+        tracing::debug!(timing.admitted_us = started.elapsed().as_micros() as u64, "paid call admitted");
         let task = tokio::spawn(self.clone().claim_settle_run(
             entry.clone(),
             verified,
@@ -389,10 +390,12 @@ impl PaidCall {
             }
             // 8. Settlement, confirmed on chain, before the handler.
             Claimed::Fresh(row) => {
-                let settled = match checks {
-                    Some(checks) => self.gate.settle_checked(&row, &v, quote, checks).await?,
-                    None => self.gate.settle(&row, &v, quote).await?,
+                // The handler runs next: the settlement takes its lease in the same write.
+                let checks = match checks {
+                    Some(checks) => checks,
+                    None => self.gate.check_chain(&v).await,
                 };
+                let settled = self.gate.settle_checked(&row, &v, quote, checks, Lease::Take).await?;
                 (settled, None, args, Some(priced.terms.clone()))
             }
             Claimed::AlreadySettled(row, settlement) => {
@@ -548,8 +551,9 @@ impl PaidCall {
     ) -> Result<CallToolResult, CallError> {
         let now = self.clock.now_unix() as i64;
         // A lease younger than the request timeout belongs to a request that may still be running.
-        let leased = !self.lease_is_live(lease)
-            && self.gate.store.start_handler(settled.row_id, lease, now).await.unwrap_or(false);
+        let leased = settled.leased
+            || (!self.lease_is_live(lease)
+                && self.gate.store.start_handler(settled.row_id, lease, now).await.unwrap_or(false));
         if !leased {
             return Err(PaymentError::InProgress.into());
         }
@@ -625,21 +629,33 @@ impl PaidCall {
         let settlement = settled;
         let input =
             ReceiptInput { tool, args, result: &result, settlement, pay_to, now, terms, refund, cached_at };
-        let receipt = self.issue_receipt(&input).await;
+        // The answer is stored with its receipt, in one transaction.
+        let render = |receipt: &SignedReceipt| {
+            let answer = results::paid(result.clone(), settled, Some(receipt));
+            serde_json::to_string(&answer).expect("CallToolResult serialises")
+        };
+        let receipt = self.issue_receipt(&input, &render).await;
         let answer = results::paid(result, settled, receipt.as_ref());
-        let json = serde_json::to_string(&answer).expect("CallToolResult serialises");
-        if let Err(e) = self.gate.store.save_result(settled.row_id, &json, now as i64).await {
-            // The answer is still served; a retry will re-run under an expired lease.
-            tracing::error!(error = %e, payment.row = settled.row_id, "could not store the paid result");
+        if receipt.is_none() {
+            let json = serde_json::to_string(&answer).expect("CallToolResult serialises");
+            if let Err(e) = self.gate.store.save_result(settled.row_id, &json, now as i64).await {
+                // The answer is still served; a retry will re-run under an expired lease.
+                tracing::error!(error = %e, payment.row = settled.row_id, "could not store the paid result");
+            }
         }
         answer
     }
 
-    /// Issues the receipt, retrying transient store failures: a paid call must not end without one.
-    async fn issue_receipt(&self, input: &ReceiptInput<'_>) -> Option<crate::receipt::SignedReceipt> {
+    /// Issues the receipt with the answer `render` makes of it, retrying transient store
+    /// failures: a paid call must not end without one.
+    async fn issue_receipt(
+        &self,
+        input: &ReceiptInput<'_>,
+        render: &(dyn Fn(&SignedReceipt) -> String + Send + Sync),
+    ) -> Option<SignedReceipt> {
         let mut delay = Duration::from_millis(20);
         for attempt in 1..=5 {
-            match self.receipts.issue(input).await {
+            match self.receipts.issue_answered(input, Some(render)).await {
                 Ok(receipt) => return Some(receipt),
                 Err(e) if attempt < 5 => {
                     tracing::warn!(error = %e, attempt, "receipt not stored yet; retrying");

@@ -17,7 +17,7 @@ use rmcp::model::JsonObject;
 
 use super::{CallError, Paid, PaidCall, Priced};
 use crate::chain::client::ChainError;
-use crate::payment::gate::{ChainChecks, Checked};
+use crate::payment::gate::{ChainChecks, Checked, Lease};
 use crate::payment::verify::VerifiedPayment;
 use crate::payment::{Money, PaymentError};
 use crate::protect::Service;
@@ -43,7 +43,8 @@ impl PaidCall {
         };
         // 8a. Would it settle now? Nothing runs for a payment the chain would refuse.
         let head = match self.gate.precheck_simulated(&row, v, checks).await? {
-            Checked::Ready { head } => head,
+            // What the settler read ahead is stale once the handler has run: not passed on.
+            Checked::Ready { head, .. } => head,
             // Someone submitted the public authorization first and it paid us: the money has
             // moved, so the call runs as a paid one whatever its outcome.
             Checked::Spent(settled) => {
@@ -75,7 +76,7 @@ impl PaidCall {
             return Ok(Paid::Uncharged(result));
         }
         // 8b. Settle the success, confirmed before it is served.
-        match self.gate.submit(&row, v, &priced.quote, head).await {
+        match self.gate.submit(&row, v, &priced.quote, head, None, Lease::Leave).await {
             Ok(settled) => {
                 if let Some(admission) = &admission {
                     admission.keep(&result).await;

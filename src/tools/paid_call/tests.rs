@@ -27,8 +27,8 @@ use crate::payment::settle::{SettleError, SettleRequest, Settler, Submitted, TxR
 use crate::payment::{Money, PaymentError};
 use crate::receipt::{ReceiptSigner, Receipts};
 use crate::store::{
-    Claim, NewPayment, PaymentKey, PaymentRecord, PaymentState, SignReceipt, SqliteStore, Store, StoreError,
-    StoredCheckpoint, StoredReceipt, Transition,
+    Claim, NewPayment, PaymentKey, PaymentRecord, PaymentState, RenderAnswer, SignReceipt, SqliteStore,
+    Store, StoreError, StoredCheckpoint, StoredReceipt, Transition,
 };
 use crate::tools::catalog::{Catalog, ToolEntry, ToolHandler};
 
@@ -198,11 +198,12 @@ impl Store for Flaky {
         payer: &str,
         now: i64,
         sign: SignReceipt<'_>,
+        answer: RenderAnswer<'_>,
     ) -> Result<StoredReceipt, StoreError> {
         if self.refuse_receipts.load(Ordering::SeqCst) {
             return Err(StoreError::Corrupt("receipts refused by the test".into()));
         }
-        self.inner.append_receipt(row, payer, now, sign).await
+        self.inner.append_receipt(row, payer, now, sign, answer).await
     }
     async fn receipt_count(&self) -> Result<i64, StoreError> {
         self.inner.receipt_count().await
@@ -494,7 +495,7 @@ async fn a_replay_between_the_receipt_and_the_stored_answer_is_in_progress() {
         kid: "k".into(),
         leaf_hash: "11".into(),
     };
-    h.store.append_receipt(row.id, "0xpayer", NOW as i64, &sign).await.unwrap();
+    h.store.append_receipt(row.id, "0xpayer", NOW as i64, &sign, None).await.unwrap();
     // Act + Assert: in progress while the lease lives; past it, the lost answer is reported.
     let replay = h.call(&payment).await.unwrap_err();
     assert!(matches!(replay, CallError::Payment(PaymentError::InProgress)), "{replay:?}");
