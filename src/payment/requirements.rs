@@ -26,6 +26,48 @@ pub struct Quote {
     /// The bazaar discovery extension, so marketplaces can catalogue the tool from a 402.
     /// Shared: a computed price copies the quote, not the tool's schema.
     bazaar: std::sync::Arc<Value>,
+    /// This quote's first challenge as served, rendered once (`ChallengeTemplate`).
+    challenge: TemplateSlot,
+}
+
+/// A first challenge's answer as JSON, cut around its offer token: the only part that differs
+/// from one challenge of a quote to the next. Rendering the whole answer (a JSON tree, two
+/// serialisations, one of them escaped) was most of a challenge's cost.
+#[derive(Debug)]
+pub struct ChallengeTemplate {
+    /// The JSON before, between and after the two places the offer token appears.
+    parts: [String; 3],
+}
+
+impl ChallengeTemplate {
+    /// Cuts `json`, rendered with `placeholder` as the offer token, around its two occurrences
+    /// (a token holds no character JSON escapes, so it reads the same escaped or not).
+    pub fn cut(json: &str, placeholder: &str) -> Option<ChallengeTemplate> {
+        let mut parts = json.split(placeholder).map(str::to_owned);
+        let template = [parts.next()?, parts.next()?, parts.next()?];
+        parts.next().is_none().then_some(ChallengeTemplate { parts: template })
+    }
+
+    /// The answer with `offer` in place.
+    pub fn render(&self, offer: &str) -> String {
+        let [a, b, c] = &self.parts;
+        let mut json = String::with_capacity(a.len() + b.len() + c.len() + 2 * offer.len());
+        for part in [a.as_str(), offer, b, offer, c] {
+            json.push_str(part);
+        }
+        json
+    }
+}
+
+/// Where a quote keeps its rendered challenge: shared by the quote's copies that carry offers,
+/// emptied for a copy at another amount. Never part of a quote's identity.
+#[derive(Debug, Clone, Default)]
+struct TemplateSlot(std::sync::Arc<std::sync::OnceLock<Option<ChallengeTemplate>>>);
+
+impl PartialEq for TemplateSlot {
+    fn eq(&self, _: &TemplateSlot) -> bool {
+        true
+    }
 }
 
 /// Where tollgate is paid: the settings shared by every quote.
@@ -68,7 +110,17 @@ impl Quote {
             requirements,
             resource,
             bazaar: std::sync::Arc::new(bazaar(tool, description, input_schema)),
+            challenge: TemplateSlot::default(),
         }
+    }
+
+    /// This quote's challenge template, rendered by `render` on first use (`None` when the
+    /// rendering could not be cut: the caller renders in full).
+    pub fn challenge_template(
+        &self,
+        render: impl FnOnce(&Quote) -> Option<ChallengeTemplate>,
+    ) -> Option<&ChallengeTemplate> {
+        self.challenge.0.get_or_init(|| render(self)).as_ref()
     }
 
     /// The same quote at another amount (a computed price, or an honoured offer).
@@ -76,6 +128,7 @@ impl Quote {
         let mut quote = self.clone();
         quote.amount = amount;
         quote.requirements.amount = amount.to_string();
+        quote.challenge = TemplateSlot::default();
         quote
     }
 

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use super::paid_call::{CallError, Paid};
 use crate::limits::LimitError;
 use crate::payment::gate::Settlement;
-use crate::payment::requirements::Quote;
+use crate::payment::requirements::{ChallengeTemplate, Quote};
 use crate::payment::wire::{META_PAYMENT_RESPONSE, PaymentRequired};
 use crate::payment::{Money, PaymentError};
 use crate::protect::UpstreamRefusal;
@@ -65,6 +65,26 @@ pub fn uncharged(mut result: CallToolResult) -> CallToolResult {
     meta.0.insert(META_CHARGED.to_owned(), json!(false));
     result.meta = Some(meta);
     result
+}
+
+/// The first challenge of `quote` (carrying its offer token) as the JSON of its MCP result,
+/// exactly as [`render_error`] renders it, from the quote's template: only the offer is written
+/// per call.
+pub fn challenge_json(quote: &Quote) -> Option<String> {
+    // Offer tokens are digits, a dot and hex: nothing JSON escapes (else: rendered in full).
+    let offer = quote.requirements.extra.offer.as_deref()?;
+    if !offer.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.') {
+        return None;
+    }
+    let template = quote.challenge_template(|quote| {
+        // A placeholder no description or schema can contain: fresh random hex per process.
+        let placeholder = format!("offer{}", hex::encode(rand::random::<[u8; 16]>()));
+        let mut blank = quote.clone();
+        blank.requirements.extra.offer = Some(placeholder.clone());
+        let result = payment_required(&blank.payment_required(PAYMENT_REQUIRED));
+        ChallengeTemplate::cut(&serde_json::to_string(&result).ok()?, &placeholder)
+    })?;
+    Some(template.render(offer))
 }
 
 /// The x402 MCP-transport PaymentRequired (x402 MCP transport, specs/transports-v2/mcp.md): `isError: true`,
@@ -249,4 +269,51 @@ pub fn limited(error: &LimitError) -> CallToolResult {
         }),
     };
     CallToolResult::structured_error(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use alloy::primitives::Address;
+
+    use super::*;
+    use crate::chain::Network;
+    use crate::payment::requirements::PayTerms;
+
+    fn quote(description: &str) -> Quote {
+        let network = Network {
+            caip2: "eip155:31337".into(),
+            chain_id: 31337,
+            asset: Address::repeat_byte(0xaa),
+            eip712_name: "USD Coin".into(),
+            eip712_version: "2".into(),
+        };
+        let terms = PayTerms { network, pay_to: Address::repeat_byte(0xbb), max_timeout_seconds: 300 };
+        let schema = json!({ "type": "object", "properties": { "q": { "type": "string" } } });
+        let schema = schema.as_object().unwrap();
+        Quote::new(&terms, "search", description, schema, crate::money::UsdcAmount::from_atomic(1000))
+    }
+
+    #[test]
+    fn a_challenge_from_its_template_is_the_challenge_rendered_in_full() {
+        // Table: descriptions that would trip a naive template (quotes, escapes, the word offer).
+        let cases = ["plain", "with \"quotes\", a \\ and a\nnewline", "an offer: \"offer\":\"x\""];
+        for description in cases {
+            for offer in ["1796607086.eebb95817d8395ee9ac14791fecd4908", "1796607087.00ff"] {
+                // Arrange: one quote, offered twice (the template is rendered once, then reused).
+                let offered = quote(description).with_offer(offer.to_owned());
+                // Act
+                let fast = challenge_json(&offered).expect("a template");
+                let again = challenge_json(&offered).expect("a template");
+                // Assert: the same result, value for value, as the full rendering.
+                let full =
+                    serde_json::to_value(render_error(Some(&offered), &CallError::PaymentRequired)).unwrap();
+                let fast: Value = serde_json::from_str(&fast).unwrap();
+                assert_eq!(fast, full, "{description:?} / {offer}");
+                assert_eq!(serde_json::from_str::<Value>(&again).unwrap(), full);
+                assert_eq!(fast["structuredContent"]["accepts"][0]["extra"]["offer"], offer);
+            }
+        }
+        // A token JSON would escape is never templated.
+        assert!(challenge_json(&quote("x").with_offer("a\"b".into())).is_none());
+    }
 }

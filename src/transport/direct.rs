@@ -22,8 +22,10 @@ use serde::{Deserialize, Serialize};
 
 use std::sync::Arc;
 
-use super::mcp::call_tool;
+use super::mcp::call_tool_reply;
 use crate::state::AppState;
+use crate::tools::paid_call::Reply;
+use crate::tools::results;
 
 /// A JSON-RPC `tools/call` request, as far as the direct path reads it.
 #[derive(Deserialize)]
@@ -85,9 +87,13 @@ pub async fn try_serve(
     // In a task of its own, as rmcp runs handlers: a client that hangs up mid-call does not
     // cut the pipeline short between two of its steps.
     let app = app.clone();
-    let ran = tokio::spawn(async move { call_tool(&app, call.params, None, Some(&parts)).await }).await;
+    let ran = tokio::spawn(async move { call_tool_reply(&app, call.params, None, Some(&parts)).await }).await;
     let outcome = match ran {
-        Ok(Ok(result)) => Outcome::Result(result),
+        Ok(Ok(Reply::Challenge(quote))) => match results::challenge_json(&quote) {
+            Some(result) => return Ok(challenge(&call.id, &result)),
+            None => Outcome::Result(Reply::Challenge(quote).into_result()),
+        },
+        Ok(Ok(Reply::Result(result))) => Outcome::Result(result),
         Ok(Err(error)) => Outcome::Error(error),
         Err(_) => Outcome::Error(rmcp::ErrorData::internal_error("the call failed", None)),
     };
@@ -101,6 +107,14 @@ pub async fn try_serve(
             serde_json::json!({ "error": "internal" }),
         ),
     })
+}
+
+/// A first challenge's answer from its rendered result (`results::challenge_json`): the same
+/// JSON-RPC envelope [`Answer`] writes.
+fn challenge(id: &RequestId, result: &str) -> Response {
+    let id = serde_json::to_string(id).expect("a request id serialises");
+    let body = format!(r#"{{"jsonrpc":"2.0","id":{id},"result":{result}}}"#);
+    (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 /// The headers of a request rmcp would accept without a second look: JSON in, JSON and SSE

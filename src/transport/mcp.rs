@@ -18,7 +18,7 @@ use crate::ceiling::{ClientIdentity, ClientKey};
 use crate::payment::decode::PaymentInput;
 use crate::payment::wire::META_PAYMENT;
 use crate::state::AppState;
-use crate::tools::paid_call::ToolCall;
+use crate::tools::paid_call::{Reply, ToolCall};
 
 /// HTTP header carrying a base64 PaymentPayload (x402 v2 HTTP transport), also honoured on MCP.
 pub const PAYMENT_SIGNATURE_HEADER: &str = "payment-signature";
@@ -96,6 +96,16 @@ pub async fn call_tool(
     meta_payment: Option<serde_json::Value>,
     parts: Option<&http::request::Parts>,
 ) -> Result<CallToolResult, McpError> {
+    call_tool_reply(app, request, meta_payment, parts).await.map(Reply::into_result)
+}
+
+/// As [`call_tool`], leaving a first challenge unrendered (for the direct path).
+pub async fn call_tool_reply(
+    app: &AppState,
+    request: CallToolRequestParams,
+    meta_payment: Option<serde_json::Value>,
+    parts: Option<&http::request::Parts>,
+) -> Result<Reply, McpError> {
     let name = request.name.as_ref();
     let Some(entry) = app.catalog.current().get(name).cloned() else {
         // A protocol error, as the MCP spec prescribes for unknown tools: nothing is quoted.
@@ -115,5 +125,5 @@ pub async fn call_tool(
         parts.and_then(|p| p.extensions.get::<ClientIdentity>()).map(|c| c.0.to_string()).unwrap_or_default();
     let arguments = request.arguments.unwrap_or_default();
     let call = ToolCall { arguments, payment, agent, client };
-    Ok(app.paid.call(&entry, call).await)
+    Ok(app.paid.reply(&entry, call).await)
 }

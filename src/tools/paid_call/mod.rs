@@ -65,6 +65,24 @@ pub enum Paid {
     Uncharged(CallToolResult),
 }
 
+/// A call's answer, rendered but for a first challenge.
+#[derive(Debug)]
+pub enum Reply {
+    Result(CallToolResult),
+    /// A first challenge: this call's quote, carrying its offer token.
+    Challenge(Quote),
+}
+
+impl Reply {
+    /// The MCP result.
+    pub fn into_result(self) -> CallToolResult {
+        match self {
+            Reply::Result(result) => result,
+            Reply::Challenge(quote) => results::render_error(Some(&quote), &CallError::PaymentRequired),
+        }
+    }
+}
+
 /// A priced call's price for its arguments, and its terms.
 #[derive(Debug, Clone)]
 pub struct Priced {
@@ -166,12 +184,21 @@ impl PaidCall {
 
     /// Runs one call and renders its outcome; a challenge carries this call's offer.
     pub async fn call(self: &Arc<Self>, entry: &Arc<ToolEntry>, call: ToolCall) -> CallToolResult {
+        self.reply(entry, call).await.into_result()
+    }
+
+    /// As [`call`](Self::call), leaving a first challenge unrendered: a transport that writes
+    /// JSON itself renders it from its quote's template (`results::challenge_json`).
+    pub async fn reply(self: &Arc<Self>, entry: &Arc<ToolEntry>, call: ToolCall) -> Reply {
         let (outcome, priced) = self.attempt(entry, call).await;
         let offer = match (&outcome, &priced) {
             (Err(e), Some(priced)) if e.is_challenge() => Some(self.offer(priced)),
             _ => None,
         };
-        results::render(offer.as_ref(), outcome)
+        match (outcome, offer) {
+            (Err(CallError::PaymentRequired), Some(offer)) => Reply::Challenge(offer),
+            (outcome, offer) => Reply::Result(results::render(offer.as_ref(), outcome)),
+        }
     }
 
     /// The pipeline's outcome, without rendering.
