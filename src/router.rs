@@ -27,7 +27,7 @@ pub fn router(app: Arc<AppState>, cancel: CancellationToken) -> Guarded {
     let readiness = crate::readiness::spawn_prober(app.clone(), every, cancel.child_token());
     let mcp = McpTransport::new(app.clone(), cancel);
     let mut routes = Router::new()
-        .route("/mcp", any(mcp_endpoint).with_state(mcp))
+        .route("/mcp", any(mcp_endpoint).with_state(Arc::new(mcp)))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz).with_state(readiness));
     // With a metrics address of its own, /metrics is not served to the public at all.

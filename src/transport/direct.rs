@@ -123,11 +123,11 @@ fn challenge(id: &RequestId, result: &str) -> Response {
 fn plain_headers(headers: &HeaderMap, allowed_hosts: &[String]) -> bool {
     let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let content_json =
-        text(header::CONTENT_TYPE.as_str()).is_some_and(|v| media_type(v) == "application/json");
+        text(header::CONTENT_TYPE.as_str()).is_some_and(|v| is_media_type(v, "application/json"));
     // Every Accept header, every entry: the media type, and not refused by `q=0`.
     let accepts = |wanted: &str| {
         let entries = headers.get_all(header::ACCEPT).iter().filter_map(|v| v.to_str().ok());
-        entries.flat_map(|v| v.split(',')).any(|entry| media_type(entry) == wanted && !refused(entry))
+        entries.flat_map(|v| v.split(',')).any(|entry| is_media_type(entry, wanted) && !refused(entry))
     };
     let version_ok = match headers.get("mcp-protocol-version") {
         None => true,
@@ -157,9 +157,10 @@ fn refused(entry: &str) -> bool {
     })
 }
 
-/// A media type without its parameters, lower-cased.
-fn media_type(value: &str) -> String {
-    value.split(';').next().unwrap_or_default().trim().to_ascii_lowercase()
+/// Whether `value` (a header value, or one entry of a list) names the media type `wanted`
+/// (lower-case), whatever its parameters and case.
+fn is_media_type(value: &str, wanted: &str) -> bool {
+    value.split(';').next().unwrap_or_default().trim().eq_ignore_ascii_case(wanted)
 }
 
 /// Whether `host` (a `Host` header: name, optional port) is one of `allowed`, each a name with

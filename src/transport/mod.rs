@@ -30,8 +30,8 @@ pub const SESSION_HEADER: &str = "mcp-session-id";
 
 type Service = StreamableHttpService<McpServer, TrackedSessions>;
 
-/// The two rmcp services and the body limit they share.
-#[derive(Clone)]
+/// The two rmcp services and the body limit they share. Shared by every request (an `Arc`):
+/// the services are cloned only for a request that goes to rmcp.
 pub struct McpTransport {
     app: Arc<AppState>,
     /// `server.allowed_hosts`, which the direct path checks as rmcp does.
@@ -101,7 +101,7 @@ fn is_initialize(body: &Bytes) -> bool {
 }
 
 /// `POST|GET|DELETE /mcp`.
-pub async fn mcp_endpoint(State(t): State<McpTransport>, request: Request) -> Response {
+pub async fn mcp_endpoint(State(t): State<Arc<McpTransport>>, request: Request) -> Response {
     let session = request.headers().get(SESSION_HEADER).map(|id| id.to_str().ok().map(str::to_owned));
     // A POST on a live session of ours may take the direct path; anything else on a session
     // (an unknown one included, which rmcp answers 404) is rmcp's.
@@ -110,7 +110,7 @@ pub async fn mcp_endpoint(State(t): State<McpTransport>, request: Request) -> Re
         t.sessions.touch(id, std::time::Instant::now());
     }
     if request.method() != Method::POST || (session.is_some() && !live_session) {
-        return serve(t.with_sessions, request).await;
+        return serve(t.with_sessions.clone(), request).await;
     }
     let (parts, body) = request.into_parts();
     let bytes = match axum::body::to_bytes(body, t.max_body_bytes).await {
@@ -123,10 +123,10 @@ pub async fn mcp_endpoint(State(t): State<McpTransport>, request: Request) -> Re
         Err(request) => request,
     };
     if live_session {
-        return serve(t.with_sessions, Request::from_parts(parts, Body::from(bytes))).await;
+        return serve(t.with_sessions.clone(), Request::from_parts(parts, Body::from(bytes))).await;
     }
     if !is_initialize(&bytes) {
-        return serve(t.stateless, Request::from_parts(parts, Body::from(bytes))).await;
+        return serve(t.stateless.clone(), Request::from_parts(parts, Body::from(bytes))).await;
     }
     // A new session is a new ceiling bucket: each client may hold only so many.
     let client =
@@ -134,7 +134,7 @@ pub async fn mcp_endpoint(State(t): State<McpTransport>, request: Request) -> Re
     if let Err(refusal) = t.live.may_open(&client) {
         return session_refused(refusal);
     }
-    let response = serve(t.with_sessions, Request::from_parts(parts, Body::from(bytes))).await;
+    let response = serve(t.with_sessions.clone(), Request::from_parts(parts, Body::from(bytes))).await;
     if let Some(id) = response.headers().get(SESSION_HEADER).and_then(|v| v.to_str().ok()) {
         t.live.opened_by(id, &client);
     }
