@@ -447,3 +447,39 @@ async fn a_payment_at_the_cached_price_never_buys_a_live_call_once_the_answer_is
     assert_eq!(fake.calls(), 2);
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_call_refused_for_the_upstreams_quota_does_not_spend_the_payers_wallet_limit() {
+    // Arrange: the upstream takes one call a minute; the payer may make two calls an hour.
+    let (fake, url) = FakeUpstream::start().await;
+    let app = app_selling(&url, |u, c| {
+        u.quota = Some(QuotaConfig { requests: 1, window_secs: 60 });
+        let rule = tollgate::config::LimitRule {
+            axis: tollgate::config::Axis::Wallet,
+            window_secs: 3600,
+            requests: 2,
+            spend: None,
+            tool: String::new(),
+        };
+        c.limits.rules = vec![rule];
+    })
+    .await;
+    let url = app.mcp_url();
+    let payer = app.payer().address();
+    let before = app.balance(payer).await;
+    let call = |i: usize| json!({ "q": format!("q{i}") });
+    let first = pay_at(&url, "up_search", &call(1), &signed(&app, &url, "up_search", &call(1)).await).await;
+    // Act: the second call meets the upstream's spent quota; a minute later, a third.
+    let second = pay_at(&url, "up_search", &call(2), &signed(&app, &url, "up_search", &call(2)).await).await;
+    app.advance_time(61).await;
+    let third = pay_at(&url, "up_search", &call(3), &signed(&app, &url, "up_search", &call(3)).await).await;
+    // Assert: the refusal was the upstream's, uncharged, and left the payer's limit whole, so
+    // the third call is the payer's second of the hour and runs.
+    assert!(ran(&first), "{first}");
+    assert_eq!(refusal(&second)["reason"], "quota", "{second}");
+    assert_eq!(refusal(&second)["charged"], false);
+    assert!(ran(&third), "the payer's second call of the hour: {third}");
+    assert_eq!(before - app.balance(payer).await, U256::from(2 * PRICE));
+    assert_eq!(fake.calls(), 2);
+    app.shutdown().await;
+}

@@ -320,20 +320,11 @@ impl PaidCall {
             // failed-attempt budget like every refusal): only then is `from` the payer.
             verified = self.gate.prove_payer(verified).await?;
             tracing::info!(payment.payer = %verified.payer, tool = %quote.tool, "payment verified");
-            // 6. Wallet limits, on the recovered payer, before anything is claimed or charged.
-            let limit = LimitRequest {
-                payer: verified.payer,
-                tool: &quote.tool,
-                agent: &call.agent,
-                amount: quote.amount,
-            };
-            // A paused upstream is refused before the wallet limits, which it would spend.
+            // 6a. The upstream's state and budget, or its cached answer, before the wallet
+            // limits: a call the upstream refuses must not spend the payer's limits, and an
+            // admission the limits then refuse is dropped unused (its quota unit given back).
             if let Some(p) = &priced.protected {
                 self.protection.check_paused(&p.guard).await?;
-            }
-            self.limits.check(&limit, self.clock.now_millis()).await?;
-            // 6b. The upstream's budget and state, or its cached answer, still before the claim.
-            if let Some(p) = &priced.protected {
                 service = self.protection.serve(p, Some(quote.amount)).await?;
                 // A payment that covers only a cached answer never buys a live call: with the
                 // answer gone, the caller is quoted today's price, uncharged.
@@ -345,6 +336,14 @@ impl PaidCall {
                     return Err(PaymentError::OfferExpired.into());
                 }
             }
+            // 6. Wallet limits, on the recovered payer, before anything is claimed or charged.
+            let limit = LimitRequest {
+                payer: verified.payer,
+                tool: &quote.tool,
+                agent: &call.agent,
+                amount: quote.amount,
+            };
+            self.limits.check(&limit, self.clock.now_millis()).await?;
             // A tool that cannot run now (its upstream is down) must not take a payment.
             if !matches!(service, Service::Cached(_)) {
                 entry.ready().await.map_err(ToolUnavailable)?;
