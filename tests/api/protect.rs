@@ -483,3 +483,28 @@ async fn a_call_refused_for_the_upstreams_quota_does_not_spend_the_payers_wallet
     assert_eq!(fake.calls(), 2);
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_upstream_slot_taken_by_a_payment_that_could_not_settle_is_given_back() {
+    // Arrange: one call at a time into the upstream; a payer whose wallet holds nothing.
+    let (fake, url) = FakeUpstream::start().await;
+    let app = app_selling(&url, |u, _| {
+        u.name = "saas-one-slot".into();
+        u.max_in_flight = 1;
+    })
+    .await;
+    let url = app.mcp_url();
+    let args = json!({ "q": "x" });
+    let challenge = crate::helpers::Mcp::sessionless(&url).call_tool("up_search", args.clone(), None).await;
+    let requirements = serde_json::from_value(challenge["structuredContent"]["accepts"][0].clone()).unwrap();
+    let broke = json!({ "x402/payment": app.sign(&alloy::signers::local::PrivateKeySigner::random(), &requirements) });
+    // Act: the unfunded payment takes the slot, then fails its settlement checks; then an
+    // honest payer calls.
+    let refused = pay_at(&url, "up_search", &args, &broke).await;
+    let honest = pay_at(&url, "up_search", &args, &signed(&app, &url, "up_search", &args).await).await;
+    // Assert: the failure released the slot on its way out, so the honest call ran.
+    assert_eq!(refusal(&refused)["error"], "invalid_exact_evm_insufficient_balance", "{refused}");
+    assert!(ran(&honest), "the slot was given back: {honest}");
+    assert_eq!(fake.calls(), 1);
+    app.shutdown().await;
+}
