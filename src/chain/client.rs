@@ -59,7 +59,7 @@ pub struct SettlementChecks {
     /// The latest block number: where log searches for this payment start.
     pub head: u64,
     /// Whether the simulated transaction (when one was given) would succeed: `None` when none
-    /// was given or the node could not say.
+    /// was given, the node could not say, or the payer holds code (its answer may change).
     pub simulated: Option<bool>,
 }
 
@@ -389,8 +389,9 @@ impl ChainClient {
             let used = batch.add_call::<_, Bytes>("eth_call", &used)?;
             let balance = batch.add_call::<_, Bytes>("eth_call", &balance)?;
             let head = batch.add_call::<_, U64>("eth_blockNumber", &[(); 0])?;
+            let code = batch.add_call::<_, Bytes>("eth_getCode", &(authorizer, BlockId::latest()))?;
             batch.send().await?;
-            tokio::try_join!(used, balance, head)
+            tokio::try_join!(used, balance, head, code)
         };
         let simulated = async {
             let tx = simulate?;
@@ -401,7 +402,11 @@ impl ChainClient {
             }
         };
         let (reads, simulated) = tokio::join!(reads, simulated);
-        let (used, balance, head) = reads.map_err(unavailable)?;
+        let (used, balance, head, code) = reads.map_err(unavailable)?;
+        // A payer with code (a contract, an EIP-7702 delegation) runs its own code when the
+        // token checks the signature, and may behave otherwise once mined (on block number,
+        // say): its simulation says nothing of the transaction.
+        let simulated = simulated.filter(|_| code.is_empty());
         let word = |answer: &Bytes| {
             U256::try_from_be_slice(answer.get(..32).unwrap_or_default())
                 .ok_or_else(|| ChainError::Unavailable("a malformed token answer".into()))

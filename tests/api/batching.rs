@@ -294,3 +294,32 @@ async fn a_payer_whose_code_needs_more_gas_than_the_cap_is_refused_before_anythi
     assert_eq!(app.balance(heavy.address()).await, U256::from(3 * COUNTED_PRICE));
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_payer_whose_code_vouches_only_in_simulations_burns_no_more_of_our_gas_than_an_estimate_allows() {
+    // Arrange: a payer whose code (an EIP-7702 delegation) vouches for any signature when the
+    // gas price is zero, as in every simulation (`eth_call`, `eth_estimateGas`), and burns all
+    // the gas it is given in a real transaction. No simulation can catch it; what it costs us is
+    // the transaction's gas limit.
+    let app = spawn_app().await;
+    let tricky = funded_payer(&app, 3 * COUNTED_PRICE).await;
+    // GASPRICE; PUSH1 0x14; JUMPI; mstore(0, 0x1626ba7e << 224); return(0, 32);
+    // 0x14: JUMPDEST PUSH1 0x14 JUMP (loop until out of gas)
+    let vouch_only_when_free = "0x3a601457631626ba7e60e01b60005260206000f35b601456";
+    app.anvil_rpc("anvil_setCode", json!([tricky.address(), vouch_only_when_free])).await;
+    let requirements = app.requirements("counted", json!({})).await;
+    // Act
+    let answer = app.pay("counted", json!({}), &app.sign(&tricky, &requirements)).await;
+    // Assert: nothing ran, nothing moved; our transaction carried the estimate's limit, not the
+    // 300k cap a simulation ahead of time would have let it take (its simulation is not trusted
+    // for a payer with code).
+    assert!(answer.get("_meta").and_then(|m| m.get("x402/payment-response")).is_none(), "{answer}");
+    assert_eq!(app.runs(), 0);
+    assert_eq!(app.balance(tricky.address()).await, U256::from(3 * COUNTED_PRICE));
+    let tx: B256 =
+        answer["structuredContent"]["transaction"].as_str().expect("our transaction").parse().unwrap();
+    let sent = app.chain().provider().get_transaction_by_hash(tx).await.unwrap().unwrap();
+    let limit = alloy::consensus::Transaction::gas_limit(&sent);
+    assert!(limit < 150_000, "gas limit {limit}: the estimate's, not the cap");
+    app.shutdown().await;
+}

@@ -481,7 +481,9 @@ impl Settler for SelfSettler {
         };
         let counterfactual = matches!(req.payment.signature, PayerSignature::Counterfactual { .. });
         let request = self.relayer.request(to, input);
-        let sent = self.relayer.send(request, &gas_cap, req.prepared, &[recorder]).await;
+        // Sent at once, beside any other payment in flight: only the batcher knows whether a
+        // simulation ahead of time is still current (`batch::Flights`), so it is not used here.
+        let sent = self.relayer.send(request, &gas_cap, None, &[recorder]).await;
         match sent.map_err(SendFailure::into_settle) {
             // Multicall3 reverts with its own message, hiding USDC's: an authorization spent
             // meanwhile (by a front-runner) must reach the gate as spent, which asks the chain
