@@ -116,7 +116,7 @@ pub struct ChainChecks {
     pub used: bool,
     pub balance: U256,
     pub head: u64,
-    /// What the settler read ahead of the submission (`Settler::prepare`).
+    /// What the settler simulated ahead of the submission (`Settler::presimulation`).
     pub prepared: Option<Prepared>,
 }
 

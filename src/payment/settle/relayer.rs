@@ -184,7 +184,7 @@ impl Relayer {
     /// sent": after the broadcast, every error is ambiguous. One round trip: the simulation,
     /// beside reads that are cached (chain id, fees, gas money) or kept (the nonce). When the
     /// very transaction was `simulated` a moment ago with the cap as its gas
-    /// ([`SelfSettler::prepare`]), the cap is its limit and no round trip is left at all.
+    /// (`Settler::presimulation`), the cap is its limit and no round trip is left at all.
     async fn build(
         &self,
         tx: TransactionRequest,
