@@ -10,8 +10,9 @@
 //!   never reached the upstream gives its quota back too;
 //! - in fleet mode (`limits.backend = "redis"`) the quota, the pauses and the cache are shared
 //!   by every replica; the in-flight cap is per replica;
-//! - a throttle signal in an answer ([`throttle`]) pauses sales of that upstream's tools until
-//!   the retry time; nothing here ever retries a call.
+//! - a throttle signal in an answer ([`throttle`]) pauses sales of that upstream's live calls
+//!   until the retry time (a cached answer asks the upstream nothing, and is still served);
+//!   nothing here ever retries a call.
 //!
 //! Does not check wallet limits (`limits`) or whether the upstream answers (`ToolEntry::ready`).
 
@@ -194,10 +195,14 @@ impl Protection {
         Some(Protected { guard, cache, key: format!("{tool}:{args_hash}") })
     }
 
-    /// Refuses while the upstream is paused.
+    /// Refuses while the upstream is paused, and while the fleet's pauses cannot be read.
     pub async fn check_paused(&self, guard: &UpstreamGuard) -> Result<(), UpstreamRefusal> {
         let now = self.clock.now_millis();
-        match self.paused_until(guard).await? {
+        let until = self.paused_until(guard).await.map_err(|e| {
+            tracing::warn!(error = %e, upstream = %guard.name, "upstream budget (redis) unavailable");
+            self.refused(UpstreamRefusal::Unavailable { upstream: guard.name.clone() })
+        })?;
+        match until {
             Some(until) if until > now => Err(self.refused(UpstreamRefusal::Paused {
                 upstream: guard.name.clone(),
                 retry_after_seconds: (until - now).div_ceil(1000),
@@ -207,21 +212,19 @@ impl Protection {
     }
 
     /// Until when (ms) the upstream is paused, if it is: this replica's knowledge, and in fleet
-    /// mode the fleet's.
-    async fn paused_until(&self, guard: &UpstreamGuard) -> Result<Option<u64>, UpstreamRefusal> {
+    /// mode the fleet's. Counts no refusal: a listing that reads it refuses nobody.
+    async fn paused_until(&self, guard: &UpstreamGuard) -> redis::RedisResult<Option<u64>> {
         let local = guard.paused_until_ms.load(Ordering::SeqCst);
         let shared = match &*self.shared {
             Shared::Memory(_) => None,
-            Shared::Redis(r) => r.penalty(&pause_key(&guard.name)).await.map_err(|e| {
-                tracing::warn!(error = %e, upstream = %guard.name, "upstream budget (redis) unavailable");
-                self.refused(UpstreamRefusal::Unavailable { upstream: guard.name.clone() })
-            })?,
+            Shared::Redis(r) => r.penalty(&pause_key(&guard.name)).await?,
         };
         let until = local.max(shared.unwrap_or(0));
         Ok((until > 0).then_some(until))
     }
 
-    /// Every upstream paused now, by name.
+    /// Every upstream paused now, by name (one that cannot be read is left out: a listing still
+    /// answers, and a call to it is refused `unavailable` by [`Protection::check_paused`]).
     pub async fn paused(&self) -> HashMap<String, Pause> {
         let now = self.clock.now_millis();
         let mut paused = HashMap::new();

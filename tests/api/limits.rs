@@ -138,13 +138,13 @@ async fn two_instances_sharing_redis_enforce_one_combined_limit() {
 }
 
 /// A private redis-server on its own port, so the test can stop and restart it.
-struct OwnRedis {
-    port: u16,
+pub(crate) struct OwnRedis {
+    pub(crate) port: u16,
     child: Option<tokio::process::Child>,
 }
 
 impl OwnRedis {
-    async fn start(port: u16) -> OwnRedis {
+    pub(crate) async fn start(port: u16) -> OwnRedis {
         let child = tokio::process::Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .stdout(std::process::Stdio::null())
@@ -157,7 +157,7 @@ impl OwnRedis {
         OwnRedis { port, child: Some(child) }
     }
 
-    async fn stop(&mut self) {
+    pub(crate) async fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             child.kill().await.unwrap();
         }

@@ -20,8 +20,9 @@ use crate::upstream::{PRICE, upstream};
 
 /// An MCP server over Streamable HTTP (plain JSON answers), written for these tests: `search`
 /// answers at once, `slow` waits until the test lets it go, `busy` answers a tool error that
-/// carries `retry_after_seconds`; every `tools/call` is counted, and while `throttled` is set
-/// it is answered `429 Too Many Requests` with `Retry-After: 30`, as a SaaS API's gateway does.
+/// carries `retry_after_seconds`, `fails` a plain tool error; every `tools/call` is counted, and
+/// while `throttled` is set it is answered `429 Too Many Requests` with `Retry-After: 30`, as a
+/// SaaS API's gateway does.
 #[derive(Clone)]
 struct FakeUpstream {
     calls: Arc<AtomicUsize>,
@@ -69,7 +70,7 @@ async fn rpc(
         })),
         "tools/list" => {
             let schema = json!({ "type": "object", "properties": { "q": { "type": "string" } } });
-            let tools: Vec<Value> = ["search", "slow", "busy"]
+            let tools: Vec<Value> = ["search", "slow", "busy", "fails"]
                 .iter()
                 .map(|name| json!({ "name": name, "description": "a SaaS API call", "inputSchema": schema }))
                 .collect();
@@ -90,6 +91,10 @@ async fn rpc(
                 "busy" => answer(json!({
                     "content": [{ "type": "text", "text": "the API is busy" }],
                     "structuredContent": { "error": "busy", "retry_after_seconds": 12 },
+                    "isError": true,
+                })),
+                "fails" => answer(json!({
+                    "content": [{ "type": "text", "text": "no results: bad query" }],
                     "isError": true,
                 })),
                 _ => answer(
@@ -290,6 +295,7 @@ async fn a_quota_of_three_and_a_pause_are_shared_by_two_replicas_through_redis()
     // Arrange: two replicas (each with its own relayer), one Redis, one upstream.
     let (fake, url) = FakeUpstream::start().await;
     let app = app_selling(&url, |u, c| {
+        u.name = "saas-quota".into();
         u.quota = Some(QuotaConfig { requests: 3, window_secs: 3600 });
         c.limits.backend = LimitBackend::Redis;
         c.limits.redis_url = "redis://127.0.0.1:6379".to_owned().into();
@@ -326,6 +332,11 @@ async fn a_quota_of_three_and_a_pause_are_shared_by_two_replicas_through_redis()
     }
     assert_eq!(before - app.balance(payer).await, U256::from(3 * PRICE));
     assert_eq!(fake.calls(), 3);
+    let metrics = metrics(&app).await;
+    let upstream = ["upstream=\"saas-quota\""];
+    assert_eq!(series(&metrics, "tollgate_upstream_quota_remaining", &upstream), Some(0.0), "{metrics}");
+    let quota = ["upstream=\"saas-quota\"", "reason=\"quota\""];
+    assert_eq!(series(&metrics, "tollgate_upstream_refusals_total", &quota), Some(2.0), "{metrics}");
     // Act 2: a third of the window later one unit is back; a throttle seen by one replica
     // then pauses the upstream's sales on the other.
     app.advance_time(1200).await;
@@ -506,5 +517,197 @@ async fn an_upstream_slot_taken_by_a_payment_that_could_not_settle_is_given_back
     assert_eq!(refusal(&refused)["error"], "invalid_exact_evm_insufficient_balance", "{refused}");
     assert!(ran(&honest), "the slot was given back: {honest}");
     assert_eq!(fake.calls(), 1);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_call_charged_before_it_ran_that_meets_the_throttle_is_receipted_as_a_tool_error() {
+    // Arrange: the default policy, charged before the handler runs.
+    let (fake, url) = FakeUpstream::start().await;
+    let app = app_selling(&url, |u, _| u.name = "saas-before-run".into()).await;
+    let payer = app.payer().address();
+    let args = json!({ "q": "rust" });
+    let payment = signed(&app, &app.mcp_url(), "up_search", &args).await;
+    let before = app.balance(payer).await;
+    // Act: the upstream's gateway answers 429 to a call that is already paid for.
+    fake.throttled.store(true, Ordering::SeqCst);
+    let met = pay_at(&app.mcp_url(), "up_search", &args, &payment).await;
+    let paused_at_ms = app.clock.now_millis();
+    let next = app.sessionless().call_tool("up_search", args.clone(), None).await;
+    let metrics = metrics(&app).await;
+    // Assert: the payer paid for a call that ran, and its receipt says what the upstream said.
+    assert_eq!(met["isError"], true, "{met}");
+    assert_eq!(met["structuredContent"]["error"], "upstream_throttled", "{met}");
+    assert_eq!(met["_meta"]["x402/payment-response"]["success"], true, "{met}");
+    assert_eq!(met["_meta"]["tollgate/receipt"]["body"]["outcome"], "tool_error", "{met}");
+    assert_eq!(before - app.balance(payer).await, U256::from(PRICE));
+    // Sales stop before payment; operators see until when, and why calls were refused.
+    assert_eq!(refusal(&next)["reason"], "paused", "{next}");
+    assert_eq!(refusal(&next)["retry_after_seconds"], 30);
+    let upstream = ["upstream=\"saas-before-run\""];
+    let until = series(&metrics, "tollgate_upstream_paused_until_seconds", &upstream);
+    assert_eq!(until, Some(((paused_at_ms + 30_000) / 1000) as f64), "{metrics}");
+    let paused = ["upstream=\"saas-before-run\"", "reason=\"paused\""];
+    assert_eq!(series(&metrics, "tollgate_upstream_refusals_total", &paused), Some(1.0));
+    let signals = ["upstream=\"saas-before-run\"", "signal=\"http_status\""];
+    assert_eq!(
+        series(&metrics, "tollgate_upstream_throttle_signals_total", &signals),
+        Some(1.0),
+        "{metrics}"
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_upstream_slot_comes_back_after_an_uncharged_tool_error_and_after_a_tool_timeout() {
+    // Arrange: one call at a time into the upstream, charged on success, cut off after 1 s.
+    let (fake, url) = FakeUpstream::start().await;
+    let app = app_selling(&url, |u, c| {
+        u.name = "saas-slot-paths".into();
+        u.max_in_flight = 1;
+        u.charge = Some(ChargePolicy::OnSuccess);
+        c.tools.timeout_secs = 1;
+    })
+    .await;
+    let url = app.mcp_url();
+    let payer = app.payer().address();
+    let before = app.balance(payer).await;
+    let (q1, q2, q3) = (json!({ "q": "1" }), json!({ "q": "2" }), json!({ "q": "3" }));
+    // Act: a tool error; a call the upstream never answers; then an ordinary call.
+    let failed = pay_at(&url, "up_fails", &q1, &signed(&app, &url, "up_fails", &q1).await).await;
+    let cut = pay_at(&url, "up_slow", &q2, &signed(&app, &url, "up_slow", &q2).await).await;
+    let after = pay_at(&url, "up_search", &q3, &signed(&app, &url, "up_search", &q3).await).await;
+    // Assert: neither failure was charged, and each gave its slot back, so the third call ran.
+    assert_eq!(
+        (failed["isError"].clone(), failed["_meta"]["tollgate/charged"].clone()),
+        (json!(true), json!(false)),
+        "{failed}"
+    );
+    assert_eq!(
+        (cut["isError"].clone(), cut["_meta"]["tollgate/charged"].clone()),
+        (json!(true), json!(false)),
+        "{cut}"
+    );
+    assert!(ran(&after), "the slot came back: {after}");
+    assert_eq!(before - app.balance(payer).await, U256::from(PRICE), "only the call that worked was charged");
+    assert_eq!(fake.calls(), 3);
+    let metrics = metrics(&app).await;
+    assert_eq!(series(&metrics, "tollgate_upstream_in_flight", &["upstream=\"saas-slot-paths\""]), Some(0.0));
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_cached_answer_is_shared_by_two_replicas_through_redis() {
+    // Arrange: two replicas, one Redis; `search` answers from the cache for 60 s.
+    let (fake, url) = FakeUpstream::start().await;
+    let app = app_selling(&url, |u, c| {
+        u.name = "saas-fleet-cache".into();
+        u.tools.insert("search".into(), UpstreamToolConfig { cache_ttl_secs: 60, cached_price: None });
+        c.limits.backend = LimitBackend::Redis;
+        c.limits.redis_url = "redis://127.0.0.1:6379".to_owned().into();
+        c.limits.key_prefix = fresh_prefix();
+    })
+    .await;
+    let mut second = app.state.config.clone();
+    second.payment.relayer_key = tollgate::chain::anvil::DEV_KEYS[4].to_owned().into();
+    let sibling = Server::start(second, app.clock.clone(), app.runs.clone()).await;
+    let (a, b) = (app.mcp_url(), sibling.mcp_url());
+    let payer = app.payer().address();
+    let args = json!({ "q": "weather in Lisbon" });
+    let before = app.balance(payer).await;
+    // Act: the first call on one replica, the same call on the other.
+    let first = pay_at(&a, "up_search", &args, &signed(&app, &a, "up_search", &args).await).await;
+    app.advance_time(10).await;
+    let second = pay_at(&b, "up_search", &args, &signed(&app, &b, "up_search", &args).await).await;
+    // Assert: one upstream call; both paid; the other replica answered from the shared cache.
+    assert!(ran(&first) && ran(&second), "{first} {second}");
+    assert_eq!(fake.calls(), 1, "the upstream saw one call");
+    assert_eq!(first["content"], second["content"]);
+    assert_eq!(second["_meta"]["tollgate/receipt"]["body"]["cached"], true, "{second}");
+    assert_eq!(before - app.balance(payer).await, U256::from(2 * PRICE));
+    // Act 2: past the TTL on the service clock, the answer is too old for either replica.
+    app.advance_time(51).await;
+    let third = pay_at(&b, "up_search", &args, &signed(&app, &b, "up_search", &args).await).await;
+    assert!(ran(&third), "{third}");
+    assert_eq!(third["_meta"]["tollgate/receipt"]["body"].get("cached"), None, "{third}");
+    assert_eq!(fake.calls(), 2);
+    sibling.shutdown().await;
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn while_an_upstream_is_paused_cached_answers_are_still_served_and_live_calls_refused() {
+    // Arrange: `search` cached for 60 s; `busy`'s answer pauses the upstream for 12 s.
+    let (fake, url) = FakeUpstream::start().await;
+    let app = app_selling(&url, |u, _| {
+        u.name = "saas-paused-cache".into();
+        u.free = vec!["busy".into(), "slow".into()];
+        u.tools.insert("search".into(), UpstreamToolConfig { cache_ttl_secs: 60, cached_price: None });
+    })
+    .await;
+    let url = app.mcp_url();
+    let payer = app.payer().address();
+    let (cached, other) = (json!({ "q": "cached" }), json!({ "q": "other" }));
+    let first = pay_at(&url, "up_search", &cached, &signed(&app, &url, "up_search", &cached).await).await;
+    let payment_for_other = signed(&app, &url, "up_search", &other).await;
+    let _ = app.sessionless().call_tool("up_busy", json!({}), None).await;
+    let calls_before = fake.calls();
+    let before = app.balance(payer).await;
+    // Act: during the pause, the cached call (challenge, then payment); a live paid call; a
+    // free live call.
+    let challenge = app.sessionless().call_tool("up_search", cached.clone(), None).await;
+    let paid_cached =
+        pay_at(&url, "up_search", &cached, &signed(&app, &url, "up_search", &cached).await).await;
+    let live = pay_at(&url, "up_search", &other, &payment_for_other).await;
+    let free_live = app.sessionless().call_tool("up_slow", json!({}), None).await;
+    // Assert: the cached answer is sold (the upstream is not asked); live calls are refused
+    // uncharged with the pause's retry time.
+    assert!(ran(&first), "{first}");
+    assert_eq!(challenge["structuredContent"]["accepts"][0]["amount"], PRICE.to_string(), "{challenge}");
+    assert!(ran(&paid_cached), "{paid_cached}");
+    assert_eq!(paid_cached["_meta"]["tollgate/receipt"]["body"]["cached"], true);
+    for refused in [&live, &free_live] {
+        assert_eq!(refusal(refused)["reason"], "paused", "{refused}");
+        assert_eq!(refusal(refused)["charged"], false);
+    }
+    assert_eq!(before - app.balance(payer).await, U256::from(PRICE), "only the cached answer was paid for");
+    assert_eq!(fake.calls(), calls_before, "the upstream was asked nothing during the pause");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn while_the_fleets_redis_is_down_calls_are_refused_uncharged_and_listings_still_answer() {
+    // Arrange: a fleet-mode upstream whose budget lives in a Redis the test can stop.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut redis = crate::limits::OwnRedis::start(port).await;
+    let (fake, url) = FakeUpstream::start().await;
+    let app = app_selling(&url, |u, c| {
+        u.name = "saas-redis-down".into();
+        c.limits.backend = LimitBackend::Redis;
+        c.limits.redis_url = format!("redis://127.0.0.1:{port}").into();
+    })
+    .await;
+    let args = json!({ "q": "x" });
+    let payment = signed(&app, &app.mcp_url(), "up_search", &args).await;
+    let before = app.balance(app.payer().address()).await;
+    // Act: Redis goes away; an agent lists the tools, reads the manifest, asks, and pays.
+    redis.stop().await;
+    let listed = app.sessionless().list_tools().await;
+    let well_known = reqwest::get(format!("{}/.well-known/x402", app.base_url())).await.unwrap();
+    let challenge = app.sessionless().call_tool("up_search", args.clone(), None).await;
+    let paid = pay_at(&app.mcp_url(), "up_search", &args, &payment).await;
+    // Assert: the calls are refused, uncharged, for a clear reason; listings still answer, and
+    // count as no refusal.
+    for refused in [&challenge, &paid] {
+        assert_eq!(refusal(refused)["reason"], "unavailable", "{refused}");
+        assert_eq!(refusal(refused)["charged"], false);
+    }
+    assert!(listed.iter().any(|t| t["name"] == "up_search"));
+    assert_eq!(well_known.status(), StatusCode::OK);
+    assert_eq!(app.balance(app.payer().address()).await, before);
+    assert_eq!(fake.calls(), 0);
+    let metrics = metrics(&app).await;
+    let unavailable = ["upstream=\"saas-redis-down\"", "reason=\"unavailable\""];
+    assert_eq!(series(&metrics, "tollgate_upstream_refusals_total", &unavailable), Some(2.0), "{metrics}");
     app.shutdown().await;
 }

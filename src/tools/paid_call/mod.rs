@@ -272,9 +272,12 @@ impl PaidCall {
             metrics::counter!("tollgate_calls_total", "tool" => tool, "kind" => "free").increment(1);
             return self.run_free(entry, &call.arguments).await.map(Paid::Free);
         };
-        // 4. No payment: the challenge; nobody is asked to sign for an upstream that is paused.
+        // 4. No payment: the challenge; nobody is asked to sign for an upstream that is paused,
+        // unless the call would be answered from the cache, which asks the upstream nothing.
         let Some(payment) = call.payment else {
-            if let Some(p) = &priced.protected {
+            if let Some(p) = &priced.protected
+                && self.protection.fresh(p).await.is_none()
+            {
                 self.protection.check_paused(&p.guard).await?;
             }
             metrics::counter!("tollgate_challenges_total", "tool" => tool).increment(1);
@@ -323,8 +326,8 @@ impl PaidCall {
             // 6a. The upstream's state and budget, or its cached answer, before the wallet
             // limits: a call the upstream refuses must not spend the payer's limits, and an
             // admission the limits then refuse is dropped unused (its quota unit given back).
+            // A pause refuses live calls only: a cached answer asks the upstream nothing.
             if let Some(p) = &priced.protected {
-                self.protection.check_paused(&p.guard).await?;
                 service = self.protection.serve(p, Some(quote.amount)).await?;
                 // A payment that covers only a cached answer never buys a live call: with the
                 // answer gone, the caller is quoted today's price, uncharged.
