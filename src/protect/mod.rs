@@ -197,18 +197,34 @@ impl Protection {
 
     /// Refuses while the upstream is paused, and while the fleet's pauses cannot be read.
     pub async fn check_paused(&self, guard: &UpstreamGuard) -> Result<(), UpstreamRefusal> {
+        match self.pause(guard).await? {
+            Some(paused) => Err(self.refused(paused)),
+            None => Ok(()),
+        }
+    }
+
+    /// Refuses a challenge while the upstream is paused, unless the call would be answered
+    /// from the cache, which asks the upstream nothing. The cache is read only during a pause:
+    /// challenges are free to ask for, and a cached answer can be large.
+    pub async fn check_challenge(&self, p: &Protected) -> Result<(), UpstreamRefusal> {
+        match self.pause(&p.guard).await? {
+            Some(paused) if self.fresh(p).await.is_none() => Err(self.refused(paused)),
+            _ => Ok(()),
+        }
+    }
+
+    /// The refusal a pause of the upstream makes now, not yet counted; `Err` when the fleet's
+    /// pauses cannot be read.
+    async fn pause(&self, guard: &UpstreamGuard) -> Result<Option<UpstreamRefusal>, UpstreamRefusal> {
         let now = self.clock.now_millis();
         let until = self.paused_until(guard).await.map_err(|e| {
             tracing::warn!(error = %e, upstream = %guard.name, "upstream budget (redis) unavailable");
             self.refused(UpstreamRefusal::Unavailable { upstream: guard.name.clone() })
         })?;
-        match until {
-            Some(until) if until > now => Err(self.refused(UpstreamRefusal::Paused {
-                upstream: guard.name.clone(),
-                retry_after_seconds: (until - now).div_ceil(1000),
-            })),
-            _ => Ok(()),
-        }
+        Ok(until.filter(|&until| until > now).map(|until| UpstreamRefusal::Paused {
+            upstream: guard.name.clone(),
+            retry_after_seconds: (until - now).div_ceil(1000),
+        }))
     }
 
     /// Until when (ms) the upstream is paused, if it is: this replica's knowledge, and in fleet
@@ -263,13 +279,19 @@ impl Protection {
                 Some(max_age) => self.cache.get(&p.key, self.clock.now_unix(), max_age).await,
                 None => None,
             };
-            // A miss is a call of a cached tool that goes to the upstream, whatever the reason.
-            let outcome = if found.is_some() { "hit" } else { "miss" };
-            metrics::counter!("tollgate_upstream_cache_total", "upstream" => name, "tool" => tool, "outcome" => outcome)
-                .increment(1);
+            let count = |outcome: &'static str| {
+                metrics::counter!("tollgate_upstream_cache_total", "upstream" => name, "tool" => tool, "outcome" => outcome)
+                    .increment(1)
+            };
             if let Some(answer) = found {
+                count("hit");
                 return Ok(Service::Cached(answer));
             }
+            // A miss is a call of a cached tool that goes to the upstream, whatever the reason;
+            // a call refused here reaches nothing, and is counted as a refusal.
+            let admission = self.admit(p).await?;
+            count("miss");
+            return Ok(Service::Live(Some(admission)));
         }
         self.admit(p).await.map(|a| Service::Live(Some(a)))
     }

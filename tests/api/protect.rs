@@ -641,7 +641,7 @@ async fn while_an_upstream_is_paused_cached_answers_are_still_served_and_live_ca
     let (fake, url) = FakeUpstream::start().await;
     let app = app_selling(&url, |u, _| {
         u.name = "saas-paused-cache".into();
-        u.free = vec!["busy".into(), "slow".into()];
+        u.free = vec!["busy".into()];
         u.tools.insert("search".into(), UpstreamToolConfig { cache_ttl_secs: 60, cached_price: None });
     })
     .await;
@@ -659,7 +659,7 @@ async fn while_an_upstream_is_paused_cached_answers_are_still_served_and_live_ca
     let paid_cached =
         pay_at(&url, "up_search", &cached, &signed(&app, &url, "up_search", &cached).await).await;
     let live = pay_at(&url, "up_search", &other, &payment_for_other).await;
-    let free_live = app.sessionless().call_tool("up_slow", json!({}), None).await;
+    let free_live = app.sessionless().call_tool("up_busy", json!({}), None).await;
     // Assert: the cached answer is sold (the upstream is not asked); live calls are refused
     // uncharged with the pause's retry time.
     assert!(ran(&first), "{first}");
@@ -672,6 +672,12 @@ async fn while_an_upstream_is_paused_cached_answers_are_still_served_and_live_ca
     }
     assert_eq!(before - app.balance(payer).await, U256::from(PRICE), "only the cached answer was paid for");
     assert_eq!(fake.calls(), calls_before, "the upstream was asked nothing during the pause");
+    let metrics = metrics(&app).await;
+    let cache = |outcome: &str| {
+        let outcome = format!("outcome=\"{outcome}\"");
+        series(&metrics, "tollgate_upstream_cache_total", &["upstream=\"saas-paused-cache\"", &outcome])
+    };
+    assert_eq!((cache("hit"), cache("miss")), (Some(1.0), Some(1.0)), "a refused call is no miss: {metrics}");
     app.shutdown().await;
 }
 

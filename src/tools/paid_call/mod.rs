@@ -275,10 +275,8 @@ impl PaidCall {
         // 4. No payment: the challenge; nobody is asked to sign for an upstream that is paused,
         // unless the call would be answered from the cache, which asks the upstream nothing.
         let Some(payment) = call.payment else {
-            if let Some(p) = &priced.protected
-                && self.protection.fresh(p).await.is_none()
-            {
-                self.protection.check_paused(&p.guard).await?;
+            if let Some(p) = &priced.protected {
+                self.protection.check_challenge(p).await?;
             }
             metrics::counter!("tollgate_challenges_total", "tool" => tool).increment(1);
             return Err(CallError::PaymentRequired);
