@@ -370,6 +370,16 @@ impl Protection {
         }
     }
 
+    /// Reads the throttle signals in the answer of a call that ran without an admission: a
+    /// payment that settled before its handler ran (a retry, or the recovery of one whose
+    /// request ended) runs whatever the upstream's state, since its money has moved, and what
+    /// the upstream answers it still pauses sales.
+    pub async fn observe_unadmitted(&self, upstream: &str, result: &CallToolResult) {
+        if let Some(guard) = self.upstreams.get(upstream) {
+            observe(guard, &self.shared, self.clock.now_millis(), result).await;
+        }
+    }
+
     /// Counts a refusal (by upstream and reason) on its way out.
     fn refused(&self, refusal: UpstreamRefusal) -> UpstreamRefusal {
         metrics::counter!("tollgate_upstream_refusals_total", "upstream" => refusal.upstream().to_owned(), "reason" => refusal.reason())
@@ -415,20 +425,7 @@ impl Admission {
     /// sales (fleet-wide in fleet mode). The slot is released when the admission is dropped.
     pub async fn observe(&mut self, result: &CallToolResult) {
         self.ran = true;
-        let guard = &self.protected.guard;
-        let now_ms = self.clock.now_millis();
-        let Some(signal) = throttle::signal(result, &guard.patterns, guard.pause_secs) else { return };
-        let until = now_ms + signal.pause_secs * 1000;
-        guard.paused_until_ms.fetch_max(until, Ordering::SeqCst);
-        metrics::counter!("tollgate_upstream_throttle_signals_total", "upstream" => guard.name.clone(), "signal" => signal.kind).increment(1);
-        metrics::gauge!("tollgate_upstream_paused_until_seconds", "upstream" => guard.name.clone())
-            .set((until / 1000) as f64);
-        tracing::warn!(upstream = %guard.name, signal = signal.kind, pause_secs = signal.pause_secs, "upstream throttled; its tools are paused");
-        if let Shared::Redis(r) = &*self.shared
-            && let Err(e) = r.extend_penalty(&pause_key(&guard.name), until, signal.pause_secs * 1000).await
-        {
-            tracing::warn!(error = %e, upstream = %guard.name, "could not share an upstream pause");
-        }
+        observe(&self.protected.guard, &self.shared, self.clock.now_millis(), result).await;
     }
 
     /// Keeps a cacheable answer (not an error) for the identical calls that follow. Called once
@@ -470,6 +467,23 @@ impl Drop for Admission {
                 }
             }
         }
+    }
+}
+
+/// Pauses the upstream's sales (fleet-wide in fleet mode) when `result` carries a throttle
+/// signal.
+async fn observe(guard: &UpstreamGuard, shared: &Shared, now_ms: u64, result: &CallToolResult) {
+    let Some(signal) = throttle::signal(result, &guard.patterns, guard.pause_secs) else { return };
+    let until = now_ms + signal.pause_secs * 1000;
+    guard.paused_until_ms.fetch_max(until, Ordering::SeqCst);
+    metrics::counter!("tollgate_upstream_throttle_signals_total", "upstream" => guard.name.clone(), "signal" => signal.kind).increment(1);
+    metrics::gauge!("tollgate_upstream_paused_until_seconds", "upstream" => guard.name.clone())
+        .set((until / 1000) as f64);
+    tracing::warn!(upstream = %guard.name, signal = signal.kind, pause_secs = signal.pause_secs, "upstream throttled; its tools are paused");
+    if let Shared::Redis(r) = shared
+        && let Err(e) = r.extend_penalty(&pause_key(&guard.name), until, signal.pause_secs * 1000).await
+    {
+        tracing::warn!(error = %e, upstream = %guard.name, "could not share an upstream pause");
     }
 }
 

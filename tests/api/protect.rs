@@ -717,3 +717,31 @@ async fn while_the_fleets_redis_is_down_calls_are_refused_uncharged_and_listings
     assert_eq!(series(&metrics, "tollgate_upstream_refusals_total", &unavailable), Some(2.0), "{metrics}");
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_call_paid_before_it_ran_still_pauses_sales_when_it_meets_the_throttle() {
+    // Arrange: blocks are mined when the test says so; settlement waits 1 s at most.
+    let (fake, url) = FakeUpstream::start().await;
+    let app = app_selling(&url, |u, c| {
+        u.name = "saas-paid-late".into();
+        c.payment.settle_timeout_secs = 1;
+    })
+    .await;
+    let args = json!({ "q": "late" });
+    let payment = signed(&app, &app.mcp_url(), "up_search", &args).await;
+    app.anvil_rpc("evm_setAutomine", json!([false])).await;
+    let pending = pay_at(&app.mcp_url(), "up_search", &args, &payment).await;
+    assert_eq!(pending["structuredContent"]["error"], "payment_confirmation_pending", "{pending}");
+    // Act: the transfer lands; the retry runs what was paid for, and meets a 429.
+    app.anvil_rpc("evm_mine", json!([])).await;
+    app.anvil_rpc("evm_setAutomine", json!([true])).await;
+    fake.throttled.store(true, Ordering::SeqCst);
+    let met = pay_at(&app.mcp_url(), "up_search", &args, &payment).await;
+    let next = app.sessionless().call_tool("up_search", json!({ "q": "next" }), None).await;
+    // Assert: the paid call ran (its money had moved), and the throttle it met stops sales.
+    assert_eq!(met["structuredContent"]["error"], "upstream_throttled", "{met}");
+    assert_eq!(met["_meta"]["tollgate/receipt"]["body"]["outcome"], "tool_error", "{met}");
+    assert_eq!(refusal(&next)["reason"], "paused", "{next}");
+    assert_eq!(refusal(&next)["retry_after_seconds"], 30);
+    app.shutdown().await;
+}

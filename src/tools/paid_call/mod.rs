@@ -536,14 +536,21 @@ impl PaidCall {
     }
 
     /// Runs the handler (bounded) under an upstream's admission, which sees the answer (its
-    /// throttle signals); the admission's slot stays held by the caller.
+    /// throttle signals); the admission's slot stays held by the caller. Without one (a call
+    /// paid before it ran), the upstream's throttle signals are read all the same.
     async fn run_admitted(
         &self,
         entry: &ToolEntry,
         args: &JsonObject,
         admission: Option<&mut crate::protect::Admission>,
     ) -> CallToolResult {
-        let Some(admission) = admission else { return self.run_bounded(entry, args).await };
+        let Some(admission) = admission else {
+            let result = self.run_bounded(entry, args).await;
+            if let Some((upstream, _)) = entry.upstream() {
+                self.protection.observe_unadmitted(upstream, &result).await;
+            }
+            return result;
+        };
         admission.started();
         let result = self.run_bounded(entry, args).await;
         admission.observe(&result).await;
