@@ -11,7 +11,7 @@ use axum::routing::{any, get};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
 use tower_http::limit::RequestBodyLimitLayer;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
@@ -39,7 +39,7 @@ pub fn router(app: Arc<AppState>, cancel: CancellationToken) -> Guarded {
     let routes = routes.layer(
         ServiceBuilder::new()
             // 0. Every request gets an id (kept if the client sent one) and a span carrying it.
-            .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+            .layer(SetRequestIdLayer::x_request_id(SequentialIds::new()))
             .layer(TraceLayer::new_for_http().make_span_with(request_span))
             .layer(PropagateRequestIdLayer::x_request_id())
             // Oversized bodies are refused before anything reads them.
@@ -55,6 +55,29 @@ pub fn router(app: Arc<AppState>, cancel: CancellationToken) -> Guarded {
     //    the body (probes, metrics and the public log are exempt): see `ceiling::guard`.
     Guarded::new(routes, app.ceiling.clone())
     // 2. transport (rmcp) → tools/call → paid_call (src/tools/paid_call.rs): steps 3–10.
+}
+
+/// Request ids: a prefix drawn at random once per process, then a counter. A UUID v4 per
+/// request cost a `getrandom` syscall each, on every request; an id need only be unique (across
+/// replicas and restarts: the prefix), not unguessable.
+#[derive(Clone)]
+struct SequentialIds {
+    prefix: Arc<str>,
+    next: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl SequentialIds {
+    fn new() -> SequentialIds {
+        let prefix = format!("{:016x}", rand::random::<u64>()).into();
+        SequentialIds { prefix, next: Default::default() }
+    }
+}
+
+impl MakeRequestId for SequentialIds {
+    fn make_request_id<B>(&mut self, _: &Request<B>) -> Option<RequestId> {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        header::HeaderValue::from_str(&format!("{}-{n:x}", self.prefix)).ok().map(RequestId::new)
+    }
 }
 
 fn request_span<B>(request: &Request<B>) -> tracing::Span {

@@ -28,7 +28,8 @@ pub const EXTRA_OFFER: &str = "offer";
 /// Makes and checks offer tags.
 #[derive(Clone)]
 pub struct Offers {
-    key: [u8; 32],
+    /// Keyed once: each tag clones it, instead of hashing the key's pads again per challenge.
+    mac: Hmac<Sha256>,
 }
 
 /// An earlier offer that the payment proved.
@@ -45,7 +46,8 @@ impl Offers {
         let mut h = Sha256::new();
         h.update(b"tollgate/offer-tag/v1\0");
         h.update(secret);
-        Offers { key: h.finalize().into() }
+        let key: [u8; 32] = h.finalize().into();
+        Offers { mac: Hmac::<Sha256>::new_from_slice(&key).expect("HMAC takes any key length") }
     }
 
     /// The offer for `quote` at these arguments, valid until `expires`.
@@ -88,7 +90,7 @@ impl Offers {
 
     fn tag(&self, quote: &Quote, amount: &str, args_hash: &str, expires: u64) -> String {
         let r = &quote.requirements;
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key length");
+        let mut mac = self.mac.clone();
         for part in [
             quote.tool.as_str(),
             args_hash,

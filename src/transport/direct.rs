@@ -22,7 +22,8 @@ use serde::{Deserialize, Serialize};
 
 use std::sync::Arc;
 
-use super::mcp::call_tool_reply;
+use super::mcp::{PAYMENT_SIGNATURE_HEADER, call_tool_reply};
+use crate::payment::wire::META_PAYMENT;
 use crate::state::AppState;
 use crate::tools::paid_call::Reply;
 use crate::tools::results;
@@ -84,10 +85,19 @@ pub async fn try_serve(
     {
         return Err((parts, body));
     }
-    // In a task of its own, as rmcp runs handlers: a client that hangs up mid-call does not
-    // cut the pipeline short between two of its steps.
-    let app = app.clone();
-    let ran = tokio::spawn(async move { call_tool_reply(&app, call.params, None, Some(&parts)).await }).await;
+    // A call that brings a payment runs in a task of its own, as rmcp runs handlers: a client
+    // that hangs up mid-call does not cut the pipeline short between two of its steps. One
+    // without (a challenge, a free call) holds nothing that outlives it (an upstream slot is
+    // given back when dropped), and skips a task's allocation, copy and cross-thread wake-up.
+    let pays = p.meta.as_ref().is_some_and(|m| m.get(META_PAYMENT).is_some())
+        || parts.headers.contains_key(PAYMENT_SIGNATURE_HEADER);
+    let ran = match pays {
+        true => {
+            let app = app.clone();
+            tokio::spawn(async move { call_tool_reply(&app, call.params, None, Some(&parts)).await }).await
+        }
+        false => Ok(call_tool_reply(app, call.params, None, Some(&parts)).await),
+    };
     let outcome = match ran {
         Ok(Ok(Reply::Challenge(quote))) => match results::challenge_json(&quote) {
             Some(result) => return Ok(challenge(&call.id, &result)),

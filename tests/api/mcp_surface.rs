@@ -198,7 +198,16 @@ async fn health_and_readiness_answer() {
     let ready = http.get(format!("{}/readyz", app.base_url())).send().await.unwrap();
     assert_eq!(health.status(), 200);
     assert_eq!(ready.status(), 200);
-    assert!(health.headers().contains_key("x-request-id"), "every response carries a request id");
+    let id = |r: &reqwest::Response| r.headers().get("x-request-id").map(|v| v.to_str().unwrap().to_owned());
+    assert!(id(&health).is_some(), "every response carries a request id");
+    assert_ne!(id(&health), id(&ready), "each its own");
+    let mine = http
+        .get(format!("{}/healthz", app.base_url()))
+        .header("x-request-id", "agent-7")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(id(&mine).as_deref(), Some("agent-7"), "a client's own id is kept");
     app.shutdown().await;
 }
 

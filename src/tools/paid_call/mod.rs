@@ -264,7 +264,7 @@ impl PaidCall {
         self: &Arc<Self>,
         entry: &Arc<ToolEntry>,
         priced: Option<&Priced>,
-        call: ToolCall,
+        mut call: ToolCall,
     ) -> Result<Paid, CallError> {
         let started = tokio::time::Instant::now();
         let tool = entry.tool.name.to_string();
@@ -274,13 +274,27 @@ impl PaidCall {
         };
         // 4. No payment: the challenge; nobody is asked to sign for an upstream that is paused,
         // unless the call would be answered from the cache, which asks the upstream nothing.
-        let Some(payment) = call.payment else {
+        let Some(payment) = call.payment.take() else {
             if let Some(p) = &priced.protected {
                 self.protection.check_challenge(p).await?;
             }
             metrics::counter!("tollgate_challenges_total", "tool" => tool).increment(1);
             return Err(CallError::PaymentRequired);
         };
+        // Boxed: the paid steps' state is large, and every challenge and free call would
+        // otherwise carry (and copy) it in its own future.
+        Box::pin(self.paid_steps(entry, priced, call, payment, started)).await
+    }
+
+    /// Steps 5–10 for a call that brings a payment.
+    async fn paid_steps(
+        self: &Arc<Self>,
+        entry: &Arc<ToolEntry>,
+        priced: &Priced,
+        call: ToolCall,
+        payment: PaymentInput,
+        started: tokio::time::Instant,
+    ) -> Result<Paid, CallError> {
         // 5. Local verification; from here on the payer is the recovered signer. A payment for
         // another amount than today's must bring an offer this server made for this very call.
         let (now, margin) = (self.clock.now_unix(), self.settings.valid_before_margin_secs);
