@@ -81,7 +81,14 @@ impl MakeRequestId for SequentialIds {
 }
 
 fn request_span<B>(request: &Request<B>) -> tracing::Span {
-    let request_id = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    // A client may send its own id: it is logged only when it looks like one (short, plain
+    // characters), so it cannot plant fields or lines in text logs.
+    let request_id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|id| id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b)))
+        .unwrap_or("(unprintable)");
     tracing::info_span!(
         "request",
         http.method = %request.method(),

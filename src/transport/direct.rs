@@ -14,13 +14,15 @@
 //! input (MRTR), an `Accept` or `Content-Type` rmcp would refuse, a `Host` it would check
 //! beyond an exact match, or any `Origin`.
 
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
 use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode, header, request::Parts};
 use axum::response::{IntoResponse, Response};
+use futures_util::FutureExt as _;
 use rmcp::model::{CallToolRequestParams, ProtocolVersion, RequestId};
 use serde::{Deserialize, Serialize};
-
-use std::sync::Arc;
 
 use super::mcp::{PAYMENT_SIGNATURE_HEADER, call_tool_reply};
 use crate::payment::wire::META_PAYMENT;
@@ -85,18 +87,25 @@ pub async fn try_serve(
     {
         return Err((parts, body));
     }
-    // A call that brings a payment runs in a task of its own, as rmcp runs handlers: a client
-    // that hangs up mid-call does not cut the pipeline short between two of its steps. One
-    // without (a challenge, a free call) holds nothing that outlives it (an upstream slot is
-    // given back when dropped), and skips a task's allocation, copy and cross-thread wake-up.
+    // A call that brings a payment, or reaches an upstream, runs in a task of its own, as
+    // rmcp runs handlers: a client that hangs up mid-call cuts no pipeline short between two
+    // of its steps, and frees no upstream slot while the upstream still works on the call.
+    // Any other (a challenge, a built-in free tool) holds nothing that outlives it, and skips a
+    // task's allocation, copy and cross-thread wake-up; a panic in it is still an answer.
     let pays = p.meta.as_ref().is_some_and(|m| m.get(META_PAYMENT).is_some())
         || parts.headers.contains_key(PAYMENT_SIGNATURE_HEADER);
-    let ran = match pays {
+    let upstream = app.catalog.current().get(p.name.as_ref()).is_some_and(|e| e.upstream().is_some());
+    let ran = match pays || upstream {
         true => {
             let app = app.clone();
-            tokio::spawn(async move { call_tool_reply(&app, call.params, None, Some(&parts)).await }).await
+            tokio::spawn(async move { call_tool_reply(&app, call.params, None, Some(&parts)).await })
+                .await
+                .map_err(drop)
         }
-        false => Ok(call_tool_reply(app, call.params, None, Some(&parts)).await),
+        false => AssertUnwindSafe(call_tool_reply(app, call.params, None, Some(&parts)))
+            .catch_unwind()
+            .await
+            .map_err(drop),
     };
     let outcome = match ran {
         Ok(Ok(Reply::Challenge(quote))) => match results::challenge_json(&quote) {

@@ -199,6 +199,16 @@ async fn a_fleet_of_three_runs_each_authorization_once_shares_limits_and_survive
         }
     };
     let row = tokio::time::timeout(Duration::from_secs(30), settling).await.expect("replica 0 is settling");
+    // The hash is recorded just before the broadcast: kill only once the node has the
+    // transaction, or the kill may land between the two (then nothing was sent, and the payment
+    // is rightly pending until it expires, uncharged: not what this step checks).
+    let tx = format!("{:#x}", row.tx_hash.unwrap());
+    let broadcast = async {
+        while app.anvil_rpc("eth_getTransactionByHash", json!([tx])).await["result"].is_null() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), broadcast).await.expect("replica 0 broadcast it");
     let (_, mut victim) = fleet.replicas.remove(0);
     victim.start_kill().unwrap();
     victim.wait().await.unwrap();

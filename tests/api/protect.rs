@@ -745,3 +745,43 @@ async fn a_call_paid_before_it_ran_still_pauses_sales_when_it_meets_the_throttle
     assert_eq!(refusal(&next)["retry_after_seconds"], 30);
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_caller_who_hangs_up_on_a_free_upstream_call_does_not_free_its_slot_while_the_upstream_works() {
+    // Arrange: one call at a time into the upstream; its tools free here.
+    let (fake, url) = FakeUpstream::start().await;
+    let app = app_selling(&url, |u, _| {
+        u.name = "saas-hang-up".into();
+        u.max_in_flight = 1;
+        u.free = vec!["slow".into(), "search".into()];
+    })
+    .await;
+    let body = json!({ "jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": { "name": "up_slow", "arguments": { "q": "x" } } });
+    let impatient = reqwest::Client::builder().timeout(Duration::from_millis(500)).build().unwrap();
+    // Act: a caller asks for the slow call and hangs up while the upstream works on it; then
+    // another caller asks.
+    let hung_up = impatient
+        .post(app.mcp_url())
+        .header("accept", "application/json, text/event-stream")
+        .json(&body)
+        .send()
+        .await;
+    assert!(hung_up.is_err(), "the caller gave up: {hung_up:?}");
+    assert_eq!(fake.started_slow.load(Ordering::SeqCst), 1, "the upstream has the call");
+    let meanwhile = app.sessionless().call_tool("up_search", json!({ "q": "y" }), None).await;
+    fake.release.add_permits(1);
+    let mut after = Value::Null;
+    for _ in 0..100 {
+        after = app.sessionless().call_tool("up_search", json!({ "q": "z" }), None).await;
+        if refusal(&after)["reason"] != "in_flight" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Assert: the slot stayed taken while the upstream worked, and came back when it answered.
+    assert_eq!(refusal(&meanwhile)["reason"], "in_flight", "{meanwhile}");
+    assert!(after["content"][0]["text"].as_str().is_some_and(|t| t.starts_with("results for z")), "{after}");
+    assert_eq!(fake.calls(), 2, "the slow call and the last one; the refused call never reached it");
+    app.shutdown().await;
+}
