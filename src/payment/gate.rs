@@ -313,17 +313,6 @@ impl PaymentGate {
         }
     }
 
-    /// Step 8: chain checks, submission and confirmation, before any handler runs.
-    pub async fn settle(
-        &self,
-        row: &PaymentRecord,
-        v: &VerifiedPayment,
-        quote: &Quote,
-    ) -> Result<Settlement, PaymentError> {
-        let checks = self.check_chain(v).await;
-        self.settle_checked(row, v, quote, checks, Lease::Leave).await
-    }
-
     /// The chain checks settlement starts from: is the authorization already used, does the
     /// payer hold the price, and the head (where log searches start), beside what the settler
     /// reads ahead. They only read, so a caller may ask them while the claim is being written.

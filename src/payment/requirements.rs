@@ -78,6 +78,19 @@ pub struct PayTerms {
     pub max_timeout_seconds: u64,
 }
 
+/// The terms unit tests quote under: a local chain, a made-up token and payee.
+#[cfg(test)]
+pub(crate) fn test_terms() -> PayTerms {
+    let network = Network {
+        caip2: "eip155:31337".into(),
+        chain_id: 31337,
+        asset: Address::repeat_byte(0xaa),
+        eip712_name: "USD Coin".into(),
+        eip712_version: "2".into(),
+    };
+    PayTerms { network, pay_to: Address::repeat_byte(0xbb), max_timeout_seconds: 300 }
+}
+
 impl Quote {
     pub fn new(
         terms: &PayTerms,

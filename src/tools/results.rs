@@ -273,21 +273,11 @@ pub fn limited(error: &LimitError) -> CallToolResult {
 
 #[cfg(test)]
 mod tests {
-    use alloy::primitives::Address;
-
     use super::*;
-    use crate::chain::Network;
-    use crate::payment::requirements::PayTerms;
+    use crate::payment::requirements::test_terms;
 
     fn quote(description: &str) -> Quote {
-        let network = Network {
-            caip2: "eip155:31337".into(),
-            chain_id: 31337,
-            asset: Address::repeat_byte(0xaa),
-            eip712_name: "USD Coin".into(),
-            eip712_version: "2".into(),
-        };
-        let terms = PayTerms { network, pay_to: Address::repeat_byte(0xbb), max_timeout_seconds: 300 };
+        let terms = test_terms();
         let schema = json!({ "type": "object", "properties": { "q": { "type": "string" } } });
         let schema = schema.as_object().unwrap();
         Quote::new(&terms, "search", description, schema, crate::money::UsdcAmount::from_atomic(1000))

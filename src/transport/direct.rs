@@ -92,10 +92,10 @@ pub async fn try_serve(
     // of its steps, and frees no upstream slot while the upstream still works on the call.
     // Any other (a challenge, a built-in free tool) holds nothing that outlives it, and skips a
     // task's allocation, copy and cross-thread wake-up; a panic in it is still an answer.
-    let pays = p.meta.as_ref().is_some_and(|m| m.get(META_PAYMENT).is_some())
-        || parts.headers.contains_key(PAYMENT_SIGNATURE_HEADER);
-    let upstream = app.catalog.current().get(p.name.as_ref()).is_some_and(|e| e.upstream().is_some());
-    let ran = match pays || upstream {
+    let own_task = p.meta.as_ref().is_some_and(|m| m.get(META_PAYMENT).is_some())
+        || parts.headers.contains_key(PAYMENT_SIGNATURE_HEADER)
+        || app.catalog.current().get(p.name.as_ref()).is_some_and(|e| e.upstream().is_some());
+    let ran = match own_task {
         true => {
             let app = app.clone();
             tokio::spawn(async move { call_tool_reply(&app, call.params, None, Some(&parts)).await })

@@ -305,14 +305,7 @@ async fn a_payload_rebuilt_from_calldata_buys_nothing_for_other_arguments() {
     // Arrange: the victim pays for one call.
     let app = spawn_app_with(|c| {
         // One paid request per payer per window: replays must not spend it.
-        let rule = tollgate::config::LimitRule {
-            axis: tollgate::config::Axis::Wallet,
-            window_secs: 3600,
-            requests: 1,
-            spend: None,
-            tool: String::new(),
-        };
-        c.limits.rules = vec![rule];
+        c.limits.rules = vec![crate::helpers::wallet_limit(1, 3600)];
     })
     .await;
     let payer = app.payer();

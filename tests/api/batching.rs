@@ -111,6 +111,11 @@ fn served(result: &Value) -> bool {
     result["isError"] == json!(false) && result["_meta"]["x402/payment-response"]["success"] == json!(true)
 }
 
+/// An answer that names no settlement: nothing was paid for it.
+fn no_settlement(answer: &Value) -> bool {
+    answer.get("_meta").and_then(|m| m.get("x402/payment-response")).is_none()
+}
+
 #[tokio::test]
 async fn payments_that_arrive_while_one_is_in_flight_share_the_next_transaction_each_paid_by_its_own_logs() {
     // Arrange: a first payment's settlement waits in the mempool.
@@ -186,7 +191,7 @@ async fn a_payer_who_empties_their_wallet_before_the_round_is_refused_alone_and_
     assert!(served(&second.await.unwrap()));
     let refused = drained.await.unwrap();
     assert_eq!(refused["structuredContent"]["error"], "invalid_exact_evm_insufficient_balance", "{refused}");
-    assert!(refused.get("_meta").and_then(|m| m.get("x402/payment-response")).is_none());
+    assert!(no_settlement(&refused), "{refused}");
     assert_eq!(app.runs(), 2);
     assert_eq!(app.balance(pay_to).await, U256::from(2 * COUNTED_PRICE), "the drainer paid nothing to us");
     app.shutdown().await;
@@ -221,7 +226,7 @@ async fn a_payment_spoiled_after_its_batch_was_simulated_fails_alone_and_says_wh
     // Tried again alone, its own simulation names the reason: nothing moved, nothing ran.
     let unpaid = third.await.unwrap();
     assert_eq!(unpaid["structuredContent"]["error"], "invalid_exact_evm_insufficient_balance", "{unpaid}");
-    assert!(unpaid.get("_meta").and_then(|m| m.get("x402/payment-response")).is_none(), "{unpaid}");
+    assert!(no_settlement(&unpaid), "{unpaid}");
     assert_eq!(app.runs(), 2);
     assert_eq!(app.balance(pay_to).await, U256::from(2 * COUNTED_PRICE));
     app.shutdown().await;
@@ -258,11 +263,19 @@ async fn a_payer_whose_code_burns_the_gas_of_a_mined_batch_sinks_only_their_own_
     }
     let refused = burnt.await.unwrap();
     assert_eq!(refused["isError"], true, "{refused}");
-    assert!(refused.get("_meta").and_then(|m| m.get("x402/payment-response")).is_none(), "{refused}");
+    assert!(no_settlement(&refused), "{refused}");
     assert_eq!(app.runs(), 3);
     assert_eq!(app.balance(pay_to).await, U256::from(3 * COUNTED_PRICE));
     assert_eq!(app.balance(burner.address()).await, U256::from(3 * COUNTED_PRICE), "the burner paid nothing");
     app.shutdown().await;
+}
+
+/// A payer funded with `amount` whose address holds `code` (runtime bytecode, hex), as an
+/// EIP-7702 delegation makes it.
+async fn payer_with_code(app: &TestApp, amount: u64, code: &str) -> PrivateKeySigner {
+    let payer = funded_payer(app, amount).await;
+    app.anvil_rpc("anvil_setCode", json!([payer.address(), code])).await;
+    payer
 }
 
 /// The relayer's transactions so far (its nonce): what tollgate broadcast, mined or not.
@@ -277,18 +290,17 @@ async fn a_payer_whose_code_needs_more_gas_than_the_cap_is_refused_before_anythi
     // any signature after burning ~430k gas: enough gas and the transfer succeeds, but more than
     // a plain payment's cap. A simulation ahead of time without the cap would pass it.
     let app = spawn_app().await;
-    let heavy = funded_payer(&app, 3 * COUNTED_PRICE).await;
     // PUSH2 0x4000; loop: JUMPDEST PUSH1 1 SWAP1 SUB DUP1 PUSH1 3 JUMPI; POP;
     // mstore(0, 0x1626ba7e << 224); return(0, 32)
     let burn_then_vouch = "0x6140005b600190038060035750631626ba7e60e01b60005260206000f3";
-    app.anvil_rpc("anvil_setCode", json!([heavy.address(), burn_then_vouch])).await;
+    let heavy = payer_with_code(&app, 3 * COUNTED_PRICE, burn_then_vouch).await;
     let requirements = app.requirements("counted", json!({})).await;
     let sent_before = relayer_sent(&app).await;
     // Act: it pays alone, with nothing in flight.
     let refused = app.pay("counted", json!({}), &app.sign(&heavy, &requirements)).await;
     // Assert: refused for the cap, uncharged, and no transaction of ours went out to revert.
     assert_eq!(refused["structuredContent"]["error"], "settlement_gas_exceeds_cap", "{refused}");
-    assert!(refused.get("_meta").and_then(|m| m.get("x402/payment-response")).is_none(), "{refused}");
+    assert!(no_settlement(&refused), "{refused}");
     assert_eq!(relayer_sent(&app).await, sent_before, "nothing broadcast");
     assert_eq!(app.runs(), 0);
     assert_eq!(app.balance(heavy.address()).await, U256::from(3 * COUNTED_PRICE));
@@ -302,18 +314,17 @@ async fn a_payer_whose_code_vouches_only_in_simulations_burns_no_more_of_our_gas
     // the gas it is given in a real transaction. No simulation can catch it; what it costs us is
     // the transaction's gas limit.
     let app = spawn_app().await;
-    let tricky = funded_payer(&app, 3 * COUNTED_PRICE).await;
     // GASPRICE; PUSH1 0x14; JUMPI; mstore(0, 0x1626ba7e << 224); return(0, 32);
     // 0x14: JUMPDEST PUSH1 0x14 JUMP (loop until out of gas)
     let vouch_only_when_free = "0x3a601457631626ba7e60e01b60005260206000f35b601456";
-    app.anvil_rpc("anvil_setCode", json!([tricky.address(), vouch_only_when_free])).await;
+    let tricky = payer_with_code(&app, 3 * COUNTED_PRICE, vouch_only_when_free).await;
     let requirements = app.requirements("counted", json!({})).await;
     // Act
     let answer = app.pay("counted", json!({}), &app.sign(&tricky, &requirements)).await;
     // Assert: nothing ran, nothing moved; our transaction carried the estimate's limit, not the
     // 300k cap a simulation ahead of time would have let it take (its simulation is not trusted
     // for a payer with code).
-    assert!(answer.get("_meta").and_then(|m| m.get("x402/payment-response")).is_none(), "{answer}");
+    assert!(no_settlement(&answer), "{answer}");
     assert_eq!(app.runs(), 0);
     assert_eq!(app.balance(tricky.address()).await, U256::from(3 * COUNTED_PRICE));
     let tx: B256 =

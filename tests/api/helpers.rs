@@ -44,6 +44,12 @@ pub async fn anvil_ready() {
 pub const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
 /// A fresh, uniquely named schema name.
+/// A wallet limit: `requests` paid calls per payer per `window_secs`, on every tool.
+pub fn wallet_limit(requests: u64, window_secs: u64) -> tollgate::config::LimitRule {
+    let axis = tollgate::config::Axis::Wallet;
+    tollgate::config::LimitRule { axis, window_secs, requests, spend: None, tool: String::new() }
+}
+
 pub fn fresh_schema() -> String {
     format!("t_{}", hex::encode(rand::random::<[u8; 8]>()))
 }

@@ -134,6 +134,11 @@ async fn pay_at(url: &str, tool: &str, args: &Value, meta: &Value) -> Value {
     crate::helpers::Mcp::sessionless(url).call_tool(tool, args.clone(), Some(meta.clone())).await
 }
 
+/// A call of `tool` at `url`, paid by the demo payer from a challenge asked just before.
+async fn pay_afresh(app: &TestApp, url: &str, tool: &str, args: &Value) -> Value {
+    pay_at(url, tool, args, &signed(app, url, tool, args).await).await
+}
+
 async fn metrics(app: &TestApp) -> String {
     reqwest::get(format!("{}/metrics", app.base_url())).await.unwrap().text().await.unwrap()
 }
@@ -153,6 +158,13 @@ fn ran(answer: &Value) -> bool {
 
 fn refusal(answer: &Value) -> &Value {
     &answer["structuredContent"]
+}
+
+/// A refusal because the upstream is paused, naming `retry_after_seconds`.
+#[track_caller]
+fn assert_paused(answer: &Value, retry_after_seconds: u64) {
+    assert_eq!(refusal(answer)["reason"], "paused", "{answer}");
+    assert_eq!(refusal(answer)["retry_after_seconds"], retry_after_seconds, "{answer}");
 }
 
 #[tokio::test]
@@ -209,8 +221,7 @@ async fn a_tool_error_carrying_retry_after_seconds_pauses_the_upstream() {
     let busy = app.sessionless().call_tool("up_busy", json!({}), None).await;
     let next = app.sessionless().call_tool("up_search", json!({ "q": "x" }), None).await;
     assert_eq!(busy["structuredContent"]["retry_after_seconds"], 12, "{busy}");
-    assert_eq!(refusal(&next)["reason"], "paused", "{next}");
-    assert_eq!(refusal(&next)["retry_after_seconds"], 12);
+    assert_paused(&next, 12);
     app.shutdown().await;
 }
 
@@ -344,8 +355,7 @@ async fn a_quota_of_three_and_a_pause_are_shared_by_two_replicas_through_redis()
     let _ = app.sessionless().call_tool("up_busy", json!({}), None).await;
     let on_sibling =
         crate::helpers::Mcp::sessionless(&b).call_tool("up_search", json!({ "q": "z" }), None).await;
-    assert_eq!(refusal(&on_sibling)["reason"], "paused", "{on_sibling}");
-    assert_eq!(refusal(&on_sibling)["retry_after_seconds"], 30);
+    assert_paused(&on_sibling, 30);
     sibling.shutdown().await;
     app.shutdown().await;
 }
@@ -421,8 +431,7 @@ async fn a_stdio_upstream_error_matching_a_throttle_pattern_pauses_its_tools() {
     let next = app.sessionless().call_tool("up_reverse", json!({ "text": "b" }), None).await;
     // Assert: the priced tool is refused before anyone is asked to pay, with the named time.
     assert_eq!(hit["isError"], true, "{hit}");
-    assert_eq!(refusal(&next)["reason"], "paused", "{next}");
-    assert_eq!(refusal(&next)["retry_after_seconds"], 30);
+    assert_paused(&next, 30);
     assert_eq!(refusal(&next)["charged"], false);
     assert_eq!(crate::upstream::calls(&calls_file), ["limited"], "reverse never reached the upstream");
     assert_eq!(app.balance(app.payer().address()).await, before);
@@ -465,25 +474,18 @@ async fn a_call_refused_for_the_upstreams_quota_does_not_spend_the_payers_wallet
     let (fake, url) = FakeUpstream::start().await;
     let app = app_selling(&url, |u, c| {
         u.quota = Some(QuotaConfig { requests: 1, window_secs: 60 });
-        let rule = tollgate::config::LimitRule {
-            axis: tollgate::config::Axis::Wallet,
-            window_secs: 3600,
-            requests: 2,
-            spend: None,
-            tool: String::new(),
-        };
-        c.limits.rules = vec![rule];
+        c.limits.rules = vec![crate::helpers::wallet_limit(2, 3600)];
     })
     .await;
     let url = app.mcp_url();
     let payer = app.payer().address();
     let before = app.balance(payer).await;
     let call = |i: usize| json!({ "q": format!("q{i}") });
-    let first = pay_at(&url, "up_search", &call(1), &signed(&app, &url, "up_search", &call(1)).await).await;
+    let first = pay_afresh(&app, &url, "up_search", &call(1)).await;
     // Act: the second call meets the upstream's spent quota; a minute later, a third.
-    let second = pay_at(&url, "up_search", &call(2), &signed(&app, &url, "up_search", &call(2)).await).await;
+    let second = pay_afresh(&app, &url, "up_search", &call(2)).await;
     app.advance_time(61).await;
-    let third = pay_at(&url, "up_search", &call(3), &signed(&app, &url, "up_search", &call(3)).await).await;
+    let third = pay_afresh(&app, &url, "up_search", &call(3)).await;
     // Assert: the refusal was the upstream's, uncharged, and left the payer's limit whole, so
     // the third call is the payer's second of the hour and runs.
     assert!(ran(&first), "{first}");
@@ -512,7 +514,7 @@ async fn an_upstream_slot_taken_by_a_payment_that_could_not_settle_is_given_back
     // Act: the unfunded payment takes the slot, then fails its settlement checks; then an
     // honest payer calls.
     let refused = pay_at(&url, "up_search", &args, &broke).await;
-    let honest = pay_at(&url, "up_search", &args, &signed(&app, &url, "up_search", &args).await).await;
+    let honest = pay_afresh(&app, &url, "up_search", &args).await;
     // Assert: the failure released the slot on its way out, so the honest call ran.
     assert_eq!(refusal(&refused)["error"], "invalid_exact_evm_insufficient_balance", "{refused}");
     assert!(ran(&honest), "the slot was given back: {honest}");
@@ -542,8 +544,7 @@ async fn a_call_charged_before_it_ran_that_meets_the_throttle_is_receipted_as_a_
     assert_eq!(met["_meta"]["tollgate/receipt"]["body"]["outcome"], "tool_error", "{met}");
     assert_eq!(before - app.balance(payer).await, U256::from(PRICE));
     // Sales stop before payment; operators see until when, and why calls were refused.
-    assert_eq!(refusal(&next)["reason"], "paused", "{next}");
-    assert_eq!(refusal(&next)["retry_after_seconds"], 30);
+    assert_paused(&next, 30);
     let upstream = ["upstream=\"saas-before-run\""];
     let until = series(&metrics, "tollgate_upstream_paused_until_seconds", &upstream);
     assert_eq!(until, Some(((paused_at_ms + 30_000) / 1000) as f64), "{metrics}");
@@ -574,9 +575,9 @@ async fn an_upstream_slot_comes_back_after_an_uncharged_tool_error_and_after_a_t
     let before = app.balance(payer).await;
     let (q1, q2, q3) = (json!({ "q": "1" }), json!({ "q": "2" }), json!({ "q": "3" }));
     // Act: a tool error; a call the upstream never answers; then an ordinary call.
-    let failed = pay_at(&url, "up_fails", &q1, &signed(&app, &url, "up_fails", &q1).await).await;
-    let cut = pay_at(&url, "up_slow", &q2, &signed(&app, &url, "up_slow", &q2).await).await;
-    let after = pay_at(&url, "up_search", &q3, &signed(&app, &url, "up_search", &q3).await).await;
+    let failed = pay_afresh(&app, &url, "up_fails", &q1).await;
+    let cut = pay_afresh(&app, &url, "up_slow", &q2).await;
+    let after = pay_afresh(&app, &url, "up_search", &q3).await;
     // Assert: neither failure was charged, and each gave its slot back, so the third call ran.
     assert_eq!(
         (failed["isError"].clone(), failed["_meta"]["tollgate/charged"].clone()),
@@ -616,9 +617,9 @@ async fn a_cached_answer_is_shared_by_two_replicas_through_redis() {
     let args = json!({ "q": "weather in Lisbon" });
     let before = app.balance(payer).await;
     // Act: the first call on one replica, the same call on the other.
-    let first = pay_at(&a, "up_search", &args, &signed(&app, &a, "up_search", &args).await).await;
+    let first = pay_afresh(&app, &a, "up_search", &args).await;
     app.advance_time(10).await;
-    let second = pay_at(&b, "up_search", &args, &signed(&app, &b, "up_search", &args).await).await;
+    let second = pay_afresh(&app, &b, "up_search", &args).await;
     // Assert: one upstream call; both paid; the other replica answered from the shared cache.
     assert!(ran(&first) && ran(&second), "{first} {second}");
     assert_eq!(fake.calls(), 1, "the upstream saw one call");
@@ -627,7 +628,7 @@ async fn a_cached_answer_is_shared_by_two_replicas_through_redis() {
     assert_eq!(before - app.balance(payer).await, U256::from(2 * PRICE));
     // Act 2: past the TTL on the service clock, the answer is too old for either replica.
     app.advance_time(51).await;
-    let third = pay_at(&b, "up_search", &args, &signed(&app, &b, "up_search", &args).await).await;
+    let third = pay_afresh(&app, &b, "up_search", &args).await;
     assert!(ran(&third), "{third}");
     assert_eq!(third["_meta"]["tollgate/receipt"]["body"].get("cached"), None, "{third}");
     assert_eq!(fake.calls(), 2);
@@ -648,7 +649,7 @@ async fn while_an_upstream_is_paused_cached_answers_are_still_served_and_live_ca
     let url = app.mcp_url();
     let payer = app.payer().address();
     let (cached, other) = (json!({ "q": "cached" }), json!({ "q": "other" }));
-    let first = pay_at(&url, "up_search", &cached, &signed(&app, &url, "up_search", &cached).await).await;
+    let first = pay_afresh(&app, &url, "up_search", &cached).await;
     let payment_for_other = signed(&app, &url, "up_search", &other).await;
     let _ = app.sessionless().call_tool("up_busy", json!({}), None).await;
     let calls_before = fake.calls();
@@ -656,8 +657,7 @@ async fn while_an_upstream_is_paused_cached_answers_are_still_served_and_live_ca
     // Act: during the pause, the cached call (challenge, then payment); a live paid call; a
     // free live call.
     let challenge = app.sessionless().call_tool("up_search", cached.clone(), None).await;
-    let paid_cached =
-        pay_at(&url, "up_search", &cached, &signed(&app, &url, "up_search", &cached).await).await;
+    let paid_cached = pay_afresh(&app, &url, "up_search", &cached).await;
     let live = pay_at(&url, "up_search", &other, &payment_for_other).await;
     let free_live = app.sessionless().call_tool("up_busy", json!({}), None).await;
     // Assert: the cached answer is sold (the upstream is not asked); live calls are refused
@@ -741,8 +741,7 @@ async fn a_call_paid_before_it_ran_still_pauses_sales_when_it_meets_the_throttle
     // Assert: the paid call ran (its money had moved), and the throttle it met stops sales.
     assert_eq!(met["structuredContent"]["error"], "upstream_throttled", "{met}");
     assert_eq!(met["_meta"]["tollgate/receipt"]["body"]["outcome"], "tool_error", "{met}");
-    assert_eq!(refusal(&next)["reason"], "paused", "{next}");
-    assert_eq!(refusal(&next)["retry_after_seconds"], 30);
+    assert_paused(&next, 30);
     app.shutdown().await;
 }
 

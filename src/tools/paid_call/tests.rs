@@ -12,7 +12,6 @@ use rmcp::model::{CallToolResult, JsonObject};
 use serde_json::json;
 
 use super::{CallError, CallSettings, Paid, PaidCall, ToolCall};
-use crate::chain::Network;
 use crate::chain::client::{
     AuthEffect, Chain, ChainError, ExpectedTransfer, Head, Spent, SpentQuery, TxStatus,
 };
@@ -22,7 +21,6 @@ use crate::money::UsdcAmount;
 use crate::payment::decode::PaymentInput;
 use crate::payment::gate::PaymentGate;
 use crate::payment::gate::args_hash;
-use crate::payment::requirements::PayTerms;
 use crate::payment::settle::{SettleError, SettleRequest, Settler, Submitted, TxRecorder};
 use crate::payment::{Money, PaymentError};
 use crate::receipt::{ReceiptSigner, Receipts};
@@ -265,15 +263,8 @@ async fn harness(settler: impl FnOnce(Arc<FakeChain>) -> FakeSettler) -> Harness
     let store = Arc::new(Flaky { inner, refuse_receipts: AtomicBool::new(false) });
     let chain = Arc::new(FakeChain::default());
     let clock = ManualClock::new(NOW);
-    let network = Network {
-        caip2: "eip155:31337".into(),
-        chain_id: 31337,
-        asset: Address::repeat_byte(0xaa),
-        eip712_name: "USD Coin".into(),
-        eip712_version: "2".into(),
-    };
-    let terms =
-        PayTerms { network: network.clone(), pay_to: Address::repeat_byte(0xbb), max_timeout_seconds: 300 };
+    let terms = crate::payment::requirements::test_terms();
+    let network = terms.network.clone();
     let (runs, hold) = (Arc::new(AtomicUsize::new(0)), Arc::new(tokio::sync::Semaphore::new(1)));
     let mut catalog = Catalog::default();
     let handler = Arc::new(Counted { runs: runs.clone(), hold: hold.clone() });
@@ -319,6 +310,22 @@ async fn harness(settler: impl FnOnce(Arc<FakeChain>) -> FakeSettler) -> Harness
 }
 
 impl Harness {
+    /// Claims `payment` (no arguments) and settles it, as steps 7–8 do, leaving the handler
+    /// unrun: the state a paid call is in when its request dies right after the settlement.
+    async fn claim_and_settle(&self, payment: &PaymentInput) -> PaymentRecord {
+        let quote = self.entry.quote.as_ref().unwrap();
+        let verified = crate::payment::verify::verify(payment, quote, &self.paid.domain, NOW, 6).unwrap();
+        let gate = &self.paid.gate;
+        let args = JsonObject::new();
+        let claimed = gate.claim(&verified, quote, &args, &args_hash(&args), &Default::default()).await;
+        let crate::payment::gate::Claimed::Fresh(row) = claimed.unwrap() else { panic!("fresh claim") };
+        let checks = gate.check_chain(&verified).await;
+        gate.settle_checked(&row, &verified, quote, checks, crate::payment::gate::Lease::Leave)
+            .await
+            .unwrap();
+        row
+    }
+
     fn payment(&self) -> PaymentInput {
         let requirements = &self.entry.quote.as_ref().unwrap().requirements;
         let params = SignParams::standard(self.clock.now_unix(), 300);
@@ -404,20 +411,7 @@ async fn a_retry_while_the_handler_runs_is_in_progress_and_never_runs_it_twice()
 async fn a_paid_call_whose_tool_was_withdrawn_ends_in_a_receipt_that_says_so() {
     // Arrange: settled, then its request died before the handler ran.
     let h = harness(mines).await;
-    let PaymentInput::Meta(payload) = h.payment() else { unreachable!() };
-    let quote = h.entry.quote.as_ref().unwrap();
-    let domain = h.paid.domain.clone();
-    let verified =
-        crate::payment::verify::verify(&PaymentInput::Meta(payload), quote, &domain, NOW, 6).unwrap();
-    let gate = &h.paid.gate;
-    let crate::payment::gate::Claimed::Fresh(row) = gate
-        .claim(&verified, quote, &JsonObject::new(), &args_hash(&JsonObject::new()), &Default::default())
-        .await
-        .unwrap()
-    else {
-        panic!("fresh claim")
-    };
-    gate.settle(&row, &verified, quote).await.unwrap();
+    let row = h.claim_and_settle(&h.payment()).await;
     h.clock.advance(31);
     // While an upstream may still bring the tool back (a catalog not yet complete), the call
     // is left alone rather than closed as withdrawn.
@@ -475,19 +469,7 @@ async fn a_replay_between_the_receipt_and_the_stored_answer_is_in_progress() {
     // stored yet: the window a concurrent replay can land in.
     let h = harness(mines).await;
     let payment = h.payment();
-    let PaymentInput::Meta(payload) = payment.clone() else { unreachable!() };
-    let quote = h.entry.quote.as_ref().unwrap();
-    let verified =
-        crate::payment::verify::verify(&PaymentInput::Meta(payload), quote, &h.paid.domain, NOW, 6).unwrap();
-    let gate = &h.paid.gate;
-    let crate::payment::gate::Claimed::Fresh(row) = gate
-        .claim(&verified, quote, &JsonObject::new(), &args_hash(&JsonObject::new()), &Default::default())
-        .await
-        .unwrap()
-    else {
-        panic!("fresh claim")
-    };
-    gate.settle(&row, &verified, quote).await.unwrap();
+    let row = h.claim_and_settle(&payment).await;
     assert!(h.store.start_handler(row.id, None, NOW as i64).await.unwrap());
     let sign = |_: &crate::store::ReceiptSlot| crate::store::NewReceipt {
         body: "{}".into(),
