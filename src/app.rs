@@ -28,7 +28,7 @@ use crate::payment::gate::PaymentGate;
 use crate::payment::reconcile::Reconciler;
 use crate::payment::refund::Refunder;
 use crate::payment::requirements::PayTerms;
-use crate::payment::settle::{FacilitatorAuth, FacilitatorSettler, SelfSettler, Settler};
+use crate::payment::settle::{Batching, FacilitatorAuth, FacilitatorSettler, SelfSettler, Settler};
 use crate::protect::Protection;
 use crate::store::{self, Store};
 use crate::tools::builtin::{self, Builtin};
@@ -253,7 +253,8 @@ fn payment_gate(
     let settler: Arc<dyn Settler> = match p.settler {
         SettlerKind::SelfRelay => {
             let key = secret_opt(&p.relayer_key).context("payment.relayer_key")?;
-            Arc::new(SelfSettler::new(&rpc_urls, parse_private_key(key)?, network.asset, p.batch_max)?)
+            let batching = Batching { max: p.batch_max, hold: Duration::from_millis(p.batch_hold_ms) };
+            Arc::new(SelfSettler::new(&rpc_urls, parse_private_key(key)?, network.asset, batching)?)
         }
         SettlerKind::Facilitator => Arc::new(facilitator_settler(config)?),
     };

@@ -444,6 +444,9 @@ pub struct PaymentConfig {
     /// With settler = "self": most payments one settlement transaction carries (Multicall3
     /// `aggregate3`) when they arrive while another is in flight; 1 sends each alone.
     pub batch_max: usize,
+    /// With settler = "self": how long (ms) the next round waits behind a lone payment in
+    /// flight, so a burst right behind it gathers into one transaction.
+    pub batch_hold_ms: u64,
     /// Below this relayer balance (wei) the server reports unready: it could not settle.
     #[serde(deserialize_with = "whole_number")]
     pub min_relayer_balance_wei: u128,
@@ -714,6 +717,12 @@ impl Config {
                 "must be from 1 (no batching) to 1000 (a batch must fit in one block)",
             ));
         }
+        if p.batch_hold_ms >= p.settle_timeout_secs * 1000 {
+            return Err(invalid(
+                "payment.batch_hold_ms",
+                "must be below payment.settle_timeout_secs (payments held behind it must still settle in time)",
+            ));
+        }
         if let Some(key) = secret_opt(&p.relayer_key) {
             // The shape only; the key itself is parsed (once) where the settler is built.
             let hex = key.trim().trim_start_matches("0x");
@@ -939,6 +948,7 @@ mod tests {
             ("[payment]\npay_to = \"nope\"", "payment.pay_to"),
             ("[payment]\nmax_timeout_seconds = 1", "payment.max_timeout_seconds"),
             ("[payment]\nconfirmations = 0", "payment.confirmations"),
+            ("[payment]\nbatch_hold_ms = 30000", "payment.batch_hold_ms"),
             ("[payment]\nrelayer_key = \"0x1234\"", "payment.relayer_key"),
             ("[payment]\nsettler = \"facilitator\"", "payment.facilitator.url"),
             ("[database]\nurl = \"mysql://x\"", "database.url"),

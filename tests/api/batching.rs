@@ -18,7 +18,7 @@ use tollgate::store::PaymentState;
 
 use crate::attacks::{attacker, authorization_call, pay_later, until_submitted};
 use crate::audit::{checkpoint, run_audit};
-use crate::helpers::{COUNTED_PRICE, TestApp, spawn_app};
+use crate::helpers::{COUNTED_PRICE, TestApp, spawn_app, spawn_app_with};
 
 /// Waits (bounded) until `n` payments are settling: handed to the settler, so queued for a
 /// round behind the transaction in flight.
@@ -33,6 +33,13 @@ async fn until_settling(app: &TestApp, n: usize) {
         }
     };
     tokio::time::timeout(std::time::Duration::from_secs(30), settling).await.expect("payments settling");
+}
+
+/// tollgate whose next round waits for a lone payment in flight until it is mined (the hold
+/// outlasts every test), so what the test queues behind it goes in one round however slowly
+/// the machine delivers it.
+async fn spawn_holding_app() -> TestApp {
+    spawn_app_with(|c| c.payment.batch_hold_ms = 20_000).await
 }
 
 /// Waits (bounded) until the payment with `nonce` has its settlement transaction recorded, and
@@ -119,7 +126,7 @@ fn no_settlement(answer: &Value) -> bool {
 #[tokio::test]
 async fn payments_that_arrive_while_one_is_in_flight_share_the_next_transaction_each_paid_by_its_own_logs() {
     // Arrange: a first payment's settlement waits in the mempool.
-    let app = spawn_app().await;
+    let app = spawn_holding_app().await;
     let payer = app.payer();
     let pay_to: Address = app.state.config.payment.pay_to.unwrap();
     let requirements = app.requirements("counted", json!({})).await;
@@ -171,7 +178,7 @@ async fn payments_that_arrive_while_one_is_in_flight_share_the_next_transaction_
 #[tokio::test]
 async fn a_payer_who_empties_their_wallet_before_the_round_is_refused_alone_and_charged_nothing() {
     // Arrange: a payment in flight; an honest payment and a drainer's wait for the next round.
-    let app = spawn_app().await;
+    let app = spawn_holding_app().await;
     let honest = app.payer();
     let drainer = funded_payer(&app, 3 * COUNTED_PRICE).await;
     let pay_to: Address = app.state.config.payment.pay_to.unwrap();
@@ -200,7 +207,7 @@ async fn a_payer_who_empties_their_wallet_before_the_round_is_refused_alone_and_
 #[tokio::test]
 async fn a_payment_spoiled_after_its_batch_was_simulated_fails_alone_and_says_why() {
     // Arrange: a round of two (an honest payment and a drainer's) is in the mempool.
-    let app = spawn_app().await;
+    let app = spawn_holding_app().await;
     let honest = app.payer();
     let drainer = funded_payer(&app, 3 * COUNTED_PRICE).await;
     let pay_to: Address = app.state.config.payment.pay_to.unwrap();
@@ -236,7 +243,7 @@ async fn a_payment_spoiled_after_its_batch_was_simulated_fails_alone_and_says_wh
 async fn a_payer_whose_code_burns_the_gas_of_a_mined_batch_sinks_only_their_own_payment() {
     // Arrange: a round of three is in the mempool: first a payer who will have code (as an
     // EIP-7702 delegation gives an EOA), then two honest payments.
-    let app = spawn_app().await;
+    let app = spawn_holding_app().await;
     let honest = app.payer();
     let burner = funded_payer(&app, 3 * COUNTED_PRICE).await;
     let pay_to: Address = app.state.config.payment.pay_to.unwrap();

@@ -6,7 +6,7 @@
 //!
 //! - a lone payment waits for nothing: with nothing in flight it goes at once, as a plain
 //!   `transferWithAuthorization`, exactly as without batching. It holds the next round only
-//!   briefly ([`LONE_HOLD`]), long enough for a burst right behind it to gather into one
+//!   briefly ([`Batching::hold`]), long enough for a burst right behind it to gather into one
 //!   transaction that still lands in the same block, never for a whole block;
 //! - a bad authorization fails only itself: every payment is simulated in one `eth_call` first
 //!   (those the token refuses are answered with its reason and leave the batch; those that fail
@@ -25,7 +25,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use alloy::primitives::{Address, B256, Bytes};
 use alloy::rpc::types::TransactionReceipt;
@@ -77,16 +77,22 @@ const ROUND_TXS: usize = 4;
 /// Most payments of one payer per round: a payer who signs a flood of authorizations (each
 /// passing the balance check alone) cannot crowd everyone else out of a round.
 const PER_PAYER: usize = 32;
-/// How long a round of one payment holds the next round: payments that arrive right behind a
-/// lone one (a burst of agents answered by the same block) gather for this long, then go in one
-/// transaction, in the same block as the lone one on a chain with 2-second blocks. On an
-/// instant-mining chain the lone payment is mined sooner, and the hold ends with it.
-const LONE_HOLD: std::time::Duration = std::time::Duration::from_millis(100);
+/// How payments are batched (`payment.batch_max`, `payment.batch_hold_ms`).
+#[derive(Debug, Clone, Copy)]
+pub struct Batching {
+    /// Most payments one transaction carries; below 2, each goes alone.
+    pub max: usize,
+    /// How long a round of one payment holds the next round: payments that arrive right behind
+    /// a lone one (a burst of agents answered by the same block) gather for this long, then go
+    /// in one transaction, in the same block as the lone one on a chain with 2-second blocks.
+    /// On an instant-mining chain the lone payment is mined sooner, and the hold ends with it.
+    pub hold: Duration,
+}
 
 impl Batcher {
-    pub(super) fn start(relayer: Arc<Relayer>, batch_max: usize) -> Batcher {
+    pub(super) fn start(relayer: Arc<Relayer>, batching: Batching) -> Batcher {
         let (queue, incoming) = mpsc::channel(QUEUE);
-        tokio::spawn(rounds(relayer, incoming, batch_max));
+        tokio::spawn(rounds(relayer, incoming, batching));
         Batcher { queue }
     }
 
@@ -145,7 +151,8 @@ impl Drop for Flight {
     }
 }
 
-async fn rounds(relayer: Arc<Relayer>, mut incoming: mpsc::Receiver<Queued>, batch_max: usize) {
+async fn rounds(relayer: Arc<Relayer>, mut incoming: mpsc::Receiver<Queued>, batching: Batching) {
+    let Batching { max: batch_max, hold } = batching;
     let limit = batch_max * ROUND_TXS;
     let flights = Arc::new(Flights::default());
     let mut waiting: VecDeque<Queued> = VecDeque::new();
@@ -186,7 +193,7 @@ async fn rounds(relayer: Arc<Relayer>, mut incoming: mpsc::Receiver<Queued>, bat
         // Until mined: what arrives meanwhile is the next round. (A failed round's payments
         // were answered, or their replies dropped; either way the next round goes.)
         match lone {
-            true => drop(tokio::time::timeout(LONE_HOLD, work).await),
+            true => drop(tokio::time::timeout(hold, work).await),
             false => drop(work.await),
         }
     }

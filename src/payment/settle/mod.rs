@@ -20,6 +20,7 @@ use alloy::primitives::{Address, B256};
 use alloy::rpc::types::{TransactionReceipt, TransactionRequest};
 use serde_json::Value;
 
+pub use batch::Batching;
 pub use facilitator::{FacilitatorAuth, FacilitatorCheckError, FacilitatorSettler};
 pub use relayer::SelfSettler;
 

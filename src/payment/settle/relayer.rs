@@ -19,7 +19,7 @@ use alloy::signers::local::PrivateKeySigner;
 use alloy::sol_types::SolCall as _;
 use alloy::transports::{RpcError, TransportErrorKind};
 
-use super::batch::Batcher;
+use super::batch::{Batcher, Batching};
 use super::{Cached, Prepared, SettleError, SettleRequest, Settler, Submitted, TxRecorder};
 use crate::chain::client::rpc_client;
 use crate::chain::usdc::Usdc;
@@ -31,8 +31,8 @@ use crate::payment::wallet;
 /// Submits with tollgate's own relayer key.
 pub struct SelfSettler {
     relayer: Arc<Relayer>,
-    /// Most payments per transaction; 1 sends every payment in its own.
-    batch_max: usize,
+    /// Most payments per transaction (1 sends every payment in its own), and the hold.
+    batching: Batching,
     /// Started on first use: it is a task, and needs the runtime.
     batcher: std::sync::OnceLock<Batcher>,
     /// Whether Multicall3 answers at its canonical address, as batches need; asked once, on the
@@ -127,12 +127,12 @@ impl SendFailure {
 }
 
 impl SelfSettler {
-    /// A settler paying gas from `relayer`, with at most `batch_max` payments per transaction.
+    /// A settler paying gas from `relayer`, batching plain payments as `batching` says.
     pub fn new(
         rpc_urls: &[&str],
         relayer: PrivateKeySigner,
         asset: Address,
-        batch_max: usize,
+        batching: Batching,
     ) -> anyhow::Result<SelfSettler> {
         let address = relayer.address();
         let provider = ProviderBuilder::new()
@@ -152,7 +152,7 @@ impl SelfSettler {
         };
         Ok(SelfSettler {
             relayer: Arc::new(relayer),
-            batch_max: batch_max.max(1),
+            batching: Batching { max: batching.max.max(1), ..batching },
             batcher: std::sync::OnceLock::new(),
             multicall: tokio::sync::OnceCell::new(),
         })
@@ -160,7 +160,7 @@ impl SelfSettler {
 
     /// Whether plain payments are batched: allowed by config, and Multicall3 is there.
     async fn batching(&self) -> bool {
-        if self.batch_max < 2 {
+        if self.batching.max < 2 {
             return false;
         }
         let present = self.multicall.get_or_try_init(|| async {
@@ -174,7 +174,7 @@ impl SelfSettler {
     }
 
     fn batcher(&self) -> &Batcher {
-        self.batcher.get_or_init(|| Batcher::start(self.relayer.clone(), self.batch_max))
+        self.batcher.get_or_init(|| Batcher::start(self.relayer.clone(), self.batching))
     }
 }
 
