@@ -409,18 +409,23 @@ impl PaymentGate {
         prepared: Option<Prepared>,
         lease: Lease,
     ) -> Result<Settlement, PaymentError> {
-        let t = Transition { from_block: Some(head as i64), ..Default::default() };
-        let moved = [PaymentState::Claimed];
-        if !self
-            .store
-            .transition(row.id, &moved, PaymentState::Settling, t, self.now())
-            .await
-            .map_err(store_down)?
-        {
-            return Err(PaymentError::InProgress);
+        // A settler that records its transaction before broadcasting moves the row to
+        // `settling` then, with the transaction, in one write; for any other, it is moved now.
+        if !self.settler.records_before_broadcast() {
+            let moved = [PaymentState::Claimed];
+            let t = Transition { from_block: Some(head as i64), ..Default::default() };
+            let settling = self.store.transition(row.id, &moved, PaymentState::Settling, t, self.now());
+            if !settling.await.map_err(store_down)? {
+                return Err(PaymentError::InProgress);
+            }
         }
         let started = std::time::Instant::now();
-        let recorder = Arc::new(RowRecorder { store: self.store.clone(), row: row.id, now: self.now() });
+        let recorder = Arc::new(RowRecorder {
+            store: self.store.clone(),
+            row: row.id,
+            from_block: head as i64,
+            now: self.now(),
+        });
         let request =
             SettleRequest { payment: v, requirements: &quote.requirements, payload: &v.raw, prepared };
         let submitted = self.settler.submit(&request, recorder).await;
@@ -595,25 +600,33 @@ impl PaymentGate {
     }
 }
 
-/// Records a settlement transaction hash and its relayer nonce on its row before broadcast.
+/// Records a settlement transaction hash and its relayer nonce on its row before broadcast,
+/// moving it from `claimed` to `settling` (or keeping it there, for a transaction signed again
+/// with another nonce).
 struct RowRecorder {
     store: Arc<dyn Store>,
     row: i64,
+    /// The head before settlement: where a search for the payment's logs starts.
+    from_block: i64,
     now: i64,
 }
 
 #[async_trait::async_trait]
 impl TxRecorder for RowRecorder {
     async fn record(&self, tx: B256, nonce: u64) -> Result<(), StoreError> {
-        let t = Transition { tx_hash: Some(tx), tx_nonce: Some(nonce as i64), ..Default::default() };
-        let recorded = self
-            .store
-            .transition(self.row, &[PaymentState::Settling], PaymentState::Settling, t, self.now)
-            .await?;
-        // The row left `settling` (the reconciler took it over): broadcasting now would put a
-        // transaction on chain that no row knows of.
+        let t = Transition {
+            tx_hash: Some(tx),
+            tx_nonce: Some(nonce as i64),
+            from_block: Some(self.from_block),
+            ..Default::default()
+        };
+        let from = [PaymentState::Claimed, PaymentState::Settling];
+        let recorded = self.store.transition(self.row, &from, PaymentState::Settling, t, self.now).await?;
+        // The row is gone or moved on (the reconciler released a claim that waited too long, or
+        // took a stale one over): broadcasting now would put a transaction on chain that no row
+        // knows of.
         if !recorded {
-            return Err(StoreError::Corrupt("the payment is no longer settling".into()));
+            return Err(StoreError::Corrupt("the payment is no longer claimed for settlement".into()));
         }
         Ok(())
     }

@@ -14,25 +14,21 @@ use tollgate::chain::anvil::DEV_KEYS;
 use tollgate::chain::usdc::Usdc;
 use tollgate::chain::wallets::MULTICALL3;
 use tollgate::payment::wire::PaymentRequirements;
-use tollgate::store::PaymentState;
 
 use crate::attacks::{attacker, authorization_call, pay_later, until_submitted};
 use crate::audit::{checkpoint, run_audit};
 use crate::helpers::{COUNTED_PRICE, TestApp, spawn_app, spawn_app_with};
 
-/// Waits (bounded) until `n` payments are settling: handed to the settler, so queued for a
-/// round behind the transaction in flight.
-async fn until_settling(app: &TestApp, n: usize) {
-    let settling = async {
-        loop {
-            let rows = app.state.store.unresolved(100).await.unwrap();
-            if rows.iter().filter(|r| r.state == PaymentState::Settling).count() >= n {
-                return;
-            }
+/// Waits (bounded) until `n` payments wait for a round behind the transaction in flight.
+async fn until_waiting(app: &TestApp, n: usize) {
+    let waiting = async {
+        while app.state.gate.settler.waiting() < n {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     };
-    tokio::time::timeout(std::time::Duration::from_secs(30), settling).await.expect("payments settling");
+    tokio::time::timeout(std::time::Duration::from_secs(30), waiting)
+        .await
+        .expect("payments waiting for a round");
 }
 
 /// tollgate whose next round waits for a lone payment in flight until it is mined (the hold
@@ -137,7 +133,7 @@ async fn payments_that_arrive_while_one_is_in_flight_share_the_next_transaction_
     // the next round.
     let later: Vec<Value> = (0..4).map(|_| app.sign(&payer, &requirements)).collect();
     let calls: Vec<_> = later.iter().map(|payload| pay_later(&app, json!({}), payload)).collect();
-    until_settling(&app, 5).await;
+    until_waiting(&app, 4).await;
     app.anvil_rpc("evm_mine", json!([])).await;
     let mut shared = Vec::new();
     for payload in &later {
@@ -186,7 +182,7 @@ async fn a_payer_who_empties_their_wallet_before_the_round_is_refused_alone_and_
     let first = one_in_flight(&app, &honest, &requirements).await;
     let second = pay_signed(&app, &honest, &requirements);
     let drained = pay_signed(&app, &drainer, &requirements);
-    until_settling(&app, 3).await;
+    until_waiting(&app, 2).await;
     // Act: the drainer empties the wallet, mined with the first settlement.
     drain_ahead(&app, &drainer, &requirements).await;
     app.anvil_rpc("evm_mine", json!([])).await;
@@ -216,7 +212,7 @@ async fn a_payment_spoiled_after_its_batch_was_simulated_fails_alone_and_says_wh
     let second = pay_signed(&app, &honest, &requirements);
     let spoiled = app.sign(&drainer, &requirements);
     let third = pay_later(&app, json!({}), &spoiled);
-    until_settling(&app, 3).await;
+    until_waiting(&app, 2).await;
     app.anvil_rpc("evm_mine", json!([])).await;
     let batch = until_recorded(&app, nonce_of(&spoiled)).await;
     // Act: the drainer empties the wallet ahead of the batch, in the same block.
@@ -250,9 +246,9 @@ async fn a_payer_whose_code_burns_the_gas_of_a_mined_batch_sinks_only_their_own_
     let requirements = app.requirements("counted", json!({})).await;
     let first = one_in_flight(&app, &honest, &requirements).await;
     let burnt = pay_signed(&app, &burner, &requirements);
-    until_settling(&app, 2).await;
+    until_waiting(&app, 1).await;
     let others: Vec<_> = (0..2).map(|_| pay_signed(&app, &honest, &requirements)).collect();
-    until_settling(&app, 4).await;
+    until_waiting(&app, 3).await;
     app.anvil_rpc("evm_mine", json!([])).await;
     until_submitted(&app, 3).await;
     // Act: before the batch is mined, the burner's address gets code that loops until it runs

@@ -67,6 +67,8 @@ impl Queued {
 /// Where plain payments wait for their round.
 pub(super) struct Batcher {
     queue: mpsc::Sender<Queued>,
+    /// Payments submitted and not yet taken into a round.
+    waiting: Arc<AtomicUsize>,
 }
 
 /// Payments that may wait at once. Each is a paid call in progress, so the server's own
@@ -92,8 +94,15 @@ pub struct Batching {
 impl Batcher {
     pub(super) fn start(relayer: Arc<Relayer>, batching: Batching) -> Batcher {
         let (queue, incoming) = mpsc::channel(QUEUE);
-        tokio::spawn(rounds(relayer, incoming, batching));
-        Batcher { queue }
+        let waiting = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(rounds(relayer, incoming, batching, waiting.clone()));
+        Batcher { queue, waiting }
+    }
+
+    /// Payments waiting for a round: behind a transaction in flight, or a burst larger than
+    /// one round.
+    pub(super) fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
     }
 
     /// Settles one plain payment in the next round: its transaction, mined when the answer
@@ -107,10 +116,11 @@ impl Batcher {
         recorder: Arc<dyn TxRecorder>,
     ) -> Result<Submitted, SettleError> {
         let (reply, answer) = oneshot::channel();
-        self.queue
-            .send(Queued { payer, nonce, call, prepared, recorder, reply })
-            .await
-            .map_err(|_| SettleError::NotSent("the settlement queue is closed".into()))?;
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        if self.queue.send(Queued { payer, nonce, call, prepared, recorder, reply }).await.is_err() {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(SettleError::NotSent("the settlement queue is closed".into()));
+        }
         // Dropped without an answer (its round's task died): it may have been broadcast, and
         // its row says which transaction; the gate resolves it from the chain.
         answer.await.unwrap_or(Err(SettleError::Ambiguous { tx: None }))
@@ -151,7 +161,12 @@ impl Drop for Flight {
     }
 }
 
-async fn rounds(relayer: Arc<Relayer>, mut incoming: mpsc::Receiver<Queued>, batching: Batching) {
+async fn rounds(
+    relayer: Arc<Relayer>,
+    mut incoming: mpsc::Receiver<Queued>,
+    batching: Batching,
+    waiting_count: Arc<AtomicUsize>,
+) {
     let Batching { max: batch_max, hold } = batching;
     let limit = batch_max * ROUND_TXS;
     let flights = Arc::new(Flights::default());
@@ -173,6 +188,8 @@ async fn rounds(relayer: Arc<Relayer>, mut incoming: mpsc::Receiver<Queued>, bat
         }
         waiting.extend(arrived.drain(..));
         let mut round = take_round(&mut waiting, limit);
+        let left = waiting_count.fetch_sub(round.len(), Ordering::SeqCst) - round.len();
+        metrics::gauge!("tollgate_settlement_waiting").set(left as f64);
         metrics::histogram!("tollgate_settlement_round_payments").record(round.len() as f64);
         let lone = round.len() == 1;
         // A simulation ahead of time stands for the estimate only for a payment that goes

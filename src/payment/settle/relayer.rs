@@ -442,6 +442,15 @@ impl Relayer {
 
 #[async_trait::async_trait]
 impl Settler for SelfSettler {
+    /// Every broadcast goes through [`Relayer::send`], which records before it sends.
+    fn records_before_broadcast(&self) -> bool {
+        true
+    }
+
+    fn waiting(&self) -> usize {
+        self.batcher.get().map_or(0, Batcher::waiting)
+    }
+
     async fn submit(
         &self,
         req: &SettleRequest<'_>,
