@@ -717,10 +717,10 @@ impl Config {
                 "must be from 1 (no batching) to 1000 (a batch must fit in one block)",
             ));
         }
-        if p.batch_hold_ms >= p.settle_timeout_secs * 1000 {
+        if p.batch_hold_ms >= s.request_timeout_secs.saturating_mul(1000) {
             return Err(invalid(
                 "payment.batch_hold_ms",
-                "must be below payment.settle_timeout_secs (payments held behind it must still settle in time)",
+                "must be below server.request_timeout_secs (payments held behind it must still be answered)",
             ));
         }
         if let Some(key) = secret_opt(&p.relayer_key) {
@@ -948,7 +948,7 @@ mod tests {
             ("[payment]\npay_to = \"nope\"", "payment.pay_to"),
             ("[payment]\nmax_timeout_seconds = 1", "payment.max_timeout_seconds"),
             ("[payment]\nconfirmations = 0", "payment.confirmations"),
-            ("[payment]\nbatch_hold_ms = 30000", "payment.batch_hold_ms"),
+            ("[payment]\nbatch_hold_ms = 120000", "payment.batch_hold_ms"),
             ("[payment]\nrelayer_key = \"0x1234\"", "payment.relayer_key"),
             ("[payment]\nsettler = \"facilitator\"", "payment.facilitator.url"),
             ("[database]\nurl = \"mysql://x\"", "database.url"),

@@ -410,8 +410,11 @@ impl PaymentGate {
         lease: Lease,
     ) -> Result<Settlement, PaymentError> {
         // A settler that records its transaction before broadcasting moves the row to
-        // `settling` then, with the transaction, in one write; for any other, it is moved now.
-        if !self.settler.records_before_broadcast() {
+        // `settling` then, with the transaction, in one write. Otherwise it is moved now: a
+        // facilitator's transaction is learnt only after the fact, and a row whose handler has
+        // already run (`on_success`, `Lease::Leave`) must not wait in the batcher as a claim,
+        // which the reconciler releases once stale (its payer's resend would run it again).
+        if !self.settler.records_before_broadcast() || lease == Lease::Leave {
             let moved = [PaymentState::Claimed];
             let t = Transition { from_block: Some(head as i64), ..Default::default() };
             let settling = self.store.transition(row.id, &moved, PaymentState::Settling, t, self.now());
@@ -561,7 +564,8 @@ impl PaymentGate {
             asset: row.asset,
             amount: row.amount,
             nonce: row.nonce,
-            // Moved here, the lease went with it (a row in `settling` has none taken yet).
+            // Moved here, the lease went with it (a row on its way from `claimed` to `settled`
+            // has none taken yet: only `on_success` leases a claim, and leaves it, `Lease::Leave`).
             leased: moved && handler_lease.is_some(),
         })
     }

@@ -26,7 +26,9 @@ pub struct ReconcileReport {
 
 pub struct Reconciler {
     gate: Arc<PaymentGate>,
-    /// A claimed/settling row untouched for this long has lost its request.
+    /// A claimed/settling row untouched for this long has lost its request (a claim waiting in
+    /// the settlement queue is released too: its transaction then fails to record, and nothing
+    /// is sent).
     stale_after_secs: i64,
 }
 

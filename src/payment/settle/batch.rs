@@ -116,13 +116,15 @@ impl Batcher {
         recorder: Arc<dyn TxRecorder>,
     ) -> Result<Submitted, SettleError> {
         let (reply, answer) = oneshot::channel();
-        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let waiting = self.waiting.fetch_add(1, Ordering::SeqCst) + 1;
+        metrics::gauge!("tollgate_settlement_waiting").set(waiting as f64);
         if self.queue.send(Queued { payer, nonce, call, prepared, recorder, reply }).await.is_err() {
             self.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(SettleError::NotSent("the settlement queue is closed".into()));
         }
         // Dropped without an answer (its round's task died): it may have been broadcast, and
-        // its row says which transaction; the gate resolves it from the chain.
+        // its row says which transaction (none recorded, it is still claimed); the gate
+        // resolves it from the chain.
         answer.await.unwrap_or(Err(SettleError::Ambiguous { tx: None }))
     }
 }
@@ -327,7 +329,8 @@ async fn send(relayer: &Relayer, mut batch: Vec<Queued>) -> Vec<Queued> {
                 }
                 return again;
             }
-            // Rows the reconciler took over meanwhile: nothing was sent; the rest go without them.
+            // Rows the reconciler released or took over meanwhile: nothing was sent; the rest go
+            // without them.
             Err(SendFailure::Unrecorded(failed)) => {
                 for i in failed.into_iter().rev() {
                     batch.remove(i).answer(Err(SettleError::NotSent("cannot record the transaction".into())));

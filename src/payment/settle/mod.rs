@@ -96,11 +96,11 @@ pub trait Settler: Send + Sync + 'static {
         None
     }
     /// Whether every transaction this settler broadcasts goes to the `recorder` first. Then
-    /// the gate leaves a payment `claimed` until its transaction is recorded, and the recorder
-    /// marks it `settling` in the same write; otherwise (a facilitator, whose transaction we
-    /// learn only after the fact) the gate marks it `settling` before the submission, so a
-    /// crash mid-submission leaves a row the reconciler resolves from the chain, not a claim it
-    /// would release.
+    /// the gate may leave a payment `claimed` until its transaction is recorded, and the
+    /// recorder marks it `settling` in the same write; otherwise (a facilitator, whose
+    /// transaction we learn only after the fact) the gate marks it `settling` before the
+    /// submission, so a crash mid-submission leaves a row the reconciler resolves from the
+    /// chain, not a claim it would release.
     fn records_before_broadcast(&self) -> bool {
         false
     }
