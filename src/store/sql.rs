@@ -187,7 +187,9 @@ macro_rules! select_where {
 const INSERT_CLAIM: &str = "insert into payments (network, asset, payer, nonce, payload_hash, \
      payment_id, tool, amount, state, valid_before, payload_json, args_json, args_hash, price_terms, \
      created_at, updated_at) values ($1, $2, $3, $4, $5, $6, $7, $8, 'claimed', $9, $10, $12, $13, $14, $11, $11) \
-     on conflict do nothing returning id";
+     on conflict do nothing returning id, network, asset, payer, nonce, payload_hash, payment_id, tool, amount, \
+     state, tx_hash, block_number, error, handler_started_at, valid_before, payload_json, args_json, args_hash, \
+     from_block, tx_nonce, price_terms, refund_json, created_at, updated_at, cast(null as text) as result_json";
 
 /// `'a', 'b'` for an IN list. Safe to splice: the values are our own enum names.
 fn state_list(states: &[PaymentState]) -> String {
@@ -223,7 +225,9 @@ macro_rules! impl_store {
             }
 
             async fn claim(&self, p: &NewPayment) -> Result<Claim, StoreError> {
-                let inserted: Option<(i64,)> = sqlx::query_as(INSERT_CLAIM)
+                // The new row comes back with the insert (a fresh claim has no result yet), so
+                // winning costs one statement.
+                let inserted: Option<Row> = sqlx::query_as(INSERT_CLAIM)
                     .bind(&p.network)
                     .bind(hex_of(p.asset))
                     .bind(hex_of(p.payer))
@@ -240,11 +244,8 @@ macro_rules! impl_store {
                     .bind(&p.price_terms)
                     .fetch_optional(&self.pool)
                     .await?;
-                if let Some((id,)) = inserted {
-                    let won = self.payment(id).await?;
-                    return won
-                        .map(Claim::Won)
-                        .ok_or_else(|| StoreError::Corrupt("claimed row vanished".into()));
+                if let Some(row) = inserted {
+                    return PaymentRecord::try_from(row).map(Claim::Won);
                 }
                 // Lost: the conflict was on the claim key or on the payment identifier.
                 let key = PaymentKey { network: &p.network, asset: p.asset, payer: p.payer, nonce: p.nonce };
