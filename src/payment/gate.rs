@@ -427,7 +427,7 @@ impl PaymentGate {
             store: self.store.clone(),
             row: row.id,
             from_block: head as i64,
-            now: self.now(),
+            clock: self.clock.clone(),
         });
         let request =
             SettleRequest { payment: v, requirements: &quote.requirements, payload: &v.raw, prepared };
@@ -605,14 +605,16 @@ impl PaymentGate {
 }
 
 /// Records a settlement transaction hash and its relayer nonce on its row before broadcast,
-/// moving it from `claimed` to `settling` (or keeping it there, for a transaction signed again
-/// with another nonce).
+/// moving it to `settling`: from `claimed`, from `settling` (a transaction signed again with
+/// another nonce), or from `pending`, where the reconciler parks a `settling` row that waited
+/// in the settlement queue past its stale time (nothing of ours was sent for it yet).
 struct RowRecorder {
     store: Arc<dyn Store>,
     row: i64,
     /// The head before settlement: where a search for the payment's logs starts.
     from_block: i64,
-    now: i64,
+    /// Read when recording, not when queued: the row is fresh as of its transaction.
+    clock: SharedClock,
 }
 
 #[async_trait::async_trait]
@@ -624,11 +626,12 @@ impl TxRecorder for RowRecorder {
             from_block: Some(self.from_block),
             ..Default::default()
         };
-        let from = [PaymentState::Claimed, PaymentState::Settling];
-        let recorded = self.store.transition(self.row, &from, PaymentState::Settling, t, self.now).await?;
-        // The row is gone or moved on (the reconciler released a claim that waited too long, or
-        // took a stale one over): broadcasting now would put a transaction on chain that no row
-        // knows of.
+        let from = [PaymentState::Claimed, PaymentState::Settling, PaymentState::Pending];
+        let now = self.clock.now_unix() as i64;
+        let recorded = self.store.transition(self.row, &from, PaymentState::Settling, t, now).await?;
+        // The row is gone or resolved (the reconciler released a claim that waited too long, or
+        // found the authorization spent or expired): broadcasting now would put a transaction
+        // on chain that no row knows of.
         if !recorded {
             return Err(StoreError::Corrupt("the payment is no longer claimed for settlement".into()));
         }

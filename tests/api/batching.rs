@@ -9,6 +9,7 @@ use alloy::rpc::types::TransactionRequest;
 use alloy::signers::local::PrivateKeySigner;
 use alloy::sol_types::SolEvent;
 use serde_json::{Value, json};
+use std::time::Duration;
 use tokio::task::JoinHandle;
 use tollgate::chain::anvil::DEV_KEYS;
 use tollgate::chain::usdc::Usdc;
@@ -335,5 +336,40 @@ async fn a_payer_whose_code_vouches_only_in_simulations_burns_no_more_of_our_gas
     let sent = app.chain().provider().get_transaction_by_hash(tx).await.unwrap().unwrap();
     let limit = alloy::consensus::Transaction::gas_limit(&sent);
     assert!(limit < 150_000, "gas limit {limit}: the estimate's, not the cap");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_on_success_payment_parked_by_the_reconciler_while_it_waits_for_a_round_still_settles_once() {
+    // Arrange: calls charged on success; a first payment in flight, and a second whose handler
+    // has run and whose settlement waits for the next round.
+    let app = spawn_app_with(|c| {
+        c.payment.batch_hold_ms = 20_000;
+        c.tools.charge = tollgate::config::ChargePolicy::OnSuccess;
+    })
+    .await;
+    let payer = app.payer();
+    let pay_to: Address = app.state.config.payment.pay_to.unwrap();
+    let requirements = app.requirements("counted", json!({})).await;
+    let first = one_in_flight(&app, &payer, &requirements).await;
+    let second = app.sign(&payer, &requirements);
+    let waiting = pay_later(&app, json!({}), &second);
+    until_waiting(&app, 1).await;
+    // Act: the wait outlasts the stale time, and the reconciler parks the waiting payment (no
+    // transaction yet) as pending; then the first is mined, and the round goes.
+    let stale = app.state.config.server.request_timeout_secs;
+    app.clock.advance(stale + 1);
+    let reconciler =
+        tollgate::payment::reconcile::Reconciler::new(app.state.gate.clone(), Duration::from_secs(stale));
+    assert_eq!(reconciler.tick().await.unwrap().still_pending, 2, "both parked as pending");
+    app.anvil_rpc("evm_setAutomine", json!([true])).await;
+    app.anvil_rpc("evm_mine", json!([])).await;
+    // Assert: both are served, each ran once and was charged once; the parked payment was not
+    // dropped (its payer would have been asked to pay again, and its handler run again).
+    assert!(served(&first.await.unwrap()));
+    let result = waiting.await.unwrap();
+    assert!(served(&result), "{result}");
+    assert_eq!(app.runs(), 2);
+    assert_eq!(app.balance(pay_to).await, U256::from(2 * COUNTED_PRICE));
     app.shutdown().await;
 }
