@@ -67,8 +67,9 @@ impl Queued {
 /// Where plain payments wait for their round.
 pub(super) struct Batcher {
     queue: mpsc::Sender<Queued>,
-    /// Payments submitted and not yet taken into a round.
-    waiting: Arc<AtomicUsize>,
+    /// Payments the rounds hold over for a later round (those still in the queue are counted
+    /// from it).
+    held_over: Arc<AtomicUsize>,
 }
 
 /// Payments that may wait at once. Each is a paid call in progress, so the server's own
@@ -94,15 +95,16 @@ pub struct Batching {
 impl Batcher {
     pub(super) fn start(relayer: Arc<Relayer>, batching: Batching) -> Batcher {
         let (queue, incoming) = mpsc::channel(QUEUE);
-        let waiting = Arc::new(AtomicUsize::new(0));
-        tokio::spawn(rounds(relayer, incoming, batching, waiting.clone()));
-        Batcher { queue, waiting }
+        let held_over = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(rounds(relayer, incoming, batching, held_over.clone()));
+        Batcher { queue, held_over }
     }
 
-    /// Payments waiting for a round: behind a transaction in flight, or a burst larger than
-    /// one round.
+    /// Payments waiting for a round: queued behind a transaction in flight, or held over from
+    /// a burst larger than one round.
     pub(super) fn waiting(&self) -> usize {
-        self.waiting.load(Ordering::SeqCst)
+        let queued = self.queue.max_capacity() - self.queue.capacity();
+        queued + self.held_over.load(Ordering::SeqCst)
     }
 
     /// Settles one plain payment in the next round: its transaction, mined when the answer
@@ -116,12 +118,10 @@ impl Batcher {
         recorder: Arc<dyn TxRecorder>,
     ) -> Result<Submitted, SettleError> {
         let (reply, answer) = oneshot::channel();
-        let waiting = self.waiting.fetch_add(1, Ordering::SeqCst) + 1;
-        metrics::gauge!("tollgate_settlement_waiting").set(waiting as f64);
         if self.queue.send(Queued { payer, nonce, call, prepared, recorder, reply }).await.is_err() {
-            self.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(SettleError::NotSent("the settlement queue is closed".into()));
         }
+        metrics::gauge!("tollgate_settlement_waiting").set(self.waiting() as f64);
         // Dropped without an answer (its round's task died): it may have been broadcast, and
         // its row says which transaction (none recorded, it is still claimed); the gate
         // resolves it from the chain.
@@ -167,7 +167,7 @@ async fn rounds(
     relayer: Arc<Relayer>,
     mut incoming: mpsc::Receiver<Queued>,
     batching: Batching,
-    waiting_count: Arc<AtomicUsize>,
+    held_over: Arc<AtomicUsize>,
 ) {
     let Batching { max: batch_max, hold } = batching;
     let limit = batch_max * ROUND_TXS;
@@ -190,8 +190,8 @@ async fn rounds(
         }
         waiting.extend(arrived.drain(..));
         let mut round = take_round(&mut waiting, limit);
-        let left = waiting_count.fetch_sub(round.len(), Ordering::SeqCst) - round.len();
-        metrics::gauge!("tollgate_settlement_waiting").set(left as f64);
+        held_over.store(waiting.len(), Ordering::SeqCst);
+        metrics::gauge!("tollgate_settlement_waiting").set((incoming.len() + waiting.len()) as f64);
         metrics::histogram!("tollgate_settlement_round_payments").record(round.len() as f64);
         let lone = round.len() == 1;
         // A simulation ahead of time stands for the estimate only for a payment that goes
