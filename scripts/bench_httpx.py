@@ -5,7 +5,8 @@ Usage: bench_httpx.py URL MODE TOOL ARGS_JSON N SESSION [KEY]
   SESSION  session (initialize first, as the SDK does) | sessionless
 For `paid`, each call carries a fresh EIP-3009 authorization for the server's first offer,
 signed before the clock starts (signing is the client's cost, not the server's).
-Prints one JSON object: n, p50_ms, p99_ms, mean_ms, errors, last.
+Prints one JSON object: n, p50_ms, p99_ms, mean_ms, errors, last, and times_ms (every sample,
+so that rounds run apart can be pooled).
 """
 
 import json
@@ -70,6 +71,12 @@ def sign(account, offer):
             "payload": {"signature": "0x" + signed.signature.hex().removeprefix("0x"), "authorization": authorization}}
 
 
+def summary(times):
+    ordered = sorted(times)
+    return {"n": len(times), "p50_ms": statistics.median(ordered), "p99_ms": ordered[min(len(times) - 1, int(len(times) * 0.99))],
+            "mean_ms": statistics.fmean(ordered), "times_ms": times}
+
+
 def main(url, mode, tool, args, n, session, key=None):
     with httpx.Client(timeout=60) as http:
         headers = open_session(http, url) if session == "session" else dict(HEADERS)
@@ -91,10 +98,7 @@ def main(url, mode, tool, args, n, session, key=None):
             is_error = last.get("result", {}).get("isError")
             if "error" in last or (mode != "challenge" and is_error):
                 errors += 1
-        times.sort()
-        p99 = times[min(len(times) - 1, int(len(times) * 0.99))]
-        print(json.dumps({"n": n, "p50_ms": statistics.median(times), "p99_ms": p99,
-                          "mean_ms": statistics.fmean(times), "errors": errors, "last": last}))
+        print(json.dumps({**summary(times), "errors": errors, "last": last}))
 
 
 
@@ -116,9 +120,7 @@ def chain_floor(rpc, key, n):
             start = time.perf_counter()
             rpc_call("eth_sendRawTransactionSync", [raw])
             times.append((time.perf_counter() - start) * 1000)
-        times.sort()
-        print(json.dumps({"n": n, "p50_ms": statistics.median(times), "p99_ms": times[min(n - 1, int(n * 0.99))],
-                          "mean_ms": statistics.fmean(times), "errors": 0}))
+        print(json.dumps({**summary(times), "errors": 0}))
 
 
 if __name__ == "__main__":

@@ -151,6 +151,19 @@ pub enum ReceiptsCommand {
     },
 }
 
+/// The async runtime's worker threads for this command: for the server, its setting (read
+/// before the runtime exists; a config that does not load gets the default, and `run` reports
+/// why); for the other commands, the default.
+pub fn worker_threads(cli: &Cli) -> usize {
+    let default = crate::config::ServerConfig::default_workers;
+    match cli.command {
+        Command::Serve | Command::Dev => {
+            Config::load(cli.config.as_deref()).map_or_else(|_| default(), |c| c.server.workers())
+        }
+        _ => default(),
+    }
+}
+
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Audit(args) => return audit(args).await,
@@ -216,9 +229,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve => {
             let config = Config::load(cli.config.as_deref())?;
             crate::telemetry::init(&config.log, false);
+            let config_workers = config.server.workers();
             let deps = crate::app::Deps { config_file: cli.config.clone(), ..Default::default() };
             let app = App::build_with(config, deps).await?;
-            tracing::info!(addr = %app.local_addr(), "serving");
+            tracing::info!(addr = %app.local_addr(), workers = config_workers, "serving");
             app.run_until(shutdown_signal()).await?;
         }
         Command::Dev => {
