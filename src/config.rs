@@ -395,7 +395,8 @@ impl ServerConfig {
     /// in the store or chain node beside the server, and each spare worker costs wake-ups. With
     /// one worker per core on a 2-core machine, idle workers woken to look for work took 44
     /// context switches per paid call where one worker took 21, and a paid call's CPU fell from
-    /// 2.1-2.8 to 1.5-1.9 ms (free calls under `wrk` lost about a sixth of their peak rate).
+    /// 1.8-2.5 to 1.4-1.5 ms (measured on that machine only; free calls under `wrk` kept
+    /// their rate within the run-to-run noise, or lost up to a sixth of it).
     pub fn workers(&self) -> usize {
         match self.worker_threads {
             0 => Self::default_workers(),

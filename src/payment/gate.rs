@@ -211,14 +211,18 @@ impl PaymentGate {
 
     /// The amount of this very payload if this server already holds it (same payer, nonce and
     /// payload): a resend after a price change is answered for what it is, never re-challenged
-    /// (which would invite a second payment).
-    pub async fn held_amount(&self, decoded: &super::decode::DecodedPayment) -> Option<UsdcAmount> {
+    /// (which would invite a second payment). A store that cannot say is an error, never "not
+    /// held": the payer of a settled payment must not be asked to pay again.
+    pub async fn held_amount(
+        &self,
+        decoded: &super::decode::DecodedPayment,
+    ) -> Result<Option<UsdcAmount>, PaymentError> {
         let a = &decoded.payload.payload.authorization;
-        let (payer, nonce) = (a.from.parse().ok()?, a.nonce.parse().ok()?);
+        let (Ok(payer), Ok(nonce)) = (a.from.parse(), a.nonce.parse()) else { return Ok(None) };
         let key = PaymentKey { network: &self.network.caip2, asset: self.network.asset, payer, nonce };
-        let row = self.store.by_key(&key).await.ok()??;
-        let (_, hash) = super::verify::canonical_payload(&decoded.raw).ok()?;
-        (row.payload_hash == hash).then_some(row.amount)
+        let Some(row) = self.store.by_key(&key).await.map_err(store_down)? else { return Ok(None) };
+        let Ok((_, hash)) = super::verify::canonical_payload(&decoded.raw) else { return Ok(None) };
+        Ok((row.payload_hash == hash).then_some(row.amount))
     }
 
     /// Step 7: the atomic claim of (network, asset, payer, nonce), with the call's arguments

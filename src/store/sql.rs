@@ -33,17 +33,15 @@ pub struct PgStore {
     leader: std::sync::Arc<tokio::sync::Mutex<Option<sqlx::pool::PoolConnection<sqlx::Postgres>>>>,
 }
 
-/// A pooled connection idle for longer than this is pinged before use.
+/// A pooled SQLite connection idle for longer than this is pinged before use.
 const PING_IDLE_AFTER: Duration = Duration::from_secs(1);
 
-/// sqlx pings every connection it hands out (`test_before_acquire`): one more round trip per
-/// statement, to SQLite's connection thread or to Postgres, before the statement's own (on a
-/// 2-core machine, a paid call's five pooled statements spent ten context switches on it). It
-/// also pings every connection given back, so one used within the last second was proven then,
-/// and only one idle for longer is pinged before use. A connection broken by a Postgres restart
-/// is still found out before a statement, unless it was given back in the second before; then
-/// that one statement fails (a store error the caller already handles) and sqlx closes it.
-fn pinged_when_idle<DB: sqlx::Database>(options: sqlx::pool::PoolOptions<DB>) -> sqlx::pool::PoolOptions<DB> {
+/// sqlx pings every connection it hands out (`test_before_acquire`): for SQLite, one more hop
+/// to the connection's thread and back per statement (on a 2-core machine, a paid call's
+/// pooled statements spent ten context switches on it). A SQLite connection lives in this
+/// process and no server restart can break it; sqlx also pings every connection given back,
+/// so only one idle for over a second is pinged before use.
+fn pinged_when_idle(options: SqlitePoolOptions) -> SqlitePoolOptions {
     options.test_before_acquire(false).before_acquire(|conn, meta| {
         Box::pin(async move {
             if meta.idle_for > PING_IDLE_AFTER {
@@ -95,7 +93,10 @@ impl PgStore {
     }
 
     async fn connect_with(options: PgConnectOptions, max_connections: u32) -> Result<PgStore, StoreError> {
-        let pool = pinged_when_idle(PgPoolOptions::new())
+        // Every connection is pinged before use (sqlx's default), a round trip per statement:
+        // after a Postgres restart, connections given back in the second before are found out
+        // there, and replaced within the acquire timeout, instead of failing a statement each.
+        let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             // Fail fast when Postgres is down: the caller answers 503, it must not hang.
             .acquire_timeout(Duration::from_secs(5))

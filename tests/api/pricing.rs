@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use tollgate::config::{Config, PriceRule, PriceSetting};
 use tollgate::money::UsdcAmount;
 
-use crate::helpers::{TestApp, spawn_app_reading, spawn_app_with};
+use crate::helpers::{Relay, TestApp, fresh_schema, spawn_app_reading, spawn_app_with};
 
 const EXPRESSION: &str = "1000 + 2 * size(args.text)";
 
@@ -283,6 +283,42 @@ async fn sighup_reloads_the_prices_of_a_running_tollgate_serve() {
     tokio::time::timeout(std::time::Duration::from_secs(20), reloaded).await.expect("reloaded on SIGHUP");
     assert!(served.try_wait().unwrap().is_none(), "SIGHUP did not stop the server");
     served.start_kill().unwrap();
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_settled_payment_resent_after_a_price_change_while_the_store_is_down_is_not_challenged() {
+    // Arrange: paid at 1000 on Postgres, reached through a relay that can be cut; then the price
+    // changes, so only the store can say the resent payment is held.
+    let relay = Relay::start(5432).await;
+    let schema = fresh_schema();
+    tollgate::store::PgStore::connect_in_schema(crate::helpers::PG_URL, &schema, 1).await.unwrap();
+    let url =
+        format!("postgres://postgres@127.0.0.1:{}/test?options=-c%20search_path%3D{schema}", relay.port);
+    let dir = tempfile::tempdir().unwrap();
+    write_prices(&dir.path().join("prices.toml"), "\"1000\"");
+    let app = spawn_app_reading(Some(dir.path().join("prices.toml")), |c| c.database.url = url.into()).await;
+    let payer = app.payer();
+    let args = json!({ "text": "a" });
+    let mut requirements = app.requirements("sha256", args.clone()).await;
+    requirements.extra.offer = None;
+    let payload = app.sign(&payer, &requirements);
+    let paid = app.pay("sha256", args.clone(), &payload).await;
+    assert_eq!(paid["_meta"]["x402/payment-response"]["success"], true, "{paid}");
+    write_prices(&dir.path().join("prices.toml"), "\"3000\"");
+    reload(&app, &dir).unwrap();
+    relay.up.store(false, std::sync::atomic::Ordering::SeqCst);
+    while relay.live.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+        tokio::task::yield_now().await;
+    }
+    let before = app.balance(payer.address()).await;
+    // Act: the client resends the same payment while the store cannot be read.
+    let resent = app.pay("sha256", args, &payload).await;
+    // Assert: told the store is unavailable (retry later), never quoted the new price, which
+    // would invite a second payment for a call already paid.
+    assert!(resent["structuredContent"].get("accepts").is_none(), "{resent}");
+    assert_eq!(resent["structuredContent"]["error"], "store_unavailable", "{resent}");
+    assert_eq!(app.balance(payer.address()).await, before);
     app.shutdown().await;
 }
 

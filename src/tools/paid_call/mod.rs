@@ -308,7 +308,7 @@ impl PaidCall {
             }
             // Not an offer we can honour now, unless it is a payment we already hold (a resend
             // after a price change): that one is answered below for what it is.
-            Err(refusal) => match self.gate.held_amount(&decoded).await {
+            Err(refusal) => match self.gate.held_amount(&decoded).await? {
                 Some(amount) => priced.quote = Arc::new(priced.quote.with_amount(amount)),
                 None => return Err(refusal.into()),
             },
