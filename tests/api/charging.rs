@@ -7,7 +7,7 @@ use std::time::Duration;
 use alloy::primitives::U256;
 use serde_json::{Value, json};
 
-use crate::helpers::{COUNTED_PRICE, Relay, TestApp, fresh_pg_url, spawn_app_with};
+use crate::helpers::{COUNTED_PRICE, TestApp, pg_behind_relay, spawn_app_with};
 
 /// An answer that claims nothing about money and offers no price.
 fn assert_no_false_claims(answer: &Value) {
@@ -32,9 +32,7 @@ async fn until_submitted(app: &TestApp) {
 #[tokio::test]
 async fn a_store_failure_while_recording_a_settlement_never_says_nothing_was_charged() {
     // Arrange: Postgres behind a relay we can cut; our settlement waits in the mempool.
-    let url = fresh_pg_url().await;
-    let relay = Relay::start(5432).await;
-    let through_relay = url.replacen(":5432/", &format!(":{}/", relay.port), 1);
+    let (relay, through_relay) = pg_behind_relay().await;
     let app = spawn_app_with(|c| c.database.url = through_relay.into()).await;
     let payer = app.payer();
     let before = app.balance(payer.address()).await;

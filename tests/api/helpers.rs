@@ -43,13 +43,13 @@ pub async fn anvil_ready() {
 /// Postgres for tests: 127.0.0.1:5432, trust auth, database `test`.
 pub const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
-/// A fresh, uniquely named schema name.
 /// A wallet limit: `requests` paid calls per payer per `window_secs`, on every tool.
 pub fn wallet_limit(requests: u64, window_secs: u64) -> tollgate::config::LimitRule {
     let axis = tollgate::config::Axis::Wallet;
     tollgate::config::LimitRule { axis, window_secs, requests, spend: None, tool: String::new() }
 }
 
+/// A fresh, uniquely named schema name.
 pub fn fresh_schema() -> String {
     format!("t_{}", hex::encode(rand::random::<[u8; 8]>()))
 }
@@ -59,6 +59,15 @@ pub async fn fresh_pg_url() -> String {
     let schema = fresh_schema();
     tollgate::store::PgStore::connect_in_schema(PG_URL, &schema, 1).await.expect("postgres reachable");
     format!("{PG_URL}?options=-c%20search_path%3D{schema}")
+}
+
+/// Postgres in a fresh schema, reached through a relay the test can cut: the relay, and the
+/// database URL that goes through it.
+pub async fn pg_behind_relay() -> (Relay, String) {
+    let url = fresh_pg_url().await;
+    let relay = Relay::start(5432).await;
+    let through_relay = url.replacen(":5432/", &format!(":{}/", relay.port), 1);
+    (relay, through_relay)
 }
 
 pub struct TestApp {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::helpers::{Relay, TestApp, fresh_schema, spawn_app, spawn_app_with};
+use crate::helpers::{TestApp, pg_behind_relay, spawn_app, spawn_app_with};
 
 async fn readyz(app: &TestApp) -> (u16, Value) {
     let response = reqwest::get(format!("{}/readyz", app.base_url())).await.unwrap();
@@ -71,11 +71,7 @@ async fn the_listing_describes_the_server_for_the_mcp_registry_and_x402_discover
 
 #[tokio::test]
 async fn readyz_turns_unready_when_postgres_stops_and_ready_when_it_returns() {
-    let relay = Relay::start(5432).await;
-    let schema = fresh_schema();
-    tollgate::store::PgStore::connect_in_schema(crate::helpers::PG_URL, &schema, 1).await.unwrap();
-    let url =
-        format!("postgres://postgres@127.0.0.1:{}/test?options=-c%20search_path%3D{schema}", relay.port);
+    let (relay, url) = pg_behind_relay().await;
     let app = spawn_app_with(|c| c.database.url = url.into()).await;
     assert_eq!(readyz(&app).await.0, 200);
     relay.up.store(false, Ordering::SeqCst);

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use tollgate::config::{Config, PriceRule, PriceSetting};
 use tollgate::money::UsdcAmount;
 
-use crate::helpers::{Relay, TestApp, fresh_schema, spawn_app_reading, spawn_app_with};
+use crate::helpers::{TestApp, pg_behind_relay, spawn_app_reading, spawn_app_with};
 
 const EXPRESSION: &str = "1000 + 2 * size(args.text)";
 
@@ -123,10 +123,32 @@ fn write_prices(path: &Path, sha256: &str) {
 
 /// A server whose config file (`prices.toml` in the returned dir) sets sha256 at 1000.
 async fn reloadable() -> (TestApp, tempfile::TempDir) {
+    reloadable_with(|_| {}).await
+}
+
+async fn reloadable_with(tweak: impl FnOnce(&mut Config)) -> (TestApp, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     write_prices(&dir.path().join("prices.toml"), "\"1000\"");
-    let app = spawn_app_reading(Some(dir.path().join("prices.toml")), |_| {}).await;
+    let app = spawn_app_reading(Some(dir.path().join("prices.toml")), tweak).await;
     (app, dir)
+}
+
+/// `sha256` paid at 1000 by a client that does not echo `extra.offer`, then repriced at 3000:
+/// the payer, the arguments, the payment and its answer.
+async fn paid_then_repriced(
+    app: &TestApp,
+    dir: &tempfile::TempDir,
+) -> (alloy::signers::local::PrivateKeySigner, Value, Value, Value) {
+    let payer = app.payer();
+    let args = json!({ "text": "a" });
+    let mut requirements = app.requirements("sha256", args.clone()).await;
+    requirements.extra.offer = None;
+    let payload = app.sign(&payer, &requirements);
+    let paid = app.pay("sha256", args.clone(), &payload).await;
+    assert_eq!(paid["_meta"]["x402/payment-response"]["success"], true, "{paid}");
+    write_prices(&dir.path().join("prices.toml"), "\"3000\"");
+    reload(app, dir).unwrap();
+    (payer, args, payload, paid)
 }
 
 fn reload(app: &TestApp, dir: &tempfile::TempDir) -> anyhow::Result<Vec<String>> {
@@ -290,23 +312,9 @@ async fn sighup_reloads_the_prices_of_a_running_tollgate_serve() {
 async fn a_settled_payment_resent_after_a_price_change_while_the_store_is_down_is_not_challenged() {
     // Arrange: paid at 1000 on Postgres, reached through a relay that can be cut; then the price
     // changes, so only the store can say the resent payment is held.
-    let relay = Relay::start(5432).await;
-    let schema = fresh_schema();
-    tollgate::store::PgStore::connect_in_schema(crate::helpers::PG_URL, &schema, 1).await.unwrap();
-    let url =
-        format!("postgres://postgres@127.0.0.1:{}/test?options=-c%20search_path%3D{schema}", relay.port);
-    let dir = tempfile::tempdir().unwrap();
-    write_prices(&dir.path().join("prices.toml"), "\"1000\"");
-    let app = spawn_app_reading(Some(dir.path().join("prices.toml")), |c| c.database.url = url.into()).await;
-    let payer = app.payer();
-    let args = json!({ "text": "a" });
-    let mut requirements = app.requirements("sha256", args.clone()).await;
-    requirements.extra.offer = None;
-    let payload = app.sign(&payer, &requirements);
-    let paid = app.pay("sha256", args.clone(), &payload).await;
-    assert_eq!(paid["_meta"]["x402/payment-response"]["success"], true, "{paid}");
-    write_prices(&dir.path().join("prices.toml"), "\"3000\"");
-    reload(&app, &dir).unwrap();
+    let (relay, url) = pg_behind_relay().await;
+    let (app, dir) = reloadable_with(|c| c.database.url = url.into()).await;
+    let (payer, args, payload, _) = paid_then_repriced(&app, &dir).await;
     relay.up.store(false, std::sync::atomic::Ordering::SeqCst);
     while relay.live.load(std::sync::atomic::Ordering::SeqCst) > 0 {
         tokio::task::yield_now().await;
@@ -326,15 +334,7 @@ async fn a_settled_payment_resent_after_a_price_change_while_the_store_is_down_i
 async fn a_settled_payment_resent_after_a_price_change_gets_its_answer_not_a_new_price() {
     // Arrange: paid at 1000 by a client that does not echo `extra.offer`; then the price changes.
     let (app, dir) = reloadable().await;
-    let payer = app.payer();
-    let args = json!({ "text": "a" });
-    let mut requirements = app.requirements("sha256", args.clone()).await;
-    requirements.extra.offer = None;
-    let payload = app.sign(&payer, &requirements);
-    let paid = app.pay("sha256", args.clone(), &payload).await;
-    assert_eq!(paid["_meta"]["x402/payment-response"]["success"], true, "{paid}");
-    write_prices(&dir.path().join("prices.toml"), "\"3000\"");
-    reload(&app, &dir).unwrap();
+    let (payer, args, payload, paid) = paid_then_repriced(&app, &dir).await;
     let before = app.balance(payer.address()).await;
     // Act: the client resends the same payment (it lost the first answer).
     let resent = app.pay("sha256", args, &payload).await;
