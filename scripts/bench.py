@@ -16,11 +16,12 @@ import json
 import os
 import re
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+from bench_httpx import summary
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 PY = os.path.join(ROOT, ".tollgate/py/bin/python")
@@ -132,13 +133,12 @@ def wrk(url, tool, args, session_ids):
 
 
 def pool(rounds):
-    """One figure from rounds run apart: every sample together."""
+    """One figure from rounds run apart: every sample together, summarised as each round was."""
     failed = [r for r in rounds if "failed" in r]
     if failed:
         return failed[0]
-    times = sorted(t for r in rounds for t in r["times_ms"])
-    return {"p50_ms": statistics.median(times), "p99_ms": times[min(len(times) - 1, int(len(times) * 0.99))],
-            "errors": sum(r.get("errors", 0) for r in rounds)}
+    times = [t for r in rounds for t in r["times_ms"]]
+    return {**summary(times), "errors": sum(r.get("errors", 0) for r in rounds)}
 
 
 def line(target, what, result, floor_p50, floor="floor"):
@@ -222,6 +222,7 @@ def main():
                 bad = f"  non-2xx {non2xx}" if non2xx else ""
                 print(f"{target:<9} {what + ' (wrk, ' + label + ')':<36} {rps:10.0f} req/s  ({rps / floor_rps:5.2f}x "
                       f"the floor's {floor_rps:.0f} req/s beside it){bad}", flush=True)
+
 
 if __name__ == "__main__":
     try:
